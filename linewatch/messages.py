@@ -1,0 +1,174 @@
+"""Wire contracts between services: Kafka headers and message bodies.
+
+Every service imports these; nothing re-declares them. Bodies are JSON (pydantic), with a
+``schema_version`` so a consumer can refuse a message it does not understand instead of
+mis-reading it. Binary payloads (mask PNG, thumbnail JPEG, heat map PNG) travel base64 in
+the result body because they exist only for anomalous frames and are small.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+RESULT_SCHEMA_VERSION = 1
+CATEGORIES = ("structural", "surface", "contamination", "combined")
+Category = Literal["structural", "surface", "contamination", "combined", "unknown"]
+Encoding = Literal["jpeg", "png"]
+_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
+
+
+class HeaderError(ValueError):
+    """A frame's Kafka headers are missing or malformed (the reason goes to the DLQ)."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class FrameHeaders(BaseModel):
+    """Headers of a `frames` record; the value is the encoded image bytes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    frame_id: str = Field(pattern=_ID_PATTERN)
+    product: str = Field(pattern=_ID_PATTERN)
+    camera: str = Field(pattern=_ID_PATTERN)
+    line: str = Field(pattern=_ID_PATTERN)
+    seq: int = Field(ge=0)
+    capture_ts_ms: int = Field(ge=0)
+    encoding: Encoding = "jpeg"
+
+    @staticmethod
+    def new_frame_id(camera: str, seq: int) -> str:
+        return f"{camera}-{seq}-{uuid.uuid4().hex[:12]}"
+
+    def to_kafka(self) -> list[tuple[str, bytes]]:
+        return [(k, str(v).encode("utf-8")) for k, v in self.model_dump().items()]
+
+    @classmethod
+    def from_kafka(cls, headers: list[tuple[str, bytes]] | None) -> "FrameHeaders":
+        """Parse Kafka headers; raises HeaderError with a one-line reason."""
+        if not headers:
+            raise HeaderError("missing headers")
+        raw: dict[str, str] = {}
+        for key, value in headers:
+            if not isinstance(key, str) or key in raw:
+                raise HeaderError(f"duplicate or invalid header key {key!r}")
+            try:
+                raw[key] = (value or b"").decode("utf-8")
+            except UnicodeDecodeError:
+                raise HeaderError(f"header {key!r} is not UTF-8") from None
+        try:
+            return cls.model_validate(raw)
+        except Exception as exc:  # pydantic.ValidationError -> one line
+            errors = getattr(exc, "errors", lambda: [])()
+            if errors:
+                first = errors[0]
+                where = ".".join(str(p) for p in first.get("loc", ())) or "headers"
+                raise HeaderError(f"bad header {where}: {first.get('msg')}") from None
+            raise HeaderError(f"bad headers: {exc}") from None
+
+
+class Region(BaseModel):
+    """One connected component of the defect mask, in original-frame pixel coordinates."""
+
+    area_px: int = Field(ge=0)
+    area_frac: float = Field(ge=0, le=1)
+    bbox: tuple[int, int, int, int]  # x, y, w, h
+    peak_score: float
+    mean_score: float
+    category: Category = "unknown"
+    confidence: float = Field(0.0, ge=0, le=1)
+
+
+class InspectionResult(BaseModel):
+    """Value of a `results` record (key = frame_id)."""
+
+    schema_version: int = RESULT_SCHEMA_VERSION
+    frame_id: str
+    product: str
+    camera: str
+    line: str
+    seq: int
+    capture_ts_ms: int
+    processed_ts_ms: int = Field(default_factory=now_ms)
+    image_score: float
+    threshold: float
+    image_threshold: float
+    verdict: Literal["ok", "defect"]
+    defect_area_frac: float = Field(ge=0, le=1)
+    regions: list[Region] = []
+    category: Category = "unknown"
+    category_confidence: float = Field(0.0, ge=0, le=1)
+    background: bool | None = None
+    profile_version: int
+    model_kind: str
+    engine: str
+    worker_id: str
+    latency_ms: float = Field(ge=0, description="capture -> result produced")
+    inference_ms: float = Field(ge=0)
+    kafka_partition: int
+    kafka_offset: int
+    width: int
+    height: int
+    mask_png_b64: str | None = None
+    thumbnail_jpeg_b64: str | None = None
+    heatmap_png_b64: str | None = None
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v > RESULT_SCHEMA_VERSION:
+            raise ValueError(f"result schema {v} is newer than this reader ({RESULT_SCHEMA_VERSION})")
+        return v
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "InspectionResult":
+        return cls.model_validate_json(data)
+
+
+class DlqRecord(BaseModel):
+    """Value of a `frames.dlq` record's JSON header ``dlq``; the record value keeps the
+    original bytes and the original headers are kept alongside, so nothing is lost."""
+
+    frame_id: str | None
+    reason: str
+    stage: Literal["headers", "decode", "profile", "inference", "publish", "other"]
+    worker_id: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    failed_ts_ms: int = Field(default_factory=now_ms)
+
+    def to_header(self) -> tuple[str, bytes]:
+        return ("dlq", self.model_dump_json().encode("utf-8"))
+
+
+class Alert(BaseModel):
+    """Value of an `alerts` record (key = product)."""
+
+    alert_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    product: str
+    kind: Literal["defect_rate", "consecutive_defects"]
+    state: Literal["raised", "cleared"]
+    value: float
+    limit: float
+    window_frames: int
+    ts_ms: int = Field(default_factory=now_ms)
+    message: str
+
+
+def b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def unb64(data: str | None) -> bytes | None:
+    return None if data is None else base64.b64decode(data)

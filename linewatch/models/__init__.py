@@ -1,0 +1,1 @@
+"""Anomaly-model families behind one interface (see base.py)."""

@@ -1,0 +1,168 @@
+"""One settings model for every service: env vars (``LINEWATCH_…``, nested with ``__``)
+over a TOML file (``LINEWATCH_CONFIG`` or ``./linewatch.toml``) over defaults.
+
+Kept in one place so the producer, worker, sink, dashboard and docker compose file all
+agree on names; ``tests/test_docker.py`` checks the compose file against this model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_HOME = Path(os.environ.get("LINEWATCH_HOME", Path.home() / ".linewatch"))
+MAX_MESSAGE_BYTES = 10 * 1024 * 1024
+
+
+class KafkaSettings(BaseModel):
+    """Client-side Kafka settings; security fields pass straight through to kafka-python."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "linewatch"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_password: SecretStr | None = None
+    ssl_check_hostname: bool = True
+    max_message_bytes: int = Field(MAX_MESSAGE_BYTES, ge=1024)
+    request_timeout_ms: int = Field(30_000, ge=1000)
+    connect_timeout_s: float = Field(15.0, gt=0, description="bound on waiting for an unreachable broker")
+
+    def client_config(self) -> dict:
+        """kwargs common to KafkaProducer, KafkaConsumer and KafkaAdminClient."""
+        cfg: dict = {
+            "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()],
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.security_protocol.startswith("SASL"):
+            cfg["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
+            if self.sasl_plain_username is not None:
+                cfg["sasl_plain_username"] = self.sasl_plain_username
+            if self.sasl_plain_password is not None:
+                cfg["sasl_plain_password"] = self.sasl_plain_password.get_secret_value()
+        if self.security_protocol.endswith("SSL"):
+            cfg["ssl_check_hostname"] = self.ssl_check_hostname
+            for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                value = getattr(self, key)
+                if value is not None:
+                    cfg[key] = str(value)
+            if self.ssl_password is not None:
+                cfg["ssl_password"] = self.ssl_password.get_secret_value()
+        return cfg
+
+
+class TopicSettings(BaseModel):
+    frames: str = "frames"
+    results: str = "results"
+    dlq: str = "frames.dlq"
+    alerts: str = "alerts"
+    profiles: str = "profiles"
+    frames_partitions: int = Field(8, ge=1)
+    results_partitions: int = Field(4, ge=1)
+    retention_ms: int = Field(24 * 3600 * 1000, ge=60_000)
+
+
+class BrokerSettings(BaseModel):
+    """The embedded single-node KRaft broker that ``linewatch broker`` runs."""
+
+    kafka_version: str = "4.1.1"
+    home: Path = DEFAULT_HOME / "broker"
+    jars_dir: Path | None = None  # default: ~/.cache/linewatch/kafka-<version>
+    host: str = "127.0.0.1"
+    port: int = Field(9092, ge=1, le=65535)
+    controller_port: int = Field(9093, ge=1, le=65535)
+    heap_mb: int = Field(512, ge=128)
+    start_timeout_s: float = Field(90.0, gt=0)
+
+
+class StorageSettings(BaseModel):
+    db_path: Path = DEFAULT_HOME / "linewatch.duckdb"
+    registry_dir: Path = DEFAULT_HOME / "profiles"
+
+
+class WorkerSettings(BaseModel):
+    group_id: str = "linewatch-workers"
+    max_batch: int = Field(16, ge=1, le=1024)
+    max_wait_ms: int = Field(50, ge=0)
+    profile_cache_size: int = Field(32, ge=1)
+    engine: Literal["auto", "tensorrt", "onnxruntime", "torch"] = "auto"
+    threads: int = Field(0, ge=0, description="0 = all cores")
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(0, ge=0, le=65535, description="0 = no metrics endpoint")
+    max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    reload_interval_s: float = Field(2.0, gt=0)
+    thumbnail_size: int = Field(256, ge=32)
+    max_frame_pixels: int = Field(64_000_000, ge=1, description="refuse decompression bombs")
+
+
+class SinkSettings(BaseModel):
+    group_id: str = "linewatch-sink"
+    max_batch: int = Field(500, ge=1)
+    max_wait_ms: int = Field(500, ge=0)
+
+
+class DashboardSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8501, ge=1, le=65535)
+    refresh_s: int = Field(5, ge=1)
+
+
+class AlertSettings(BaseModel):
+    window_frames: int = Field(200, ge=10, description="sliding window per product")
+    max_defect_rate: float = Field(0.25, gt=0, le=1)
+    max_consecutive_defects: int = Field(10, ge=2)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LINEWATCH_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        toml_file=None,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    broker: BrokerSettings = BrokerSettings()
+    storage: StorageSettings = StorageSettings()
+    worker: WorkerSettings = WorkerSettings()
+    sink: SinkSettings = SinkSettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    alerts: AlertSettings = AlertSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = os.environ.get("LINEWATCH_CONFIG") or "linewatch.toml"
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if Path(toml_path).is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        elif os.environ.get("LINEWATCH_CONFIG"):
+            raise FileNotFoundError(f"LINEWATCH_CONFIG={toml_path}: no such file")
+        return tuple(sources)
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from env + TOML, with keyword overrides (nested dicts) on top."""
+    return Settings(**overrides)
