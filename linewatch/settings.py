@@ -126,6 +126,7 @@ class AlertSettings(BaseModel):
     window_frames: int = Field(200, ge=10, description="sliding window per product")
     max_defect_rate: float = Field(0.25, gt=0, le=1)
     max_consecutive_defects: int = Field(10, ge=2)
+    clear_fraction: float = Field(0.8, gt=0, le=1, description="rate alert clears below max_defect_rate x this (hysteresis)")
 
 
 class Settings(BaseSettings):

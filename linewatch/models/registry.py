@@ -10,6 +10,7 @@ from linewatch.models.base import AnomalyModel, ModelError
 FAMILIES: dict[str, str] = {
     "padim": "linewatch.models.padim:PaDiM",
     "cflow": "linewatch.models.cflow:CFlow",
+    "meandiff": "linewatch.models.meandiff:MeanDiff",
 }
 
 

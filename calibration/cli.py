@@ -1,0 +1,363 @@
+"""``linewatch calibrate …``: the line engineer's commands, thin shells over calibration.fit.
+
+    fit         fit a model on a product's normal images            -> work folder
+    threshold   all five threshold methods on a validation set       -> threshold.json (+ --publish)
+    evaluate    metrics per method and category on a test set        -> Markdown/CSV + report folder
+    run         fit + threshold + evaluate + publish in one go       -> a published profile
+    recommend   which model family / threshold method for a product
+    recalibrate new threshold for a published profile, no refit      -> a new version
+    publish / list / show / rollback   the profile registry
+
+Heavy imports (torch, sklearn, matplotlib) happen inside handlers so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+METHOD_CHOICES = ("iou", "f1", "roc", "normal_std", "normal_quantile")
+
+
+def _registry_dir(args: argparse.Namespace) -> Path:
+    if getattr(args, "registry", None):
+        return Path(args.registry)
+    from linewatch.settings import load_settings
+
+    return Path(load_settings().storage.registry_dir)
+
+
+def _options(pairs: list[str] | None) -> dict[str, Any]:
+    from linewatch.errors import UserError
+
+    out: dict[str, Any] = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise UserError(f"--option {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def _add_source(p: argparse.ArgumentParser, which: str) -> None:
+    p.add_argument("--dataset", type=Path, help="dataset root in the MVTec AD layout (<root>/<product>/test/...)")
+    p.add_argument("--product", help="product name (folder under --dataset)")
+    p.add_argument(f"--{which}", dest="folder", type=Path, metavar="DIR",
+                   help=f"use this whole folder as the {which} set instead (<DIR>/<defect>/*.png with "
+                        "ground_truth/<defect>/*_mask.png beside it)")
+    p.add_argument("--categories", type=Path, help="product-agnostic labels CSV (default <dataset>/categories.csv)")
+    p.add_argument("--val-fraction", type=float, default=1 / 3, help="share of the test images used for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation/test split")
+
+
+def _load_set(args: argparse.Namespace, which: str, size: int, progress: bool = True):
+    from calibration.data import load_product_splits, load_validation_folder
+    from linewatch.errors import UserError
+
+    if args.folder is not None:
+        return load_validation_folder(args.folder, size, args.categories, progress)
+    if args.dataset is None or not args.product:
+        raise UserError(f"{which} set: pass --dataset and --product, or --{which} DIR")
+    val, test = load_product_splits(args.dataset, args.product, size, args.val_fraction, args.seed,
+                                    args.categories, progress)
+    return val if which == "val" else test
+
+
+# -- handlers ---------------------------------------------------------------------------------------
+def cmd_fit(args: argparse.Namespace) -> int:
+    from calibration.fit import fit_product
+
+    out = args.out or Path("calibration-work") / f"{args.product}-{args.model_kind}"
+    model, info = fit_product(args.dataset, args.product, out, args.model_kind, args.input_size,
+                              _options(args.option), progress=not args.quiet)
+    print(f"fitted {info.model_kind} for {info.product} on {info.n_train} normal images in "
+          f"{info.fit_seconds} s -> {out}")
+    return 0
+
+
+def cmd_threshold(args: argparse.Namespace) -> int:
+    from calibration.fit import load_model_dir, publish_work_dir, read_fit_info, save_threshold, threshold_model
+
+    model = load_model_dir(args.model)
+    info = read_fit_info(args.model)
+    if args.product is None and info is not None:
+        args.product = info.product
+    val = _load_set(args, "val", model.input_size, not args.quiet)
+    report, _ = threshold_model(model, val, args.method, args.k_std, args.quantile)
+    path = save_threshold(args.model, report)
+    print(report.table())
+    print(f"\nchosen: {report.chosen} = {report.threshold:.6g} -- {report.reason}")
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"saved {path}")
+    if args.publish:
+        prof = publish_work_dir(args.model, _registry_dir(args), args.product, export_onnx=not args.no_onnx)
+        print(f"published {prof.product} v{prof.version} to {_registry_dir(args)}")
+    return 0
+
+
+def _eval_models(args: argparse.Namespace):
+    """(name, model, ThresholdReport) for every --model folder and --profile."""
+    from calibration.fit import load_model_dir, read_fit_info, read_threshold
+    from calibration.thresholds import METHOD_TITLES, MethodResult, ThresholdReport
+    from linewatch.errors import UserError
+    from linewatch.profiles import Registry
+
+    out = []
+    for d in args.model or []:
+        model = load_model_dir(d)
+        info = read_fit_info(d)
+        out.append([model.kind, model, read_threshold(d), info.product if info else None, Path(d).name])
+    for spec in args.profile or []:
+        product, _, ver = spec.partition("@")
+        prof, model = Registry(_registry_dir(args)).load(product, int(ver) if ver else None)
+        methods = [MethodResult(method=m, title=METHOD_TITLES[m], available=prof.thresholds.get(m) is not None,
+                                threshold=prof.thresholds.get(m)) for m in METHOD_CHOICES]
+        chosen = prof.threshold_method if prof.threshold_method in METHOD_CHOICES else "iou"
+        rep = ThresholdReport(methods=methods, chosen=chosen, threshold=prof.threshold, reason=prof.threshold_reason,
+                              n_images=0, n_anomalous=int(prof.calibration_metrics.get("n_val_anomalous", 0)),
+                              n_normal=int(prof.calibration_metrics.get("n_val_normal", 0)), n_pixels=0, exact=False,
+                              k_std=3.0, quantile=0.999)
+        out.append([prof.model_kind, model, rep, prof.product, f"{prof.product}-v{prof.version}"])
+    if not out:
+        raise UserError("evaluate: pass at least one --model DIR or --profile PRODUCT[@VERSION]")
+    names = [o[0] for o in out]
+    for o in out:  # disambiguate two models of one kind
+        if names.count(o[0]) > 1:
+            o[0] = o[4]
+    return out
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from calibration.evaluate import summary_markdown, write_tables
+    from calibration.fit import evaluate_model
+    from calibration.report import write_report
+    from linewatch.errors import UserError
+
+    models = _eval_models(args)
+    if args.product is None:
+        args.product = next((m[3] for m in models if m[3]), None)
+    sizes = {m[1].input_size for m in models}
+    if len(sizes) > 1:
+        raise UserError(f"evaluate: models have different input sizes {sorted(sizes)}; evaluate them separately")
+    size = sizes.pop()
+    test = _load_set(args, "test", size, not args.quiet)
+    if not test.anomalous.any():
+        raise UserError(f"{test.paths[0].parent.parent}: test set has no anomalous images; nothing to evaluate")
+    val = None
+    if args.folder is None and args.dataset is not None:
+        from calibration.data import load_product_splits
+
+        val, _ = load_product_splits(args.dataset, args.product, size, args.val_fraction, args.seed,
+                                     args.categories, progress=False)
+    from tqdm.auto import tqdm
+
+    evals = []
+    for name, model, rep, _, _ in tqdm(models, desc="evaluate", unit="model", disable=args.quiet):
+        evals.append(evaluate_model(name, args.product or "product", model, test, rep, val))
+    out = args.report or Path("calibration-report") / (args.product or "product")
+    paths = write_tables(evals, out)
+    index = write_report(evals, out, title=f"linewatch calibration: {args.product}")
+    if args.format == "csv":
+        sys.stdout.write(paths["summary_csv"].read_text())
+    else:
+        print(summary_markdown(evals))
+    print(f"\nreport: {index}  tables: {paths['markdown']} {paths['csv']}")
+    for d, e in zip(args.model or [], evals):
+        (Path(d) / "evaluation.json").write_text(json.dumps(e.headline(), indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from calibration.fit import calibrate_product
+
+    prof = calibrate_product(args.dataset, args.product, _registry_dir(args), args.model_kind,
+                             input_size=args.input_size, method=args.method, options=_options(args.option),
+                             val_fraction=args.val_fraction, seed=args.seed, report_dir=args.report,
+                             publish=not args.no_publish, export_onnx=not args.no_onnx, progress=not args.quiet)
+    test = prof.calibration_metrics.get("test", {})
+    print(f"{prof.product}: {prof.model_kind}, threshold {prof.threshold_method} = {prof.threshold:.6g}; "
+          f"test pixel AUROC {test.get('pixel_auroc')}, AUPRO {test.get('aupro')}, IoU {test.get('iou')}, "
+          f"regret {test.get('regret')}")
+    if args.no_publish:
+        print("not published (--no-publish)")
+    else:
+        print(f"published {prof.product} v{prof.version} to {_registry_dir(args)}")
+    if args.report:
+        print(f"report: {Path(args.report) / 'index.html'}")
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from calibration.recommend import recommend_from_categories, recommend_measured
+
+    if args.measure:
+        rec = recommend_measured(args.dataset, args.product, args.candidate, args.input_size,
+                                 args.val_fraction, args.seed, progress=not args.quiet)
+    else:
+        val = _load_set(args, "val", 64, not args.quiet)
+        rec = recommend_from_categories(val.categories)
+    print(rec.text())
+    return 0
+
+
+def cmd_recalibrate(args: argparse.Namespace) -> int:
+    from calibration.fit import recalibrate
+    from linewatch.profiles import Registry
+
+    reg = Registry(_registry_dir(args))
+    current = reg.read_profile(args.product)
+    val = _load_set(args, "val", current.input_size, not args.quiet)
+    prof, report = recalibrate(reg.root, args.product, val, args.method, args.k_std, args.quantile)
+    print(report.table())
+    print(f"\nchosen: {report.chosen} = {report.threshold:.6g} (was {current.threshold:.6g} in v{current.version})")
+    print(f"published {prof.product} v{prof.version} (model files of v{current.version}, not refitted)")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from calibration.fit import publish_work_dir
+
+    prof = publish_work_dir(args.model, _registry_dir(args), args.product, export_onnx=not args.no_onnx)
+    print(f"published {prof.product} v{prof.version} ({prof.model_kind}, {prof.threshold_method} = "
+          f"{prof.threshold:.6g}) to {_registry_dir(args)}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from calibration.evaluate import markdown_table
+    from linewatch.profiles import Registry
+
+    reg = Registry(_registry_dir(args))
+    products = [args.product] if args.product else reg.products()
+    rows = [{"product": p, **r} for p in products for r in reg.describe(p)]
+    if not rows:
+        print(f"no profiles in {reg.root}")
+        return 0
+    print(markdown_table(rows, ["product", "version", "current", "model", "method", "threshold", "created_at",
+                                "created_by"]))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from linewatch.profiles import Registry
+
+    prof = Registry(_registry_dir(args)).read_profile(args.product, args.version)
+    print(prof.model_dump_json(indent=2))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from linewatch.profiles import Registry
+
+    reg = Registry(_registry_dir(args))
+    before = reg.current_version(args.product)
+    v = reg.rollback(args.product, args.to)
+    print(f"{args.product}: CURRENT v{before} -> v{v}")
+    return 0
+
+
+# -- registration -------------------------------------------------------------------------------
+def register(subparsers: argparse._SubParsersAction) -> None:
+    cal = subparsers.add_parser("calibrate", help="fit, threshold, evaluate and publish product profiles",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = cal.add_subparsers(dest="calibrate_command", metavar="STEP")
+    cal.set_defaults(func=lambda a: (cal.print_help(), 2)[1])
+
+    def common(p: argparse.ArgumentParser, registry: bool = False) -> None:
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        if registry:
+            p.add_argument("--registry", type=Path, help="profile registry folder (default: settings storage.registry_dir)")
+
+    def thresholds(p: argparse.ArgumentParser, default: str | None = "iou") -> None:
+        p.add_argument("--method", choices=METHOD_CHOICES, default=default,
+                       help="threshold method to choose (all five are computed and shown)")
+        p.add_argument("--k-std", type=float, default=3.0, help="k of the normal mean + k*std method")
+        p.add_argument("--quantile", type=float, default=0.999, help="quantile of the normal-quantile method")
+
+    p = sub.add_parser("fit", help="fit a model on a product's normal images")
+    p.add_argument("--dataset", type=Path, required=True)
+    p.add_argument("--product", required=True)
+    p.add_argument("--model-kind", default="padim", help="model family (padim, cflow, meandiff, ...)")
+    p.add_argument("--input-size", type=int, default=256)
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="model option (JSON value), repeatable")
+    p.add_argument("--out", type=Path, help="work folder (default calibration-work/<product>-<kind>)")
+    common(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("threshold", help="all five threshold methods on a validation set; one chosen")
+    p.add_argument("--model", type=Path, required=True, help="work folder written by `calibrate fit`")
+    _add_source(p, "val")
+    thresholds(p)
+    p.add_argument("--publish", action="store_true", help="publish the result as the product's next profile")
+    p.add_argument("--no-onnx", action="store_true", help="do not export model.onnx when publishing")
+    common(p, registry=True)
+    p.set_defaults(func=cmd_threshold)
+
+    p = sub.add_parser("evaluate", help="metrics per threshold method and category on a test set + report")
+    p.add_argument("--model", type=Path, action="append", help="thresholded work folder (repeatable)")
+    p.add_argument("--profile", action="append", metavar="PRODUCT[@VERSION]", help="a published profile (repeatable)")
+    _add_source(p, "test")
+    p.add_argument("--report", type=Path, help="report folder (default calibration-report/<product>)")
+    p.add_argument("--format", choices=("markdown", "csv"), default="markdown", help="table printed on stdout")
+    common(p, registry=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("run", help="fit + threshold + evaluate + publish a product in one go")
+    p.add_argument("--dataset", type=Path, required=True)
+    p.add_argument("--product", required=True)
+    p.add_argument("--model-kind", default="padim")
+    p.add_argument("--input-size", type=int, default=256)
+    p.add_argument("--option", action="append", metavar="KEY=VALUE")
+    p.add_argument("--val-fraction", type=float, default=1 / 3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", type=Path, help="write the evaluation report here")
+    p.add_argument("--no-publish", action="store_true")
+    p.add_argument("--no-onnx", action="store_true")
+    thresholds(p)
+    common(p, registry=True)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("recommend", help="recommend a model family and threshold method for a product")
+    _add_source(p, "val")
+    p.add_argument("--measure", action="store_true", help="fit the candidates and recommend from measured IoU")
+    p.add_argument("--candidate", action="append", help="model kinds to measure (default padim, cflow)")
+    p.add_argument("--input-size", type=int, default=256)
+    common(p)
+    p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("recalibrate", help="new threshold for a published profile from new validation images")
+    _add_source(p, "val")
+    thresholds(p, default=None)
+    common(p, registry=True)
+    p.set_defaults(func=cmd_recalibrate)
+
+    p = sub.add_parser("publish", help="publish a fitted + thresholded work folder")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--product")
+    p.add_argument("--no-onnx", action="store_true")
+    common(p, registry=True)
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("list", help="list profiles and versions")
+    p.add_argument("--product")
+    common(p, registry=True)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="print a profile (current version by default)")
+    p.add_argument("--product", required=True)
+    p.add_argument("--version", type=int)
+    common(p, registry=True)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("rollback", help="point CURRENT at an earlier version")
+    p.add_argument("--product", required=True)
+    p.add_argument("--to", type=int, help="version to roll back to (default: the one before)")
+    common(p, registry=True)
+    p.set_defaults(func=cmd_rollback)

@@ -1,0 +1,294 @@
+"""The calibration workflow as library functions (the CLI is a thin shell over these).
+
+A *work folder* holds one fitted model between steps::
+
+    <work>/model.json, weights.safetensors   AnomalyModel.save()
+    <work>/fit.json                          product, dataset, image count, fit time, background
+    <work>/threshold.json                    ThresholdReport of the last `threshold` run
+
+``calibrate_product`` runs the whole path -- fit, threshold, evaluate (report folder), publish --
+and returns the published Profile; the demo calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from calibration.data import (LabelledSet, default_categories_csv, load_product_splits, load_train,
+                              load_validation_folder)
+from calibration.thresholds import METHODS, ThresholdReport, estimate_thresholds, pixel_curves
+from linewatch.errors import UserError
+from linewatch.models.base import CONFIG_FILE, WEIGHTS_FILE, AnomalyModel, ModelError
+from linewatch.profiles import Profile, Registry
+
+log = logging.getLogger(__name__)
+FIT_FILE = "fit.json"
+THRESHOLD_FILE = "threshold.json"
+
+
+class FitInfo(BaseModel):
+    product: str
+    model_kind: str
+    dataset: str
+    n_train: int
+    fit_seconds: float
+    input_size: int
+    background: bool | None = None
+    options: dict[str, Any] = {}
+
+
+# -- models --------------------------------------------------------------------------------------
+def build(model_kind: str, input_size: int = 256, options: dict[str, Any] | None = None) -> AnomalyModel:
+    from linewatch.models.registry import build_model
+
+    return build_model(model_kind, input_size=input_size, **(options or {}))
+
+
+def fit_model(images: np.ndarray, model_kind: str = "padim", input_size: int = 256,
+              options: dict[str, Any] | None = None, progress: bool = True) -> tuple[AnomalyModel, float]:
+    """Fit on normal images only; returns the model and the fit time in seconds."""
+    model = build(model_kind, input_size, options)
+    t0 = time.perf_counter()
+    model.fit(images, progress=progress)
+    return model, time.perf_counter() - t0
+
+
+def load_model_dir(directory: Path) -> AnomalyModel:
+    """Load a work folder or profile version folder; errors name the file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: model folder does not exist")
+    try:
+        return AnomalyModel.load(directory)
+    except ModelError as exc:
+        msg = str(exc)
+        if str(directory) not in msg:
+            msg = f"{directory / WEIGHTS_FILE}: {msg}"
+        raise UserError(msg) from None
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{directory / CONFIG_FILE}: incomplete model config ({exc})") from None
+
+
+def background_of(labelled: LabelledSet) -> bool | None:
+    flags = [b for b in labelled.background if b is not None]
+    return None if not flags else bool(np.mean(flags) >= 0.5)
+
+
+def fit_product(dataset_root: Path, product: str, work_dir: Path, model_kind: str = "padim",
+                input_size: int = 256, options: dict[str, Any] | None = None,
+                progress: bool = True) -> tuple[AnomalyModel, FitInfo]:
+    """Fit ``product``'s normal training images and save the model to ``work_dir``."""
+    train = load_train(Path(dataset_root), product, input_size, progress)
+    if len(train) < 2:
+        raise UserError(f"{Path(dataset_root) / product / 'train' / 'good'}: need at least 2 normal images")
+    model, secs = fit_model(train, model_kind, input_size, options, progress)
+    bg = _background_from_csv(Path(dataset_root), product)
+    info = FitInfo(product=product, model_kind=model_kind, dataset=str(dataset_root), n_train=len(train),
+                   fit_seconds=round(secs, 2), input_size=input_size, background=bg, options=options or {})
+    work_dir = Path(work_dir)
+    model.save(work_dir)
+    (work_dir / FIT_FILE).write_text(info.model_dump_json(indent=2))
+    return model, info
+
+
+def _background_from_csv(root: Path, product: str) -> bool | None:
+    csv_path = default_categories_csv(root)
+    if csv_path is None:
+        return None
+    from calibration.data import read_categories_csv
+
+    flags = [bg for rel, (_, bg) in read_categories_csv(csv_path).items()
+             if rel.startswith(f"{product}/") and bg is not None]
+    return None if not flags else bool(np.mean(flags) >= 0.5)
+
+
+def read_fit_info(work_dir: Path) -> FitInfo | None:
+    p = Path(work_dir) / FIT_FILE
+    return FitInfo.model_validate_json(p.read_text()) if p.is_file() else None
+
+
+# -- thresholds ----------------------------------------------------------------------------------
+def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", k_std: float = 3.0,
+                    quantile: float = 0.999, require_anomalies: bool = True,
+                    batch_size: int = 16) -> tuple[ThresholdReport, np.ndarray]:
+    """All five methods on the validation set; one chosen. Returns (report, validation maps).
+
+    ``require_anomalies``: when ``prefer`` needs anomalous images and there are none, refuse
+    (UserError) rather than fall back -- the CLI passes True, a caller that accepts the
+    normal-statistics fallback passes False (the report then says so).
+    """
+    if prefer not in METHODS:
+        raise UserError(f"--method {prefer!r} is not one of {', '.join(METHODS)}")
+    n_anom = int(val.anomalous.sum())
+    if n_anom == 0 and prefer in ("iou", "f1", "roc") and require_anomalies:
+        where = val.paths[0].parent.parent if val.paths else "validation set"
+        raise UserError(f"{where}: validation set has no anomalous images, so methods iou, f1 and roc are "
+                        "impossible; add a few defective images with masks or pass --method normal_quantile "
+                        "(or normal_std)")
+    maps, _ = model.predict(val.images, batch_size=batch_size)
+    return estimate_thresholds(maps, val.masks, prefer=prefer, k_std=k_std, quantile=quantile), maps
+
+
+def save_threshold(work_dir: Path, report: ThresholdReport) -> Path:
+    p = Path(work_dir) / THRESHOLD_FILE
+    p.write_text(report.model_dump_json(indent=2))
+    return p
+
+
+def read_threshold(work_dir: Path) -> ThresholdReport:
+    p = Path(work_dir) / THRESHOLD_FILE
+    if not p.is_file():
+        raise UserError(f"{p}: no threshold yet; run `linewatch calibrate threshold` first")
+    return ThresholdReport.model_validate_json(p.read_text())
+
+
+# -- profiles ------------------------------------------------------------------------------------
+def make_profile(product: str, model: AnomalyModel, report: ThresholdReport,
+                 metrics: dict[str, Any] | None = None, background: bool | None = None,
+                 categorizer: dict[str, Any] | None = None, notes: str = "",
+                 parent_version: int | None = None) -> Profile:
+    return Profile(product=product, model_kind=model.kind, backbone=model.backbone_name,
+                   input_size=model.input_size, threshold=report.threshold, threshold_method=report.chosen,
+                   thresholds=report.thresholds(), threshold_reason=report.reason,
+                   calibration_metrics={"validation": {m.method: {"threshold": m.threshold, "iou": m.val_iou,
+                                                                  "f1": m.val_f1} for m in report.methods},
+                                        "n_val_anomalous": report.n_anomalous, "n_val_normal": report.n_normal,
+                                        "notes": report.notes, **(metrics or {})},
+                   categorizer=categorizer, background=background,
+                   background_source="override" if background is not None else "unknown",
+                   notes=notes, parent_version=parent_version)
+
+
+def publish_work_dir(work_dir: Path, registry_dir: Path, product: str | None = None,
+                     metrics: dict[str, Any] | None = None, categorizer: dict[str, Any] | None = None,
+                     export_onnx: bool = True) -> Profile:
+    """Publish a fitted + thresholded work folder as the product's next profile version."""
+    work_dir = Path(work_dir)
+    report = read_threshold(work_dir)
+    model = load_model_dir(work_dir)
+    info = read_fit_info(work_dir)
+    product = product or (info.product if info else None)
+    if not product:
+        raise UserError(f"{work_dir / FIT_FILE}: product unknown; pass --product")
+    if metrics is None and (work_dir / "evaluation.json").is_file():
+        metrics = {"test": json.loads((work_dir / "evaluation.json").read_text())}
+    if categorizer is None and (work_dir / "categorizer.json").is_file():
+        categorizer = json.loads((work_dir / "categorizer.json").read_text())
+    profile = make_profile(product, model, report, metrics, info.background if info else None, categorizer,
+                           notes=f"fitted on {info.n_train} images of {info.dataset}" if info else "")
+    return Registry(registry_dir).publish(profile, model, export_onnx=export_onnx)
+
+
+def recalibrate(registry_dir: Path, product: str, val: LabelledSet, prefer: str | None = None,
+                k_std: float = 3.0, quantile: float = 0.999) -> tuple[Profile, ThresholdReport]:
+    """New threshold for the current profile from new validation images; no refit.
+
+    Publishes a new version whose model files are copied from the current one.
+    """
+    reg = Registry(registry_dir)
+    profile, model = reg.load(product)
+    method = prefer or (profile.threshold_method if profile.threshold_method in METHODS else "iou")
+    report, _ = threshold_model(model, val, method, k_std, quantile)
+    new = make_profile(product, model, report, {"recalibrated_from": profile.version},
+                       profile.background, profile.categorizer,
+                       notes=f"recalibrated from v{profile.version} on {len(val)} images", parent_version=profile.version)
+    new = new.model_copy(update={"background_source": profile.background_source,
+                                 "min_region_px": profile.min_region_px})
+    stored = reg.publish(new, source_dir=reg.version_dir(product, profile.version))
+    return stored, report
+
+
+# -- evaluation of a model on a test set -------------------------------------------------------------
+def evaluate_model(name: str, product: str, model: AnomalyModel, test: LabelledSet,
+                   report: ThresholdReport, val: LabelledSet | None = None,
+                   val_maps: np.ndarray | None = None, categorizer: Any = None, batch_size: int = 16):
+    """Maps on test, every metric, and the category evaluation when a categorizer is given."""
+    from calibration.evaluate import category_evaluation, evaluate_maps
+
+    maps, scores = model.predict(test.images, batch_size=batch_size)
+    val_curves = None
+    if val is not None:
+        if val_maps is None:
+            val_maps, _ = model.predict(val.images, batch_size=batch_size)
+        val_curves = pixel_curves(val_maps, val.masks, extra=[t for t in report.thresholds().values() if t is not None])
+    ev = evaluate_maps(name, product, test, maps, scores, report.thresholds(), report.chosen, report, val_curves)
+    if categorizer is not None:
+        pred = _categorize(categorizer, test, maps, report.threshold, model)
+        if pred is not None:
+            ev.category_eval = category_evaluation(test.categories, pred)
+    return ev
+
+
+def _categorize(categorizer: Any, test: LabelledSet, maps: np.ndarray, threshold: float, model: AnomalyModel):
+    """Predicted frame categories from linewatch.categorize, if its API offers a frame-level call."""
+    for attr in ("predict_frames", "predict_images", "predict"):
+        fn = getattr(categorizer, attr, None)
+        if callable(fn):
+            try:
+                out = fn(test.images, maps, threshold)
+            except TypeError:
+                continue
+            return [getattr(o, "category", o) for o in out]
+    log.warning("categorizer has no frame-level predict; category accuracy skipped")
+    return None
+
+
+# -- one shot --------------------------------------------------------------------------------------
+def calibrate_product(dataset_root: str | Path, product: str, registry_dir: str | Path,
+                      model_kind: str = "padim", *, input_size: int = 256, method: str = "iou",
+                      options: dict[str, Any] | None = None, val_fraction: float = 1 / 3, seed: int = 0,
+                      report_dir: str | Path | None = None, publish: bool = True, export_onnx: bool = True,
+                      k_std: float = 3.0, quantile: float = 0.999, progress: bool = True) -> Profile:
+    """Fit on ``<root>/<product>/train/good``, threshold on the validation split, evaluate on the
+    test split (report folder when ``report_dir``), publish to ``registry_dir``; returns the
+    published Profile (version 0 = not published when ``publish=False``).
+    """
+    root = Path(dataset_root)
+    train = load_train(root, product, input_size, progress)
+    val, test = load_product_splits(root, product, input_size, val_fraction, seed, progress=progress)
+    model, secs = fit_model(train, model_kind, input_size, options, progress)
+    report, val_maps = threshold_model(model, val, method, k_std, quantile)
+    categorizer_params, categorizer = _fit_categorizer(val, val_maps, report.threshold, model, product)
+    ev = evaluate_model(model_kind, product, model, test, report, val, val_maps, categorizer)
+    metrics = {"test": ev.headline(), "fit_seconds": round(secs, 2), "n_train": int(len(train)),
+               "n_val": len(val), "n_test": len(test)}
+    if ev.category_eval:
+        metrics["categories"] = {k: ev.category_eval[k] for k in ("accuracy", "macro_f1", "n") if k in ev.category_eval}
+    if report_dir is not None:
+        from calibration.evaluate import write_tables
+        from calibration.report import write_report
+
+        write_tables([ev], Path(report_dir))
+        write_report([ev], Path(report_dir), title=f"linewatch calibration: {product}")
+    bg = background_of(val) if background_of(val) is not None else background_of(test)
+    profile = make_profile(product, model, report, metrics, bg, categorizer_params,
+                           notes=f"calibrate_product: {model_kind} on {len(train)} normal images of {root}")
+    if not publish:
+        return profile
+    return Registry(registry_dir).publish(profile, model, export_onnx=export_onnx)
+
+
+def _fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, model: AnomalyModel,
+                     product: str) -> tuple[dict[str, Any] | None, Any]:
+    """Train the categorizer of linewatch.categorize on the validation images, if it exists."""
+    try:
+        from linewatch import categorize  # noqa: F401  (written by another part of the team)
+    except ImportError:
+        return None, None
+    fit = getattr(categorize, "fit_categorizer", None)
+    if fit is None:
+        return None, None
+    try:
+        cat = fit(val.images, val.masks, val.categories, maps=val_maps, threshold=threshold)
+    except TypeError:
+        log.warning("linewatch.categorize.fit_categorizer has another signature; categorizer skipped")
+        return None, None
+    to_profile = getattr(cat, "to_profile", None) or getattr(cat, "to_dict", None)
+    return (to_profile() if callable(to_profile) else None), cat

@@ -1,0 +1,356 @@
+"""linewatch dashboard: what a plant manager needs to see about the line, at a glance.
+
+Run with `linewatch dashboard` (or ``streamlit run dashboard/app.py -- --db PATH``). The page
+reads the sink's DuckDB file read-only through dashboard.queries, once per refresh, and
+lays it out: alerts first, then defects by category, the trend, the breakdowns, the latest
+defects, profiles in force and pipeline health. It never holds the database open between
+refreshes (the sink needs the write lock) and never shows a lock error: when the database is
+busy it keeps showing the previous numbers and says how old they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from dashboard import queries
+from linewatch import store
+
+TIME_RANGES: dict[str, int | None] = {
+    "15 min": 15 * 60_000,
+    "1 hour": 3600_000,
+    "8 hours": 8 * 3600_000,
+    "24 hours": 24 * 3600_000,
+    "7 days": 7 * 24 * 3600_000,
+    "All time": None,
+}
+DEFAULT_RANGE = "1 hour"
+CATEGORY_COLORS = {  # chart colours; CATEGORY_MD is the same palette in Streamlit markdown
+    "structural": "#d62728",
+    "surface": "#ff7f0e",
+    "contamination": "#1f77b4",
+    "combined": "#9467bd",
+    "unknown": "#7f7f7f",
+}
+CATEGORY_MD = {"structural": "red", "surface": "orange", "contamination": "blue", "combined": "violet",
+               "unknown": "gray"}
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--db", type=Path)
+    p.add_argument("--refresh", type=int)
+    args, _ = p.parse_known_args(sys.argv[1:])
+    return args
+
+
+@st.cache_resource
+def _settings():
+    from linewatch.settings import load_settings
+
+    return load_settings()
+
+
+def _fmt_ts(ms: int | None) -> str:
+    if ms is None:
+        return "—"
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _ago(ms: int | None, now_ms: int) -> str:
+    if ms is None:
+        return "never"
+    s = max(0, (now_ms - ms) / 1000)
+    if s < 90:
+        return f"{s:.0f} s ago"
+    if s < 5400:
+        return f"{s / 60:.0f} min ago"
+    if s < 2 * 86400:
+        return f"{s / 3600:.1f} h ago"
+    return f"{s / 86400:.0f} days ago"
+
+
+def _ms(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "—"
+    if v >= 120_000:
+        return f"{v / 60_000:.0f} min"
+    return f"{v / 1000:.1f} s" if v >= 1000 else f"{v:.0f} ms"
+
+
+def annotate(thumbnail: bytes | None, mask: bytes | None, heatmap: bytes | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(frame with the mask outline drawn, heat map blended over the frame) as RGB arrays."""
+    if not thumbnail:
+        return None, None
+    frame = cv2.imdecode(np.frombuffer(thumbnail, np.uint8), cv2.IMREAD_COLOR)
+    if frame is None:
+        return None, None
+    h, w = frame.shape[:2]
+    outlined = frame.copy()
+    if mask:
+        m = cv2.imdecode(np.frombuffer(mask, np.uint8), cv2.IMREAD_GRAYSCALE)
+        if m is not None:
+            m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
+            contours, _ = cv2.findContours((m > 127).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(outlined, contours, -1, (0, 255, 255), max(1, round(w / 128)))
+    overlay = None
+    if heatmap:
+        hm = cv2.imdecode(np.frombuffer(heatmap, np.uint8), cv2.IMREAD_UNCHANGED)
+        if hm is not None:
+            if hm.ndim == 2:
+                hm = cv2.applyColorMap(cv2.normalize(hm, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8),
+                                       cv2.COLORMAP_JET)
+            elif hm.shape[2] == 4:
+                hm = cv2.cvtColor(hm, cv2.COLOR_BGRA2BGR)
+            hm = cv2.resize(hm, (w, h), interpolation=cv2.INTER_LINEAR)
+            overlay = cv2.addWeighted(frame, 0.55, hm, 0.45, 0)
+    rgb = lambda a: None if a is None else cv2.cvtColor(a, cv2.COLOR_BGR2RGB)  # noqa: E731
+    return rgb(outlined), rgb(overlay)
+
+
+def _sidebar(options: dict[str, list[str]], refresh_s: int, db: Path) -> queries.Filters:
+    st.sidebar.title("linewatch")
+    st.sidebar.caption("Visual inspection — line quality")
+    rng = st.sidebar.radio("Time range", list(TIME_RANGES), index=list(TIME_RANGES).index(DEFAULT_RANGE),
+                           key="time_range", horizontal=False)
+    products = st.sidebar.multiselect("Product", options.get("product", []), key="f_products",
+                                      placeholder="All products")
+    cameras = st.sidebar.multiselect("Camera", options.get("camera", []), key="f_cameras",
+                                     placeholder="All cameras")
+    lines = st.sidebar.multiselect("Line", options.get("line", []), key="f_lines", placeholder="All lines")
+    st.sidebar.divider()
+    st.sidebar.caption(f"Auto-refresh every {refresh_s} s · times in UTC")
+    st.sidebar.caption(f"Database: `{db}`")
+    span = TIME_RANGES[rng]
+    now = int(time.time() * 1000)
+    return queries.Filters(start_ms=None if span is None else now - span, end_ms=None,
+                           products=products, cameras=cameras, lines=lines)
+
+
+def _alerts(snap: queries.Snapshot) -> None:
+    for a in snap.alerts:
+        what = "Defect rate" if a["kind"] == "defect_rate" else "Consecutive defects"
+        value = f"{a['value']:.1%}" if a["kind"] == "defect_rate" else f"{a['value']:.0f} in a row"
+        limit = f"{a['limit']:.1%}" if a["kind"] == "defect_rate" else f"{a['limit']:.0f}"
+        st.error(f"**ALERT · {a['product']} · {what}: {value}** (limit {limit}) — {a['message']} "
+                 f"· since {_fmt_ts(a['ts_ms'])}", icon="🚨")
+
+
+def _kpis(snap: queries.Snapshot) -> None:
+    k, h = snap.kpis, snap.health
+    cols = st.columns(5)
+    cols[0].metric("Frames inspected", f"{k['frames']:,}", border=True)
+    cols[1].metric("Defective frames", f"{k['defects']:,}", border=True)
+    cols[2].metric("Defects per 1000 frames", f"{k['per_1000']:.1f}", border=True)
+    cols[3].metric("Throughput, last minute", f"{h['frames_per_s']:.1f} fr/s", border=True,
+                   help="frames written to the database per second over the last 60 s (all products)")
+    last = h["last_capture_ts_ms"]
+    cols[4].metric("Last frame", _ago(last, snap.read_ts_ms), border=True, help=_fmt_ts(last))
+
+
+def _categories(snap: queries.Snapshot) -> None:
+    st.subheader("Defects by category")
+    cats = snap.categories
+    cols = st.columns(len(cats))
+    for col, row in zip(cols, cats.itertuples()):
+        with col.container(border=True, key=f"cat-{row.category}"):
+            st.markdown(f":{CATEGORY_MD.get(row.category, 'gray')}[■] **{row.label}**")
+            st.metric(row.label, f"{row.defects:,}", label_visibility="collapsed",
+                      help=queries.CATEGORY_HELP.get(row.category, ""))
+            st.caption(f"{row.per_1000:.1f} per 1000 frames · {row.share:.0%} of defects")
+
+
+def _trend(snap: queries.Snapshot) -> None:
+    bucket = snap.bucket_s
+    unit = f"{bucket // 3600} h" if bucket >= 3600 else f"{bucket // 60} min" if bucket >= 60 else f"{bucket} s"
+    st.subheader(f"Trend — defects per {unit}")
+    if snap.trend.empty:
+        st.info("No defects in this time range.")
+        return
+    wide = snap.trend.pivot_table(index="bucket", columns="category", values="defects", aggfunc="sum", fill_value=0)
+    order = [c for c in queries.ALL_CATEGORIES if c in wide.columns] + [c for c in wide.columns
+                                                                       if c not in queries.ALL_CATEGORIES]
+    wide = wide[order].rename(columns={c: queries.CATEGORY_LABELS.get(c, c).split(" —")[0] for c in order})
+    colors = [CATEGORY_COLORS.get(c, "#444") for c in order]
+    left, right = st.columns([3, 2])
+    with left:
+        st.bar_chart(wide, color=colors, height=260, x_label="", y_label="defective frames", stack=True)
+    with right:
+        rate = (snap.trend.groupby("bucket").agg(defects=("defects", "sum"), frames=("frames", "first")))
+        rate["per 1000 frames"] = 1000 * rate["defects"] / rate["frames"]
+        st.line_chart(rate[["per 1000 frames"]], height=260, x_label="", y_label="defects per 1000 frames",
+                      color="#d62728")
+
+
+def _breakdowns(snap: queries.Snapshot) -> None:
+    st.subheader("By product, camera and line")
+    cols = st.columns(3)
+    for col, (name, df) in zip(cols, (("product", snap.by_product), ("camera", snap.by_camera),
+                                      ("line", snap.by_line))):
+        with col:
+            if df.empty:
+                st.caption(f"No frames for any {name} in this range.")
+                continue
+            top = float(df["per_1000"].max() or 1.0)
+            st.dataframe(
+                df.drop(columns=["last_frame"]), hide_index=True, width="stretch",
+                column_config={
+                    name: st.column_config.TextColumn(name.capitalize(), width="small"),
+                    "frames": st.column_config.NumberColumn("Frames", format="%d", width="small"),
+                    "defects": st.column_config.NumberColumn("Defects", format="%d", width="small"),
+                    "per_1000": st.column_config.ProgressColumn("Per 1000", format="%.0f", min_value=0,
+                                                                max_value=max(top, 1.0), width="small"),
+                    "top_category": st.column_config.TextColumn("Top defect", width="small"),
+                },
+            )
+
+
+def _gallery(snap: queries.Snapshot) -> None:
+    st.subheader("Latest defects")
+    if not snap.gallery:
+        st.info("No defects in this time range — nothing to show here.")
+        return
+    per_row = 4
+    for start in range(0, len(snap.gallery), per_row):
+        cols = st.columns(per_row)
+        for col, d in zip(cols, snap.gallery[start:start + per_row]):
+            with col.container(border=True):
+                outlined, overlay = annotate(d["thumbnail"], d["mask"], d["heatmap"])
+                if outlined is not None:
+                    a, b = st.columns(2)
+                    a.image(outlined, caption="defect outline", width="stretch")
+                    if overlay is not None:
+                        b.image(overlay, caption="heat map", width="stretch")
+                else:
+                    st.caption("(no image stored for this frame)")
+                label = queries.CATEGORY_LABELS.get(d["category"], d["category"]).split(" —")[0]
+                conf = f" ({d['confidence']:.0%})" if d["category"] != "unknown" and d["confidence"] else ""
+                st.markdown(f"**{label}**{conf} · score **{d['score']:.3f}** (thr {d['threshold']:.3f})")
+                st.caption(f"{d['product']} · {d['camera']} · {d['line']} · {_fmt_ts(d['capture_ts_ms'])} · "
+                           f"{d['regions']} region(s), {d['area_frac']:.1%} of frame")
+
+
+def _profiles_and_health(snap: queries.Snapshot) -> None:
+    left, right = st.columns([3, 2])
+    with left:
+        st.subheader("Profiles in force")
+        if snap.profiles.empty:
+            st.caption("No frames in this range, so no profile in use.")
+        else:
+            prof = snap.profiles
+            if prof["calibrated_at"].isna().all():
+                prof = prof.drop(columns=["calibrated_at"])
+            st.dataframe(
+                prof, hide_index=True, width="stretch",
+                column_config={
+                    "product": "Product", "version": st.column_config.NumberColumn("Version", format="v%d"),
+                    "model": "Model", "threshold": st.column_config.NumberColumn("Threshold", format="%.4f"),
+                    "method": "Threshold method",
+                    "calibrated_at": st.column_config.DatetimeColumn("Calibrated", format="YYYY-MM-DD HH:mm"),
+                    "in_use_since": st.column_config.DatetimeColumn("In use since", format="YYYY-MM-DD HH:mm"),
+                    "versions_seen": st.column_config.NumberColumn("Versions seen", format="%d"),
+                },
+            )
+    with right:
+        st.subheader("Pipeline health")
+        h = snap.health
+        a, b = st.columns(2)
+        a.metric("Latency p50", _ms(h["stored_p50_ms"]), border=True,
+                 help=f"capture → row in the database, over the last {queries.HEALTH_LAST_N} frames")
+        b.metric("Latency p99", _ms(h["stored_p99_ms"]), border=True,
+                 help=f"capture → row in the database, over the last {queries.HEALTH_LAST_N} frames")
+        c, d = st.columns(2)
+        c.metric("Dead-letter, all time", f"{h['dlq_total']:,}", border=True,
+                 help="frames the workers could not process (topic frames.dlq, stored by the sink)")
+        d.metric("Dead-letter, last hour", f"{h['dlq_last_hour']:,}", border=True)
+        st.caption(f"Worker latency (capture → result) p50 {_ms(h['result_p50_ms'])}, "
+                   f"p99 {_ms(h['result_p99_ms'])}")
+        st.caption(
+            f"Workers: {', '.join(h['workers']) or '—'} · engines: {', '.join(h['engines']) or '—'} · "
+            f"last frame stored {_fmt_ts(h['last_stored_ts_ms'])}"
+            + (f" · {h['rejected_results']} unreadable result record(s)" if h["rejected_results"] else "")
+        )
+        if not h["dlq_reasons"].empty:
+            st.dataframe(h["dlq_reasons"], hide_index=True, width="stretch",
+                         column_config={"stage": "Stage", "reason": "Reason", "n": "Count",
+                                        "last_seen": st.column_config.DatetimeColumn("Last", format="HH:mm:ss")})
+
+
+def render(snap: queries.Snapshot, stale_since_ms: int | None = None) -> None:
+    """Lay out one snapshot (pure layout: every number comes from ``snap``)."""
+    _alerts(snap)
+    if stale_since_ms is not None:
+        st.caption(f"⏳ Database busy — showing data read at {_fmt_ts(stale_since_ms)}; retrying.")
+    if snap.kpis["frames"] == 0 and not snap.options.get("product"):
+        st.info("The database is ready but no frame has been inspected yet. Start cameras and workers "
+                "(`linewatch demo` does it all) and this page fills in by itself.")
+    elif snap.kpis["frames"] == 0:
+        st.info("No frames in the selected time range and filters.")
+    _kpis(snap)
+    _categories(snap)
+    _trend(snap)
+    _breakdowns(snap)
+    _gallery(snap)
+    _profiles_and_health(snap)
+
+
+def _options(db: Path) -> tuple[dict[str, list[str]], str | None]:
+    try:
+        with store.reading(db, timeout_s=2.0) as con:
+            if store.schema_version(con) == 0:
+                return {}, None
+            return queries.filter_options(con), None
+    except (store.DatabaseMissing, store.StoreBusy):
+        return {}, None
+    except store.NotADatabase as exc:
+        return {}, str(exc)
+
+
+def main() -> None:
+    st.set_page_config(page_title="linewatch — line quality", page_icon="🏭", layout="wide")
+    args = _args()
+    settings = _settings()
+    db = args.db or settings.storage.db_path
+    refresh_s = args.refresh or settings.dashboard.refresh_s
+    options, bad = _options(db)
+    filters = _sidebar(options, refresh_s, db)
+    st.title("Line quality")
+    if bad:
+        st.error(f"Cannot read the database: {bad}", icon="🛑")
+        return
+
+    @st.fragment(run_every=refresh_s)
+    def live() -> None:
+        try:
+            snap = queries.load_snapshot(db, filters, timeout_s=5.0)
+        except store.DatabaseMissing:
+            st.warning(f"No linewatch database at `{db}` yet. Start the sink (`linewatch sink`) or the whole "
+                       "line (`linewatch demo`); this page checks again every few seconds.", icon="🗄️")
+            return
+        except store.NotADatabase as exc:
+            st.error(f"Cannot read the database: {exc}", icon="🛑")
+            return
+        except store.StoreBusy:
+            prev = st.session_state.get("last_snapshot")
+            if prev is None:
+                st.info("The database is busy; retrying…")
+                return
+            render(prev, stale_since_ms=prev.read_ts_ms)
+            return
+        st.session_state["last_snapshot"] = snap
+        if snap.options != options:  # a new product/camera/line appeared: rebuild the filters
+            st.rerun(scope="app")
+        render(snap)
+
+    live()
+
+
+main()

@@ -1,0 +1,508 @@
+"""Readers for inspection datasets: the MVTec AD layout, the BTAD layout, and a folder + CSV.
+
+Why: calibration, the categorizer and the demo all need the same thing -- a product's normal
+training images and its labelled test images (product-agnostic category, background flag,
+pixel mask) -- from whichever layout a line engineer has. Everything a person can get wrong
+is checked here and reported as one line naming the file and the problem (UserError):
+missing or empty folders, files that are not images, masks of another size than their image,
+masks that are not binary, category labels outside the four.
+
+Layouts::
+
+    MVTec AD   <root>/<product>/train/good/*.png
+               <root>/<product>/test/<defect>/*.png      (good = normal)
+               <root>/<product>/ground_truth/<defect>/<stem>_mask.png
+    BTAD       <root>/<product>/train/ok/*   test/ok/*   test/ko/*
+               <root>/<product>/ground_truth/ko/<stem>.png
+    folder+CSV a CSV with columns path, category [, mask, background, split, product];
+               paths relative to the CSV's folder; category "good" or one of the four.
+
+The product-agnostic labels are a CSV ``path, category [, product, background]`` with paths
+relative to the dataset root (``<root>/categories.csv`` is picked up automatically). MVTec
+defect folders named after one of the four categories (as the synthetic line writes them)
+need no CSV; other defect folders without a label are ``"unknown"``.
+"""
+
+from __future__ import annotations
+
+import csv
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from linewatch.errors import UserError
+from linewatch.messages import CATEGORIES
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+GOOD = "good"
+UNKNOWN = "unknown"
+CATEGORIES_CSV = "categories.csv"
+MIN_VAL_ANOMALOUS = 3
+_TRUE = ("1", "true", "yes", "y", "t")
+_FALSE = ("0", "false", "no", "n", "f")
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image of a dataset and what is known about it."""
+
+    path: Path
+    category: str  # "good", one of CATEGORIES, or "unknown" (anomalous, unlabelled)
+    mask_path: Path | None = None  # None for normal images
+    background: bool | None = None
+    product: str = ""
+    defect_type: str = ""  # the layout's own folder name (MVTec "broken_large", BTAD "ko", ...)
+
+    @property
+    def anomalous(self) -> bool:
+        return self.category != GOOD
+
+
+@dataclass
+class Dataset:
+    """A product's images: ``train`` (normal only) and ``test`` (normal and anomalous)."""
+
+    root: Path
+    product: str
+    layout: str  # "mvtec" | "btad" | "folder"
+    train: list[ImageItem]
+    test: list[ImageItem]
+    background: bool | None = None
+    labels_csv: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    def train_images(self, size: int = 256, progress: bool = False) -> np.ndarray:
+        return load_images([i.path for i in self.train], size, progress=progress)
+
+    def load_images(self, items: Sequence[ImageItem], size: int = 256, progress: bool = False) -> np.ndarray:
+        return load_images([i.path for i in items], size, progress=progress)
+
+    def load_masks(self, items: Sequence[ImageItem], size: int = 256) -> np.ndarray:
+        return load_masks([i.mask_path for i in items], size, [i.path for i in items])
+
+    def split(self, val_fraction: float = 1 / 3, seed: int = 0) -> tuple[list[ImageItem], list[ImageItem]]:
+        return split_validation_test(self.test, val_fraction=val_fraction, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# files
+# ------------------------------------------------------------------------------------------------
+def list_images(folder: str | Path, what: str = "images") -> list[Path]:
+    """Image files of a folder (sorted by name); UserError when missing, empty or holding non-images."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: {what} folder does not exist")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise UserError(f"{folder}: {what} folder is empty")
+    for p in files:
+        if p.suffix.lower() not in IMAGE_EXTS:
+            raise UserError(f"{p}: not an image file (expected {', '.join(IMAGE_EXTS)})")
+    return files
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """HxWx3 uint8 RGB; UserError when the file is missing or not a decodable image."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: image file does not exist")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise UserError(f"{path}: not a readable image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the file header (no full decode when Pillow can read it)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            w, h = im.size
+        return h, w
+    except Exception:
+        return read_image(path).shape[:2]
+
+
+def read_mask(path: str | Path, image_shape: tuple[int, int] | None = None,
+              image_path: str | Path | None = None) -> np.ndarray:
+    """HxW bool; UserError when missing, unreadable, not binary or not the image's size."""
+    path = Path(path)
+    if not path.is_file():
+        of = f" for {image_path}" if image_path else ""
+        raise UserError(f"{path}: ground-truth mask does not exist{of}")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    m = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if m is None:
+        raise UserError(f"{path}: mask is not a readable image")
+    if m.ndim == 3:
+        if m.shape[2] == 4:
+            m = m[..., :3]
+        if not (m == m[..., :1]).all():
+            raise UserError(f"{path}: mask is not binary (colour channels differ)")
+        m = m[..., 0]
+    if image_shape is not None and tuple(m.shape[:2]) != tuple(image_shape):
+        name = Path(image_path).name if image_path else "its image"
+        raise UserError(f"{path}: mask is {m.shape[1]}x{m.shape[0]} but {name} is {image_shape[1]}x{image_shape[0]}")
+    values = np.unique(m)
+    vs = set(values.tolist())
+    if not (vs <= {0, 255} or vs <= {0, 1}):
+        shown = values[:6].tolist()
+        raise UserError(f"{path}: mask is not binary (values {shown}{'...' if len(values) > 6 else ''}; "
+                        "expected only 0 and 255)")
+    return m > 0
+
+
+def _resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
+    if img.shape[:2] == (size, size):
+        return img
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def load_images(paths: Sequence[str | Path], size: int, progress: bool = False, desc: str = "images") -> np.ndarray:
+    """(N, size, size, 3) uint8 RGB, each image resized to size x size."""
+    from tqdm.auto import tqdm
+
+    out = np.empty((len(paths), size, size, 3), np.uint8)
+    for i, p in enumerate(tqdm(paths, desc=desc, unit="img", disable=not progress, leave=False)):
+        out[i] = _resize_rgb(read_image(p), size)
+    return out
+
+
+def load_masks(mask_paths: Sequence[str | Path | None], size: int,
+               image_paths: Sequence[str | Path] | None = None) -> np.ndarray:
+    """(N, size, size) bool; ``None`` entries (normal images) are all-False.
+
+    With ``image_paths`` each mask is checked to be its image's size before resizing.
+    """
+    if image_paths is not None and len(image_paths) != len(mask_paths):
+        raise ValueError("load_masks: mask_paths and image_paths differ in length")
+    out = np.zeros((len(mask_paths), size, size), bool)
+    for i, mp in enumerate(mask_paths):
+        if mp is None:
+            continue
+        shape = image_size(image_paths[i]) if image_paths is not None else None
+        m = read_mask(mp, shape, image_paths[i] if image_paths is not None else None)
+        if m.shape != (size, size):
+            m = cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+        out[i] = m
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# labels
+# ------------------------------------------------------------------------------------------------
+def parse_background(value: str | None, where: str) -> bool | None:
+    v = (value or "").strip().lower()
+    if v == "":
+        return None
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise UserError(f"{where}: background flag {value!r} is not one of 1/0/true/false")
+
+
+def check_category(value: str, where: str, allow_good: bool = True) -> str:
+    cat = (value or "").strip().lower()
+    if cat == GOOD and allow_good:
+        return cat
+    if cat not in CATEGORIES:
+        extra = " (or good)" if allow_good else ""
+        raise UserError(f"{where}: category {value!r} is not one of {', '.join(CATEGORIES)}{extra}")
+    return cat
+
+
+@dataclass(frozen=True)
+class CategoryLabel:
+    category: str
+    background: bool | None = None
+    product: str | None = None
+
+
+def read_categories_csv(path: str | Path) -> dict[str, CategoryLabel]:
+    """``relative path -> CategoryLabel`` from a categories CSV (columns path, category
+    [, product, background]); UserError naming file and line on any bad row."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: categories CSV does not exist")
+    out: dict[str, CategoryLabel] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if not {"path", "category"} <= set(cols):
+            raise UserError(f"{path}: categories CSV needs columns path, category (got {reader.fieldnames})")
+        reader.fieldnames = cols
+        for line, row in enumerate(reader, start=2):
+            where = f"{path}:{line}"
+            rel = (row.get("path") or "").strip().replace("\\", "/")
+            if not rel:
+                raise UserError(f"{where}: empty path")
+            cat = check_category(row.get("category") or "", where)
+            bg = parse_background(row.get("background"), where)
+            out[rel] = CategoryLabel(cat, bg, (row.get("product") or "").strip() or None)
+    return out
+
+
+def write_categories_csv(path: str | Path, rows: Sequence[tuple[str, str, str, bool | None]]) -> Path:
+    """Write ``(path, product, category, background)`` rows (the synthetic line's format)."""
+    path = Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "product", "category", "background"])
+        for rel, product, cat, bg in rows:
+            w.writerow([rel, product, cat, "" if bg is None else int(bool(bg))])
+    return path
+
+
+def _label_for(labels: dict[str, CategoryLabel], root: Path, p: Path) -> CategoryLabel | None:
+    try:
+        rel = p.relative_to(root).as_posix()
+    except ValueError:
+        rel = p.as_posix()
+    return labels.get(rel)
+
+
+def _product_background(items: Sequence[ImageItem]) -> bool | None:
+    flags = {i.background for i in items if i.background is not None}
+    return flags.pop() if len(flags) == 1 else None
+
+
+# ------------------------------------------------------------------------------------------------
+# layouts
+# ------------------------------------------------------------------------------------------------
+def _product_dir(root: Path, product: str) -> Path:
+    if not Path(root).is_dir():
+        raise UserError(f"{root}: dataset folder does not exist")
+    pdir = Path(root) / product
+    if not pdir.is_dir():
+        raise UserError(f"{pdir}: product folder does not exist")
+    return pdir
+
+
+def load_mvtec(root: str | Path, product: str, categories_csv: str | Path | None = None,
+               check_masks: bool = True, size: int | None = None) -> Dataset:
+    """A product in the MVTec AD layout. ``categories_csv`` defaults to ``<root>/categories.csv``.
+
+    ``check_masks`` verifies every mask now (exists, binary, same size as its image) so a bad
+    file is reported before any long work starts. ``size`` is accepted for symmetry and unused.
+    """
+    root = Path(root)
+    pdir = _product_dir(root, product)
+    csv_path = Path(categories_csv) if categories_csv else (root / CATEGORIES_CSV if (root / CATEGORIES_CSV).is_file() else None)
+    labels = read_categories_csv(csv_path) if csv_path else {}
+    train = [ImageItem(p, GOOD, None, _bg(labels, root, p), product, GOOD)
+             for p in list_images(pdir / "train" / "good", "normal training images")]
+    test_dir = pdir / "test"
+    if not test_dir.is_dir():
+        raise UserError(f"{test_dir}: test folder does not exist")
+    defects = sorted(d.name for d in test_dir.iterdir() if d.is_dir())
+    if not defects:
+        raise UserError(f"{test_dir}: test folder is empty (expected good/ and defect sub-folders)")
+    test: list[ImageItem] = []
+    for d in defects:
+        for p in list_images(test_dir / d, f"test/{d}"):
+            lab = _label_for(labels, root, p)
+            if lab is not None:
+                cat = lab.category
+            else:
+                cat = GOOD if d == GOOD else (d if d in CATEGORIES else UNKNOWN)
+            if (d == GOOD) != (cat == GOOD):
+                raise UserError(f"{csv_path}: {p.relative_to(root).as_posix()} is in folder {d!r} but labelled {cat!r}")
+            mask = None if d == GOOD else pdir / "ground_truth" / d / f"{p.stem}_mask.png"
+            test.append(ImageItem(p, cat, mask, lab.background if lab else None, product, d))
+    ds = Dataset(root, product, "mvtec", train, test, _product_background(train + test), csv_path)
+    if check_masks:
+        check_dataset_masks(ds)
+    return ds
+
+
+def _bg(labels: dict[str, CategoryLabel], root: Path, p: Path) -> bool | None:
+    lab = _label_for(labels, root, p)
+    return lab.background if lab else None
+
+
+def _btad_mask(gt: Path, img: Path) -> Path:
+    for name in (f"{img.stem}.png", f"{img.stem}.bmp", f"{img.stem}_mask.png", img.name):
+        if (gt / name).is_file():
+            return gt / name
+    return gt / f"{img.stem}.png"
+
+
+def load_btad(root: str | Path, product: str, categories_csv: str | Path | None = None,
+              check_masks: bool = True) -> Dataset:
+    """A product in the BTAD layout (train/ok, test/ok, test/ko, ground_truth/ko)."""
+    root = Path(root)
+    pdir = _product_dir(root, product)
+    csv_path = Path(categories_csv) if categories_csv else (root / CATEGORIES_CSV if (root / CATEGORIES_CSV).is_file() else None)
+    labels = read_categories_csv(csv_path) if csv_path else {}
+    train = [ImageItem(p, GOOD, None, _bg(labels, root, p), product, "ok")
+             for p in list_images(pdir / "train" / "ok", "normal training images")]
+    test = [ImageItem(p, GOOD, None, _bg(labels, root, p), product, "ok")
+            for p in list_images(pdir / "test" / "ok", "normal test images")]
+    gt = pdir / "ground_truth" / "ko"
+    for p in list_images(pdir / "test" / "ko", "anomalous test images"):
+        lab = _label_for(labels, root, p)
+        cat = lab.category if lab else UNKNOWN
+        if cat == GOOD:
+            raise UserError(f"{csv_path}: {p.relative_to(root).as_posix()} is in folder 'ko' but labelled 'good'")
+        test.append(ImageItem(p, cat, _btad_mask(gt, p), lab.background if lab else None, product, "ko"))
+    ds = Dataset(root, product, "btad", train, test, _product_background(train + test), csv_path)
+    if check_masks:
+        check_dataset_masks(ds)
+    return ds
+
+
+def load_folder_csv(csv_path: str | Path, product: str | None = None, check_masks: bool = True) -> Dataset:
+    """A plain folder described by a CSV: ``path, category [, mask, background, split, product]``.
+
+    Paths are relative to the CSV's folder. ``split`` is train/test (``val`` counts as test);
+    without it, normal images train the model and anomalous ones are the test set.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path}: dataset CSV does not exist")
+    base = csv_path.parent
+    train: list[ImageItem] = []
+    test: list[ImageItem] = []
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if not {"path", "category"} <= set(cols):
+            raise UserError(f"{csv_path}: dataset CSV needs columns path, category (got {reader.fieldnames})")
+        reader.fieldnames = cols
+        for line, row in enumerate(reader, start=2):
+            where = f"{csv_path}:{line}"
+            prod = (row.get("product") or "").strip()
+            if product and prod and prod != product:
+                continue
+            rel = (row.get("path") or "").strip()
+            if not rel:
+                raise UserError(f"{where}: empty path")
+            p = base / rel
+            if p.suffix.lower() not in IMAGE_EXTS:
+                raise UserError(f"{p}: not an image file (expected {', '.join(IMAGE_EXTS)})")
+            if not p.is_file():
+                raise UserError(f"{p}: image file does not exist ({where})")
+            cat = check_category(row.get("category") or "", where)
+            bg = parse_background(row.get("background"), where)
+            mrel = (row.get("mask") or "").strip()
+            if cat != GOOD and not mrel:
+                raise UserError(f"{where}: anomalous image {rel} has no mask")
+            mask = base / mrel if mrel else None
+            split = (row.get("split") or "").strip().lower() or ("train" if cat == GOOD else "test")
+            if split not in ("train", "test", "val", "validation"):
+                raise UserError(f"{where}: split {split!r} is not train/test/val")
+            item = ImageItem(p, cat, mask, bg, prod or product or base.name, "csv")
+            if split == "train":
+                if cat != GOOD:
+                    raise UserError(f"{where}: training images must be normal (category good), got {cat!r}")
+                train.append(item)
+            else:
+                test.append(item)
+    if not train and not test:
+        raise UserError(f"{csv_path}: no images listed" + (f" for product {product!r}" if product else ""))
+    if not train:
+        raise UserError(f"{csv_path}: no normal training images (category good, split train)")
+    ds = Dataset(base, product or (train[0].product), "folder", train, test, _product_background(train + test),
+                 csv_path)
+    if check_masks:
+        check_dataset_masks(ds)
+    return ds
+
+
+def detect_layout(root: str | Path, product: str | None = None) -> str:
+    root = Path(root)
+    if root.is_file() and root.suffix.lower() == ".csv":
+        return "folder"
+    pdir = root / product if product else root
+    if (pdir / "train" / "good").is_dir():
+        return "mvtec"
+    if (pdir / "train" / "ok").is_dir():
+        return "btad"
+    if not root.exists():
+        raise UserError(f"{root}: dataset folder does not exist")
+    raise UserError(f"{pdir}: not an MVTec (train/good) or BTAD (train/ok) product folder, nor a CSV")
+
+
+def open_dataset(root: str | Path, product: str | None = None, layout: str = "auto",
+                 categories_csv: str | Path | None = None, check_masks: bool = True) -> Dataset:
+    """Open a product from any supported layout (``auto`` detects it)."""
+    layout = detect_layout(root, product) if layout == "auto" else layout
+    if layout == "folder":
+        return load_folder_csv(root, product, check_masks=check_masks)
+    if product is None:
+        raise UserError(f"{root}: a product name is needed for the {layout} layout")
+    if layout == "mvtec":
+        return load_mvtec(root, product, categories_csv, check_masks=check_masks)
+    if layout == "btad":
+        return load_btad(root, product, categories_csv, check_masks=check_masks)
+    raise UserError(f"unknown dataset layout {layout!r} (mvtec, btad, folder, auto)")
+
+
+def list_products(root: str | Path) -> list[str]:
+    """Product folders under a dataset root (MVTec or BTAD)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: dataset folder does not exist")
+    out = sorted(p.name for p in root.iterdir()
+                 if p.is_dir() and ((p / "train" / "good").is_dir() or (p / "train" / "ok").is_dir()))
+    if not out:
+        raise UserError(f"{root}: no product folders (expected <product>/train/good or <product>/train/ok)")
+    return out
+
+
+def check_dataset_masks(ds: Dataset) -> None:
+    """Every anomalous test image has a binary, non-empty mask of its own size (UserError otherwise)."""
+    for it in ds.test:
+        if it.mask_path is None:
+            if it.anomalous:
+                raise UserError(f"{it.path}: anomalous image has no mask")
+            continue
+        m = read_mask(it.mask_path, image_size(it.path), it.path)
+        if it.anomalous and not m.any():
+            raise UserError(f"{it.mask_path}: mask of anomalous image {it.path.name} is empty")
+
+
+# ------------------------------------------------------------------------------------------------
+# splits
+# ------------------------------------------------------------------------------------------------
+def split_validation_test(items: Sequence[ImageItem], val_fraction: float = 1 / 3,
+                          seed: int = 0) -> tuple[list[ImageItem], list[ImageItem]]:
+    """Reproducible split stratified by category: ``val_fraction`` of each category (normal
+    included) to validation, at least one per anomalous category that has more than
+    MIN_VAL_ANOMALOUS images, and at least MIN_VAL_ANOMALOUS anomalous in total when there are
+    twice that many. The order within a category is a seeded permutation of the sorted file
+    names, so adding images of another category does not move these. Same rule as
+    ``calibration.data.split_rows``.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"val_fraction {val_fraction} must be within (0, 1)")
+    items = list(items)
+    val = np.zeros(len(items), bool)
+    cats = np.array([i.category for i in items])
+    names = np.array([i.path.name for i in items])
+    for c in sorted(set(cats.tolist())):
+        rows = np.flatnonzero(cats == c)
+        rows = rows[np.argsort(names[rows], kind="stable")]
+        rng = np.random.default_rng([seed, zlib.crc32(c.encode())])
+        rows = rows[rng.permutation(len(rows))]
+        k = int(round(len(rows) * val_fraction))
+        if c != GOOD and len(rows) > MIN_VAL_ANOMALOUS:
+            k = max(k, 1)
+        val[rows[:k]] = True
+    anom = np.array([i.anomalous for i in items], bool)
+    if (val & anom).sum() < MIN_VAL_ANOMALOUS and anom.sum() >= 2 * MIN_VAL_ANOMALOUS:
+        extra = np.flatnonzero(anom & ~val)[: MIN_VAL_ANOMALOUS - int((val & anom).sum())]
+        val[extra] = True
+    return [it for it, v in zip(items, val) if v], [it for it, v in zip(items, val) if not v]
+
+
+def with_background(items: Sequence[ImageItem], background: bool | None) -> list[ImageItem]:
+    """The items with their background flag set (e.g. from detection or an override)."""
+    return [replace(i, background=background) for i in items]

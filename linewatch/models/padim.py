@@ -1,0 +1,305 @@
+"""PaDiM (patch distribution modelling), built to be small and fast.
+
+Per patch position of a feature grid: a Gaussian over a fixed random subset of ``d``
+multi-scale backbone channels, with Ledoit-Wolf shrinkage covariance (closed form, vectorised
+over all positions at once). Scoring is the Mahalanobis distance, computed as one batched
+matmul with the Cholesky factor ``L`` of each position's precision matrix
+(``(x-mu)^T S^-1 (x-mu) = |(x-mu) L|^2``), then bilinear upsampling to the input size, a
+separable Gaussian blur (sigma 4) and image score = max.
+
+Where the cost goes and how it is kept down (anomalib stores 165 MB per product):
+- the backbone stops at the deepest tap used;
+- ``d`` and the grid are modest: L is P x d x d (P = grid positions), stored as float16 in the
+  profile (the ONNX graph carries float16 too, cast once at session start);
+- the random channel choice is applied per tap before alignment, so only kept channels are
+  pooled/upsampled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from linewatch.models._common import (MapHead, Preprocess, align_to_grid, check_images, grid_size,
+                                      shared_backbone, to_tensor, weights_path_or_none)
+from linewatch.models.base import AnomalyModel, ModelError
+
+DEFAULTS: dict[str, Any] = {
+    "layers": ["block2", "block4", "block10"],
+    "d": 64,
+    "grid_stride": 4,
+    "upsample": "bilinear",
+    "sigma": 4.0,
+    "seed": 0,
+    "neighborhood": 1,  # k: each position's Gaussian is fitted on its k x k neighbourhood
+    "storage": "float16",  # dtype of the Cholesky factors on disk and in the ONNX graph
+    "backbone_weights": None,
+    "backbone_sha256": None,
+}
+
+
+class PaDiMFeatures(nn.Module):
+    """uint8-range image -> (N, d, h, w) PaDiM embedding."""
+
+    def __init__(self, backbone: nn.Module, channel_idx: list[torch.Tensor], grid_stride: int,
+                 grid: tuple[int, int], upsample: str):
+        super().__init__()
+        self.pre = Preprocess()
+        self.backbone = backbone
+        self.grid_stride = grid_stride
+        self.grid = grid
+        self.upsample = upsample
+        self.strides = list(backbone.strides)
+        self.keep = [len(i) > 0 for i in channel_idx]
+        for j, idx in enumerate(channel_idx):
+            self.register_buffer(f"idx{j}", idx.long(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(self.pre(x).contiguous(memory_format=torch.channels_last))
+        sel, strides = [], []
+        for j, f in enumerate(feats):
+            if self.keep[j]:
+                sel.append(torch.index_select(f, 1, getattr(self, f"idx{j}")))
+                strides.append(self.strides[j])
+        return torch.cat(align_to_grid(sel, strides, self.grid_stride, self.grid, self.upsample), dim=1)
+
+
+class PaDiMModule(nn.Module):
+    """The whole inference graph: (N,3,H,W) 0..255 -> (maps (N,H,W), scores (N,)).
+
+    ``chol`` is either the full (P, d, d) float32 factor (torch serving), or -- for export --
+    the packed lower triangles (P, d(d+1)/2 + 1) in the storage dtype plus a gather index that
+    rebuilds the full factor; ONNX Runtime folds that rebuild once at session start, so the file
+    holds half the numbers at half the width and serving speed is unchanged.
+    """
+
+    def __init__(self, features: PaDiMFeatures, mean: torch.Tensor, chol: torch.Tensor, head: MapHead,
+                 packed: bool = False, d: int = 0):
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.packed = packed
+        self.d = d
+        # persistent: the ONNX exporter makes them initializers instead of tracing through them
+        self.register_buffer("mean", mean.float().unsqueeze(1))  # (P, 1, d)
+        self.register_buffer("chol", chol)
+        if packed:
+            self.register_buffer("unpack", unpack_index(d))
+
+    def full_chol(self) -> torch.Tensor:
+        if not self.packed:
+            return self.chol
+        p = self.chol.shape[0]
+        return torch.index_select(self.chol.float(), 1, self.unpack).reshape(p, self.d, self.d)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.features(x).float()  # (N, d, h, w)
+        if emb.is_cuda:  # torch-cuda engine: backbone under float16 autocast, distances in float32
+            with torch.autocast("cuda", enabled=False):
+                return self._score(emb)
+        return self._score(emb)
+
+    def _score(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, d, h, w = emb.shape
+        e = emb.reshape(n, d, h * w).permute(2, 0, 1)  # (P, N, d)
+        y = torch.matmul(e - self.mean, self.full_chol())  # (P, N, d)
+        dist = y.pow(2).sum(dim=-1).sqrt()  # (P, N)
+        grid_map = dist.permute(1, 0).reshape(n, 1, h, w)
+        return self.head(grid_map)
+
+
+def unpack_index(d: int) -> torch.Tensor:
+    """Index into [packed lower triangle..., 0] giving the row-major full (d, d) matrix."""
+    rows, cols = torch.tril_indices(d, d)
+    full = torch.full((d, d), rows.numel(), dtype=torch.long)
+    full[rows, cols] = torch.arange(rows.numel())
+    return full.flatten()
+
+
+def pack_tril(chol: torch.Tensor) -> torch.Tensor:
+    d = chol.shape[-1]
+    rows, cols = torch.tril_indices(d, d)
+    return chol[:, rows, cols]
+
+
+def unpack_tril(packed: torch.Tensor, d: int) -> torch.Tensor:
+    zero = torch.zeros(packed.shape[0], 1, dtype=packed.dtype)
+    return torch.cat([packed, zero], 1)[:, unpack_index(d)].reshape(packed.shape[0], d, d)
+
+
+def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ledoit-Wolf shrunk covariance for many groups at once (same formula as
+    sklearn.covariance.ledoit_wolf, vectorised). x: (P, N, d) -> (mean (P,d), cov (P,d,d), shrinkage (P,))."""
+    p, n, d = x.shape
+    mean = x.mean(dim=1)
+    xc = x - mean[:, None, :]
+    emp = xc.transpose(1, 2) @ xc / n  # (P, d, d)
+    trace = torch.diagonal(emp, dim1=1, dim2=2).sum(-1)  # (P,)
+    mu = trace / d
+    sq = (xc * xc).sum(-1)  # (P, N): |x_n|^2
+    beta_ = (sq * sq).sum(-1)  # sum_ij (X2^T X2)_ij
+    delta_ = (emp * emp).sum((1, 2))  # |X^T X|_F^2 / n^2
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = (delta_ - 2 * mu * trace + d * mu * mu) / d
+    beta = torch.minimum(beta, delta)
+    shrink = torch.where(delta > 0, beta / delta.clamp_min(1e-30), torch.zeros_like(delta))
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    cov = (1 - shrink)[:, None, None] * emp + (shrink * mu)[:, None, None] * eye
+    return mean, cov, shrink
+
+
+class PaDiM(AnomalyModel):
+    kind = "padim"
+
+    def __init__(self, input_size: int = 256, backbone: str = "efficientnet_lite0", **options: Any):
+        unknown = set(options) - set(DEFAULTS)
+        if unknown:
+            raise ModelError(f"padim: unknown option(s) {sorted(unknown)} (known: {sorted(DEFAULTS)})")
+        opts = {**DEFAULTS, **options}
+        opts["layers"] = list(opts["layers"])
+        super().__init__(input_size, backbone, **opts)
+        if opts["backbone_weights"] and not opts["backbone_sha256"]:
+            from linewatch.backbones import file_sha256
+
+            try:
+                opts["backbone_sha256"] = file_sha256(opts["backbone_weights"])
+            except OSError as exc:
+                raise ModelError(f"{opts['backbone_weights']}: cannot read backbone weights ({exc.strerror})") from None
+            self.options["backbone_sha256"] = opts["backbone_sha256"]
+        if opts["storage"] not in ("float16", "float32"):
+            raise ModelError(f"padim: storage must be float16 or float32, got {opts['storage']!r}")
+        self.mean: torch.Tensor | None = None  # (P, d)
+        self.chol: torch.Tensor | None = None  # (P, d, d) float32 working copy
+        self.channel_idx: torch.Tensor | None = None  # (d,) indices into the concatenated taps
+        self._module: PaDiMModule | None = None
+        self.fit_info: dict[str, Any] = {}
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _backbone(self) -> nn.Module:
+        o = self.options
+        return shared_backbone(self.backbone_name, weights_path_or_none(o), o["layers"], self.input_size,
+                               o.get("backbone_sha256"))
+
+    def _features(self, channel_idx: torch.Tensor) -> PaDiMFeatures:
+        bb = self._backbone()
+        bounds = np.cumsum([0, *bb.channels])
+        per_tap = [channel_idx[(channel_idx >= lo) & (channel_idx < hi)] - lo for lo, hi in zip(bounds, bounds[1:])]
+        g = grid_size(self.input_size, self.options["grid_stride"])
+        return PaDiMFeatures(bb, per_tap, self.options["grid_stride"], g, self.options["upsample"]).eval()
+
+    def _choose_channels(self) -> torch.Tensor:
+        total = sum(self._backbone().channels)
+        d = int(self.options["d"])
+        if not 1 <= d <= total:
+            raise ModelError(f"padim: d={d} must be between 1 and {total} (channels of {self.options['layers']})")
+        gen = torch.Generator().manual_seed(int(self.options["seed"]))
+        return torch.randperm(total, generator=gen)[:d].sort().values
+
+    # -- training ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def fit(self, images: np.ndarray, progress: bool = True, batch_size: int = 16) -> "PaDiM":
+        import time
+
+        images = check_images(images, self.input_size, "padim fit")
+        if len(images) < 2:
+            raise ModelError(f"padim fit: need at least 2 normal images, got {len(images)}")
+        t0 = time.perf_counter()
+        idx = self._choose_channels()
+        feats = self._features(idx)
+        embs = []
+        for i in tqdm(range(0, len(images), batch_size), desc="padim features", unit="batch",
+                      disable=not progress, leave=False):
+            embs.append(feats(to_tensor(images[i : i + batch_size])))
+        emb = torch.cat(embs)  # (N, d, h, w)
+        del embs
+        t_feat = time.perf_counter() - t0
+        n, d, h, w = emb.shape
+        k = int(self.options["neighborhood"])
+        r = k // 2
+        # each position's Gaussian sees its k x k neighbours too: k^2 more samples per estimate,
+        # and tolerance to the part's position jitter (the map's noise floor on normal parts drops)
+        padded = F.pad(emb, (r, r, r, r), mode="replicate") if r else emb
+        means, chols, shrinks = [], [], []
+        rows = max(1, 256 // w)
+        for y0 in tqdm(range(0, h, rows), desc="padim gaussians", unit="band", disable=not progress, leave=False):
+            y1 = min(h, y0 + rows)
+            band = padded[:, :, y0 : y1 + 2 * r, :]
+            cols = F.unfold(band, kernel_size=k)  # (N, d*k*k, (y1-y0)*w)
+            x = cols.view(n, d, k * k, -1).permute(3, 0, 2, 1).reshape(-1, n * k * k, d)  # (P_band, N k^2, d)
+            mean, cov, shrink = ledoit_wolf(x.double())
+            prec = torch.linalg.inv(cov)
+            prec = 0.5 * (prec + prec.transpose(1, 2))
+            chols.append(torch.linalg.cholesky(prec))
+            means.append(mean)
+            shrinks.append(shrink)
+        self.channel_idx = idx
+        self.mean = torch.cat(means).float()
+        chol = torch.cat(chols)
+        self._set_chol(chol)
+        self._module = None
+        sh = torch.cat(shrinks)
+        self.fit_info = {"n_images": int(len(images)), "positions": int(h * w), "d": int(d),
+                         "shrinkage_mean": float(sh.mean()), "feature_s": round(t_feat, 3),
+                         "fit_s": round(time.perf_counter() - t0, 3)}
+        return self
+
+    def _set_chol(self, chol: torch.Tensor) -> None:
+        # round through the storage dtype now, so the in-memory model equals the saved/exported one
+        dtype = torch.float16 if self.options["storage"] == "float16" else torch.float32
+        self.chol = torch.tril(chol.to(dtype).float())
+
+    # -- inference ---------------------------------------------------------------------------------
+    def _require_fitted(self) -> None:
+        if self.mean is None or self.chol is None or self.channel_idx is None:
+            raise ModelError("padim: model is not fitted")
+
+    def inference_module(self) -> nn.Module:
+        self._require_fitted()
+        if self._module is None:
+            self._module = self._build_module(packed=False)
+        return self._module
+
+    def export_module(self) -> nn.Module:
+        """Same graph with the factors packed in the storage dtype (what the ONNX file holds)."""
+        self._require_fitted()
+        return self._build_module(packed=True)
+
+    def _storage_dtype(self) -> torch.dtype:
+        return torch.float16 if self.options["storage"] == "float16" else torch.float32
+
+    def _build_module(self, packed: bool) -> PaDiMModule:
+        head = MapHead(self.input_size, float(self.options["sigma"]),
+                       grid_size(self.input_size, self.options["grid_stride"]))
+        d = int(self.options["d"])
+        if packed:
+            tri = pack_tril(self.chol).to(self._storage_dtype())
+            chol = torch.cat([tri, torch.zeros(tri.shape[0], 1, dtype=tri.dtype)], 1)
+        else:
+            chol = self.chol.float().contiguous()
+        return PaDiMModule(self._features(self.channel_idx), self.mean, chol, head, packed, d).eval()
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        self._require_fitted()
+        return {"mean": self.mean, "chol_tril": pack_tril(self.chol).to(self._storage_dtype()),
+                "channel_idx": self.channel_idx.to(torch.int64)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = {"mean", "chol_tril", "channel_idx"} - set(tensors)
+        if missing:
+            raise ModelError(f"padim: weights lack {sorted(missing)}")
+        mean, tri, idx = tensors["mean"], tensors["chol_tril"], tensors["channel_idx"]
+        g = grid_size(self.input_size, self.options["grid_stride"])
+        p, d = g[0] * g[1], int(self.options["d"])
+        if tuple(mean.shape) != (p, d) or tuple(tri.shape) != (p, d * (d + 1) // 2) or tuple(idx.shape) != (d,):
+            raise ModelError(f"padim: weights shapes mean {tuple(mean.shape)} chol_tril {tuple(tri.shape)} do not "
+                             f"match the config (positions {p}, d {d})")
+        self.mean = mean.float()
+        self.chol = unpack_tril(tri.float(), d)
+        self.channel_idx = idx.long()
+        self._module = None

@@ -1,0 +1,133 @@
+"""PaDiM: statistics against scikit-learn, the fast pieces against their textbook forms,
+persistence (identical maps, no pickle, size), and that it finds synthetic defects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.covariance import LedoitWolf
+
+from linewatch.models._common import MapHead, reference_upsample_blur
+from linewatch.models.base import AnomalyModel, ModelError
+from linewatch.models.padim import PaDiM, ledoit_wolf, pack_tril, unpack_tril
+from linewatch.profiles import Profile, Registry
+
+torch.set_num_threads(1)
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def brick():
+    from linewatch.synth import SyntheticProduct
+
+    prod = SyntheticProduct("brick", size=SIZE, seed=3)
+    train = np.stack([prod.normal(i).image for i in range(16)])
+    bad = [prod.defective(i, c) for i, c in enumerate(["structural", "contamination", "surface"])]
+    return train, np.stack([s.image for s in bad]), np.stack([s.mask > 0 for s in bad])
+
+
+@pytest.fixture(scope="module")
+def fitted(brick):
+    train, _, _ = brick
+    return PaDiM(input_size=SIZE, d=32).fit(train, progress=False)
+
+
+def test_ledoit_wolf_matches_sklearn():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 30, 12, generator=g, dtype=torch.float64) * torch.rand(12, generator=g, dtype=torch.float64)
+    mean, cov, shrink = ledoit_wolf(x)
+    for p in range(4):
+        ref = LedoitWolf().fit(x[p].numpy())
+        np.testing.assert_allclose(cov[p].numpy(), ref.covariance_, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(mean[p].numpy(), ref.location_, rtol=1e-12)
+        assert shrink[p].item() == pytest.approx(ref.shrinkage_, rel=1e-9)
+
+
+def test_matrix_head_equals_upsample_then_blur():
+    g = torch.rand(2, 1, 16, 16)
+    maps, scores = MapHead(64, 4.0, (16, 16))(g)
+    ref = reference_upsample_blur(g, 64, 4.0)
+    torch.testing.assert_close(maps, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores, ref.flatten(1).amax(1))
+
+
+def test_cholesky_distance_is_mahalanobis(fitted, brick):
+    """|(x - mu) L|^2 with L the Cholesky factor of the precision == (x-mu)^T S^-1 (x-mu)."""
+    m = fitted
+    full = m.chol[7].double()
+    prec = full @ full.T
+    diff = torch.randn(32, dtype=torch.float64)
+    assert (diff @ full).pow(2).sum().item() == pytest.approx((diff @ prec @ diff).item(), rel=1e-9)
+    assert torch.equal(unpack_tril(pack_tril(m.chol), 32), m.chol)
+
+
+def test_save_load_gives_identical_maps(fitted, brick, tmp_path):
+    _, bad, _ = brick
+    maps1, scores1 = fitted.predict(bad)
+    fitted.save(tmp_path / "m")
+    loaded = AnomalyModel.load(tmp_path / "m")
+    assert isinstance(loaded, PaDiM)
+    maps2, scores2 = loaded.predict(bad)
+    assert np.array_equal(maps1, maps2) and np.array_equal(scores1, scores2)
+    assert maps1.shape == (3, SIZE, SIZE) and maps1.dtype == np.float32
+    assert np.allclose(scores1, maps1.reshape(3, -1).max(1))
+
+
+def _looks_pickled(data: bytes) -> bool:
+    # pickle protocol 2+ starts with 0x80 <proto>; torch.save writes a zip holding data.pkl
+    return (len(data) > 1 and data[0] == 0x80 and data[1] <= 5) or data[:4] == b"PK\x03\x04"
+
+
+def test_published_profile_has_no_pickle_and_is_small(fitted, tmp_path):
+    reg = Registry(tmp_path / "reg")
+    prof = reg.publish(Profile(product="brick", model_kind="padim", backbone="efficientnet_lite0",
+                               input_size=SIZE, threshold=1.0, threshold_method="manual"), fitted)
+    vdir = reg.version_dir("brick", prof.version)
+    files = {p.name: p.read_bytes() for p in vdir.iterdir() if p.is_file()}
+    assert {"weights.safetensors", "model.json", "profile.json", "model.onnx"} <= set(files)
+    for name, data in files.items():
+        assert not _looks_pickled(data), name
+    header_len = int.from_bytes(files["weights.safetensors"][:8], "little")
+    assert files["weights.safetensors"][8:9] == b"{" and header_len < len(files["weights.safetensors"])
+    # float16 packed triangles: P * d(d+1)/2 * 2 bytes (+ means)
+    p = (SIZE // 4) ** 2
+    assert len(files["weights.safetensors"]) < p * (32 * 33 // 2 * 2 + 32 * 4) + 4096
+    _, model = reg.load("brick")
+    assert np.array_equal(model.predict(np.zeros((1, SIZE, SIZE, 3), np.uint8))[0],
+                          fitted.predict(np.zeros((1, SIZE, SIZE, 3), np.uint8))[0])
+
+
+def test_map_is_higher_inside_defects(fitted, brick):
+    from sklearn.metrics import roc_auc_score
+
+    _, bad, masks = brick
+    maps, _ = fitted.predict(bad)
+    for m, gt in zip(maps, masks):
+        assert m[gt].mean() > np.percentile(m[~gt], 90)
+    assert roc_auc_score(masks.ravel(), maps.ravel()) > 0.9
+
+
+def test_bad_inputs():
+    with pytest.raises(ModelError, match="unknown option"):
+        PaDiM(input_size=SIZE, colour="red")
+    m = PaDiM(input_size=SIZE, d=8)
+    with pytest.raises(ModelError, match="expects 128x128"):
+        m.fit(np.zeros((4, 64, 64, 3), np.uint8), progress=False)
+    with pytest.raises(ModelError, match="at least 2"):
+        m.fit(np.zeros((1, SIZE, SIZE, 3), np.uint8), progress=False)
+    with pytest.raises(ModelError, match="not fitted"):
+        m.inference_module()
+    with pytest.raises(ModelError, match="d=999"):
+        PaDiM(input_size=SIZE, d=999).fit(np.zeros((2, SIZE, SIZE, 3), np.uint8), progress=False)
+
+
+def test_load_refuses_mismatched_weights(fitted, tmp_path):
+    fitted.save(tmp_path / "m")
+    cfg = (tmp_path / "m" / "model.json").read_text().replace('"d": 32', '"d": 16')
+    (tmp_path / "m" / "model.json").write_text(cfg)
+    with pytest.raises(ModelError, match="do not match"):
+        AnomalyModel.load(tmp_path / "m")
+    (tmp_path / "m" / "weights.safetensors").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(ModelError, match="weights.safetensors"):
+        AnomalyModel.load(tmp_path / "m")

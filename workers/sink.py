@@ -1,0 +1,302 @@
+"""The sink: `results` (and `frames.dlq`) -> DuckDB, the only writer of the database.
+
+Loop: poll a batch (up to ``sink.max_batch`` records or ``sink.max_wait_ms``), write it in one
+DuckDB transaction (open, write, COMMIT, CHECKPOINT, close -- so the dashboard can open the
+file read-only between batches), evaluate alerts on the frames that were actually new,
+publish those alerts, and only then commit the Kafka offsets. A crash anywhere replays the
+batch; inserts are idempotent by frame id (and DLQ events by their source coordinates), so
+the database still holds every frame exactly once.
+
+Library first: ``run_sink(settings)`` is what `linewatch sink`, the demo and the tests call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from linewatch import store
+from linewatch.messages import Alert, DlqRecord, InspectionResult, now_ms
+from linewatch.settings import Settings
+from workers.alerts import AlertEvaluator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SinkStats:
+    """What one run of the sink did (returned by run_sink; also logged at the end)."""
+
+    records: int = 0  # Kafka records consumed (results + dlq)
+    results: int = 0  # valid InspectionResult records
+    inserted: int = 0  # new inspection rows
+    duplicates: int = 0  # results already in the database (replays)
+    dlq: int = 0  # new dlq_events rows
+    rejected: int = 0  # records on `results` that were not a valid InspectionResult
+    alerts_raised: int = 0
+    alerts_cleared: int = 0
+    alerts_published: int = 0
+    batches: int = 0
+    commit_failures: int = 0
+    write_seconds: float = 0.0  # time inside DuckDB transactions (incl. waiting for the lock)
+    started_ts_ms: int = field(default_factory=now_ms)
+    finished_ts_ms: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _header(headers: list[tuple[str, bytes]] | None, key: str) -> str | None:
+    for k, v in headers or []:
+        if k == key:
+            try:
+                return v.decode("utf-8")
+            except (UnicodeDecodeError, AttributeError):
+                return None
+    return None
+
+
+def _dlq_event(rec: Any) -> store.DlqEvent:
+    """A `frames.dlq` record -> DlqEvent; a record without a readable ``dlq`` header is still
+    counted (keyed by its own DLQ coordinates) so nothing disappears silently."""
+    raw = _header(rec.headers, "dlq")
+    try:
+        if raw is None:
+            raise ValueError("no 'dlq' header")
+        info = DlqRecord.model_validate_json(raw)
+    except (ValidationError, ValueError) as exc:
+        info = DlqRecord(
+            frame_id=_header(rec.headers, "frame_id"),
+            reason=f"unreadable DLQ record: {' '.join(str(exc).split())[:200]}",
+            stage="other",
+            worker_id="unknown",
+            source_topic=rec.topic,
+            source_partition=rec.partition,
+            source_offset=rec.offset,
+        )
+    return store.DlqEvent(record=info, product=_header(rec.headers, "product"), camera=_header(rec.headers, "camera"))
+
+
+def _rejected_event(rec: Any, exc: Exception) -> store.DlqEvent:
+    reason = f"sink: invalid result: {' '.join(str(exc).split())[:300]}"
+    key = rec.key.decode("utf-8", "replace") if isinstance(rec.key, bytes) else None
+    return store.DlqEvent(
+        record=DlqRecord(
+            frame_id=key[:128] if key else None,
+            reason=reason,
+            stage="other",
+            worker_id="sink",
+            source_topic=rec.topic,
+            source_partition=rec.partition,
+            source_offset=rec.offset,
+        )
+    )
+
+
+class Sink:
+    """State of one sink process; ``run_sink`` drives it. Split out so tests can feed
+    batches without Kafka (``handle_batch``)."""
+
+    def __init__(self, settings: Settings, producer: Any | None = None) -> None:
+        self.settings = settings
+        self.db_path = settings.storage.db_path
+        self.producer = producer
+        self.stats = SinkStats()
+        self.alerts = AlertEvaluator(settings.alerts)
+        self._pending_alerts: list[Alert] = []  # stored, not yet acknowledged on the topic
+        self._published: list[str] = []  # acknowledged, flag not yet written
+        self._profiles_seen: set[tuple[str, int]] = set()
+
+    def start(self) -> int:
+        """Create/migrate the schema (UserError if the file is not DuckDB), seed the alert
+        state from the database and pick up alerts a crash left unpublished."""
+        version = store.init_db(self.db_path)
+        try:
+            store.sync_profiles_from_registry(self.db_path, self.settings.storage.registry_dir)
+        except Exception as exc:  # the registry is a nicety here; never stop the sink for it
+            log.warning("could not read the profile registry %s: %s", self.settings.storage.registry_dir, exc)
+        with store.reading(self.db_path) as con:
+            verdicts = store.recent_verdicts(con, self.settings.alerts.window_frames)
+            active = store.active_alerts(con)
+            self._pending_alerts = store.unpublished_alerts(con)
+            self._profiles_seen = {
+                (p, v) for p, v in con.execute("SELECT product, version FROM profiles").fetchall()
+            }
+        for product in set(verdicts) | {a.product for a in active}:
+            self.alerts.seed(product, verdicts.get(product, []), [a for a in active if a.product == product])
+        return version
+
+    def handle_batch(self, records: list[Any]) -> store.WriteResult:
+        """Write one polled batch (kafka ConsumerRecords) in one transaction."""
+        topics = self.settings.topics
+        results: list[InspectionResult] = []
+        dlq: list[store.DlqEvent] = []
+        for rec in records:
+            self.stats.records += 1
+            if rec.topic == topics.dlq:
+                dlq.append(_dlq_event(rec))
+                continue
+            try:
+                results.append(InspectionResult.from_bytes(rec.value))
+            except (ValidationError, ValueError, TypeError) as exc:
+                self.stats.rejected += 1
+                log.warning("rejecting record %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, exc)
+                dlq.append(_rejected_event(rec, exc))
+        self.stats.results += len(results)
+        new_alerts: list[Alert] = []
+        t0 = time.perf_counter()
+        with store.writing(self.db_path) as con:
+            wr = store.write_batch(con, results, dlq=dlq, published_alert_ids=self._published)
+            by_id = {r.frame_id: r for r in results}
+            fresh = sorted((by_id[f] for f in wr.inserted_ids), key=lambda r: (r.capture_ts_ms, r.seq, r.frame_id))
+            for r in fresh:
+                new_alerts.extend(self.alerts.observe(r.product, r.verdict, r.capture_ts_ms))
+            if new_alerts:
+                store.write_batch(con, [], alerts=new_alerts)
+        self.stats.write_seconds += time.perf_counter() - t0
+        self._published = []
+        self.stats.batches += 1
+        self.stats.inserted += len(wr.inserted_ids)
+        self.stats.duplicates += wr.duplicates
+        self.stats.dlq += wr.dlq_inserted
+        for a in new_alerts:
+            if a.state == "raised":
+                self.stats.alerts_raised += 1
+                log.warning("ALERT raised: %s", a.message)
+            else:
+                self.stats.alerts_cleared += 1
+                log.warning("alert cleared: %s", a.message)
+        self._pending_alerts.extend(new_alerts)
+        new_profiles = {(r.product, r.profile_version) for r in fresh} - self._profiles_seen
+        if new_profiles:
+            self._profiles_seen |= new_profiles
+            try:
+                store.sync_profiles_from_registry(self.db_path, self.settings.storage.registry_dir)
+            except Exception as exc:
+                log.warning("could not read the profile registry: %s", exc)
+        return wr
+
+    def publish_alerts(self) -> None:
+        """Send stored alerts to the `alerts` topic; the published flag is written with the
+        next batch (at-least-once: a consumer dedupes by alert_id)."""
+        if not self._pending_alerts or self.producer is None:
+            return
+        from linewatch.kafka_io import DeliveryError, send_nowait
+
+        pending = []
+        for a in self._pending_alerts:
+            pending.append((a, send_nowait(self.producer, self.settings.topics.alerts, a.model_dump_json().encode(),
+                                           key=a.product, what=f"alert {a.alert_id}")))
+        self.producer.flush(timeout=30)
+        left: list[Alert] = []
+        for a, p in pending:
+            try:
+                p.result(timeout=30)
+                self._published.append(a.alert_id)
+                self.stats.alerts_published += 1
+            except DeliveryError as exc:
+                log.warning("alert %s not published yet (%s); will retry", a.alert_id, exc)
+                left.append(a)
+        self._pending_alerts = left
+
+
+def _poll_batch(consumer: Any, max_batch: int, max_wait_ms: int, stop: threading.Event) -> list[Any]:
+    """Up to ``max_batch`` records: wait up to 1 s for the first, then at most
+    ``max_wait_ms`` more to fill the batch."""
+    out: list[Any] = []
+    first_deadline = time.monotonic() + 1.0
+    deadline: float | None = None
+    while len(out) < max_batch and not stop.is_set():
+        now = time.monotonic()
+        end = deadline if deadline is not None else first_deadline
+        if now >= end:
+            break
+        polled = consumer.poll(timeout_ms=max(1, int((end - now) * 1000)), max_records=max_batch - len(out))
+        for recs in polled.values():
+            out.extend(recs)
+        if out and deadline is None:
+            deadline = time.monotonic() + max_wait_ms / 1000
+    return out
+
+
+def run_sink(
+    settings: Settings,
+    stop_event: threading.Event | None = None,
+    max_records: int | None = None,
+    *,
+    idle_timeout_s: float | None = None,
+    consumer: Any | None = None,
+    producer: Any | None = None,
+) -> SinkStats:
+    """Consume `results` and `frames.dlq` into DuckDB until ``stop_event`` is set, ``max_records``
+    records were consumed, or (if given) nothing arrived for ``idle_timeout_s`` seconds.
+
+    Raises UserError (NotADatabase) at start when the database path is not a DuckDB file,
+    BrokerUnavailable when Kafka cannot be reached.
+    """
+    from linewatch.kafka_io import ensure_topics, make_consumer, make_producer
+
+    stop = stop_event or threading.Event()
+    own_consumer = consumer is None
+    own_producer = producer is None
+    sink = Sink(settings)
+    sink.start()  # before touching Kafka: a bad database file is reported first
+    ensure_topics(settings)
+    if producer is None:
+        producer = make_producer(settings, client_id=f"{settings.kafka.client_id}-sink")
+    sink.producer = producer
+    if consumer is None:
+        consumer = make_consumer(
+            settings,
+            settings.sink.group_id,
+            [settings.topics.results, settings.topics.dlq],
+            client_id=f"{settings.kafka.client_id}-sink",
+            max_poll_records=settings.sink.max_batch,
+        )
+    log.info("sink: %s + %s -> %s", settings.topics.results, settings.topics.dlq, settings.storage.db_path)
+    last_data = time.monotonic()
+    try:
+        sink.publish_alerts()  # whatever a previous run stored but could not announce
+        while not stop.is_set():
+            limit = settings.sink.max_batch
+            if max_records is not None:
+                limit = min(limit, max_records - sink.stats.records)
+                if limit <= 0:
+                    break
+            records = _poll_batch(consumer, limit, settings.sink.max_wait_ms, stop)
+            if not records:
+                if idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
+                    break
+                continue
+            last_data = time.monotonic()
+            sink.handle_batch(records)
+            sink.publish_alerts()
+            try:
+                consumer.commit()  # only now: DuckDB has the batch, the alerts are out
+            except Exception as exc:  # rebalance: the batch will be replayed, idempotently
+                sink.stats.commit_failures += 1
+                log.warning("offset commit failed (%s); the batch will be replayed and deduplicated", exc)
+        if sink._published:  # write the last published flags
+            with store.writing(sink.db_path) as con:
+                store.write_batch(con, [], published_alert_ids=sink._published)
+            sink._published = []
+    finally:
+        if own_consumer:
+            try:
+                consumer.close(autocommit=False)
+            except Exception as exc:  # pragma: no cover - best effort on shutdown
+                log.debug("consumer close: %s", exc)
+        if own_producer:
+            try:
+                producer.flush(timeout=10)
+                producer.close(timeout=10)
+            except Exception as exc:  # pragma: no cover
+                log.debug("producer close: %s", exc)
+    sink.stats.finished_ts_ms = now_ms()
+    log.info("sink stopped: %s", sink.stats.as_dict())
+    return sink.stats

@@ -1,0 +1,355 @@
+"""The inspection worker: a Kafka consumer group on ``frames`` that publishes to ``results``.
+
+Delivery is at-least-once: a micro-batch's offsets are committed only after every result and
+DLQ record of that batch has been acknowledged by Kafka. When a delivery fails, the worker
+seeks back to the batch's first offsets and processes it again (the sink is idempotent by
+frame id, so a replay never makes a second row). Records of partitions revoked while a batch
+is being collected are dropped from it (their new owner reads them from the committed offset).
+
+Library-first: ``run_worker`` is what ``linewatch work``, the demo, the bench and the tests
+call, in the main thread (SIGTERM/SIGINT finish the batch, commit and leave the group), in a
+thread (``stop_event``) or in a subprocess.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from linewatch.profiles import Registry
+from linewatch.settings import Settings, WorkerSettings
+from workers.metrics import WorkerMetrics
+from workers.pipeline import BatchProcessor, ModelEngine, Outgoing
+from workers.profile_cache import EngineFactory, ProfileCache, ReloadEvent
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_MS = 200  # poll granularity while idle: bounds the reaction time to a stop request
+
+
+@dataclass
+class WorkerStats:
+    """What a worker did; returned by run_worker."""
+
+    worker_id: str
+    frames: int = 0  # records handled (results + DLQ)
+    results: int = 0
+    defects: int = 0
+    dlq: int = 0
+    batches: int = 0
+    commits: int = 0
+    commit_failures: int = 0
+    replays: int = 0  # batches processed again after a failed delivery
+    dropped_revoked: int = 0  # records dropped from a forming batch by a rebalance
+    profile_loads: int = 0
+    reloads: list[tuple[str, int | None, int | None, bool]] = field(default_factory=list)
+    engines: dict[str, str] = field(default_factory=dict)  # product -> engine name
+    stage_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("poll", "profile", "decode", "inference", "post", "publish", "commit"), 0.0))
+    started_at: float = field(default_factory=time.time)
+    elapsed_s: float = 0.0  # first record received -> last commit
+    dlq_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def default_engine_factory(ws: WorkerSettings) -> EngineFactory:
+    """workers.engines.select_engine (the fallback chain) when present, else model.predict."""
+    threads = ws.threads or os.cpu_count() or 1
+
+    def build(model: Any, onnx_path: Any, profile: Any) -> Any:
+        try:
+            from workers.engines import select_engine
+        except ModuleNotFoundError as exc:
+            if exc.name != "workers.engines":
+                raise
+            import torch
+
+            torch.set_num_threads(threads)
+            return ModelEngine(model, ws.max_batch)
+        return select_engine(model, onnx_path, ws.engine, threads, ws.max_batch)
+
+    return build
+
+
+class _Revocations:
+    """Rebalance listener: remembers revoked partitions so the forming batch drops them."""
+
+    def __init__(self) -> None:
+        from kafka import ConsumerRebalanceListener
+
+        outer = self
+
+        class Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):  # noqa: N805 - kafka-python's signature
+                outer.revoked.update(revoked)
+                if revoked:
+                    log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+
+            def on_partitions_assigned(self, assigned):  # noqa: N805
+                if assigned:
+                    log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+
+        self.revoked: set[Any] = set()
+        self.listener = Listener()
+
+
+def run_worker(settings: Settings, stop_event: threading.Event | None = None, worker_id: str | None = None,
+               max_frames: int | None = None, *, engine_factory: EngineFactory | None = None,
+               create_topics: bool = True, install_signals: bool | None = None,
+               on_batch: Callable[[WorkerStats], None] | None = None) -> WorkerStats:
+    """Consume ``frames`` until ``stop_event`` is set, SIGTERM/SIGINT arrives (main thread
+    only) or ``max_frames`` records have been handled; always finishes and commits the
+    current batch, then leaves the group. Returns the stats."""
+    from kafka import TopicPartition  # noqa: F401 - imported for OffsetAndMetadata's module
+    from kafka.errors import KafkaError
+    from kafka.structs import OffsetAndMetadata
+
+    from linewatch.kafka_io import DeliveryError, RecordTooLarge, ensure_topics, make_consumer, make_producer, send_nowait
+
+    ws = settings.worker
+    worker_id = worker_id or default_worker_id()
+    stop = stop_event or threading.Event()
+    stats = WorkerStats(worker_id)
+    if install_signals is None:
+        install_signals = threading.current_thread() is threading.main_thread()
+    previous: dict[int, Any] = {}
+    if install_signals:
+        def _on_signal(signum: int, _frame: Any) -> None:
+            log.info("worker %s: signal %d, finishing the batch", worker_id, signum)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, _on_signal)
+
+    metrics = WorkerMetrics(worker_id, ws.metrics_host, ws.metrics_port)
+
+    def on_event(ev: ReloadEvent) -> None:
+        stats.reloads.append((ev.product, ev.old_version, ev.new_version, ev.ok))
+        metrics.reloads.labels("ok" if ev.ok else "failed").inc()
+        if ev.ok:
+            stats.profile_loads += 1
+            if ev.engine and ev.new_version is not None:
+                stats.engines[ev.product] = ev.engine
+                metrics.set_engine(ev.product, ev.engine, ev.new_version)
+
+    cache = ProfileCache(Registry(settings.storage.registry_dir), engine_factory or default_engine_factory(ws),
+                         capacity=ws.profile_cache_size, reload_interval_s=ws.reload_interval_s, on_event=on_event)
+    processor = BatchProcessor(cache, worker_id=worker_id, results_topic=settings.topics.results,
+                               dlq_topic=settings.topics.dlq, max_frame_pixels=ws.max_frame_pixels,
+                               thumbnail_size=ws.thumbnail_size,
+                               decode_threads=min(4, ws.threads or os.cpu_count() or 1))
+    consumer = producer = None
+    try:
+        if create_topics:
+            ensure_topics(settings)
+        revocations = _Revocations()
+        client_id = f"{settings.kafka.client_id}-worker-{worker_id}"
+        consumer = make_consumer(settings, ws.group_id, topics=None, client_id=client_id,
+                                 max_poll_records=ws.max_batch, max_poll_interval_ms=ws.max_poll_interval_ms)
+        consumer.subscribe([settings.topics.frames], listener=revocations.listener)
+        producer = make_producer(settings, client_id=client_id, linger_ms=2)
+        log.info("worker %s consuming %s as group %s (batch %d, wait %d ms)", worker_id,
+                 settings.topics.frames, ws.group_id, ws.max_batch, ws.max_wait_ms)
+        first_at: float | None = None
+        next_offsets: dict[Any, int] = {}
+        last_lag = 0.0
+
+        while not stop.is_set() and (max_frames is None or stats.frames < max_frames):
+            cache.refresh()
+            t0 = time.perf_counter()
+            batch = _collect(consumer, revocations, ws.max_batch, ws.max_wait_ms, stop, stats)
+            stats.stage_s["poll"] += time.perf_counter() - t0
+            if time.monotonic() - last_lag > 1.0:
+                metrics.set_lag(_lags(consumer, next_offsets))
+                last_lag = time.monotonic()
+            if not batch:
+                continue
+            if first_at is None:
+                first_at = time.perf_counter()
+            result = processor.process(batch)
+            for k in ("profile", "decode", "inference", "post"):
+                v = getattr(result.times, k)
+                stats.stage_s[k] += v
+                metrics.stage.labels(k).inc(v)
+            for _product, _version, engine, n, secs in result.groups:
+                if n:
+                    metrics.inference.labels(engine).observe(secs)
+
+            t1 = time.perf_counter()
+            try:
+                _publish(producer, result.out, send_nowait, RecordTooLarge)
+            except (DeliveryError, KafkaError) as exc:
+                # Nothing of this batch is committed: go back and process it again.
+                stats.replays += 1
+                log.warning("worker %s: delivery failed (%s); replaying the batch", worker_id, exc)
+                _rewind(consumer, batch)
+                stop.wait(1.0)
+                continue
+            acked_ms = time.time() * 1000.0
+            publish_s = time.perf_counter() - t1
+            stats.stage_s["publish"] += publish_s
+            metrics.stage.labels("publish").inc(publish_s)
+
+            t2 = time.perf_counter()
+            offsets: dict[Any, int] = {}
+            for rec in batch:
+                tp = TopicPartition(rec.topic, rec.partition)
+                offsets[tp] = max(offsets.get(tp, -1), rec.offset + 1)
+            try:
+                consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
+                stats.commits += 1
+            except KafkaError as exc:  # rebalanced meanwhile: the new owner replays, the sink dedups
+                stats.commit_failures += 1
+                log.warning("worker %s: commit failed (%s); records may be redelivered", worker_id, exc)
+            next_offsets.update(offsets)
+            commit_s = time.perf_counter() - t2
+            stats.stage_s["commit"] += commit_s
+            metrics.stage.labels("commit").inc(commit_s)
+
+            ok = defect = 0
+            dlq_stages: list[str] = []
+            for o in result.out:
+                if o.kind == "dlq":
+                    dlq_stages.append(o.stage or "other")
+                    key = f"{o.stage}: {(o.reason or '')[:60]}"
+                    stats.dlq_reasons[key] = stats.dlq_reasons.get(key, 0) + 1
+                else:
+                    if o.kind == "defect":
+                        defect += 1
+                    else:
+                        ok += 1
+                    if o.capture_ts_ms is not None:
+                        metrics.e2e.observe(max(0.0, acked_ms - o.capture_ts_ms) / 1000.0)
+            metrics.observe_batch(len(batch), ok, defect, dlq_stages)
+            stats.frames += len(batch)
+            stats.results += ok + defect
+            stats.defects += defect
+            stats.dlq += len(dlq_stages)
+            stats.batches += 1
+            stats.elapsed_s = time.perf_counter() - first_at
+            if on_batch is not None:
+                on_batch(stats)
+    finally:
+        processor.close()
+        if producer is not None:
+            try:
+                producer.flush(timeout=10)
+            finally:
+                producer.close(timeout=5)
+        if consumer is not None:
+            consumer.close(autocommit=False)  # sends LeaveGroup: partitions move at once
+        metrics.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        log.info("worker %s stopped: %d frames (%d results, %d DLQ) in %d batches", worker_id,
+                 stats.frames, stats.results, stats.dlq, stats.batches)
+    return stats
+
+
+def _collect(consumer: Any, revocations: _Revocations, max_batch: int, max_wait_ms: int,
+             stop: threading.Event, stats: WorkerStats) -> list[Any]:
+    """Up to ``max_batch`` records, waiting at most ``max_wait_ms`` after the first one."""
+    batch: dict[tuple[str, int, int], Any] = {}
+    deadline: float | None = None
+    while len(batch) < max_batch:
+        if deadline is None:
+            timeout_ms = IDLE_POLL_MS
+        else:
+            timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        polled = consumer.poll(timeout_ms=timeout_ms, max_records=max_batch - len(batch))
+        for recs in polled.values():
+            for r in recs:
+                batch[(r.topic, r.partition, r.offset)] = r  # a re-fetch after reassignment dedups
+        if revocations.revoked:
+            gone = {(tp.topic, tp.partition) for tp in revocations.revoked}
+            revocations.revoked.clear()
+            before = len(batch)
+            batch = {k: r for k, r in batch.items() if (k[0], k[1]) not in gone}
+            stats.dropped_revoked += before - len(batch)
+        if not batch:
+            return []
+        if deadline is None:
+            deadline = time.monotonic() + max_wait_ms / 1000.0
+        if time.monotonic() >= deadline or stop.is_set():
+            break
+    return list(batch.values())
+
+
+def _publish(producer: Any, out: list[Outgoing], send_nowait: Callable[..., Any], too_large: type) -> None:
+    """Send every record of the batch and wait until all are acknowledged (raises otherwise)."""
+    pending = []
+    for o in out:
+        try:
+            pending.append((o, send_nowait(producer, o.topic, o.value, key=o.key, headers=o.headers)))
+        except too_large:
+            pending.append((o, _send_oversized(producer, o, send_nowait)))
+    producer.flush()
+    for o, p in pending:
+        try:
+            p.result(timeout=60.0)
+        except too_large:
+            _send_oversized(producer, o, send_nowait).result(timeout=60.0)
+
+
+def _send_oversized(producer: Any, o: Outgoing, send_nowait: Callable[..., Any]) -> Any:
+    """A record over the size limit: a DLQ record keeps headers and reason but drops the
+    original bytes; a result drops its images (and regions beyond the first 100)."""
+    import json
+
+    if o.kind != "dlq":
+        body = json.loads(o.value)
+        body.update(mask_png_b64=None, thumbnail_jpeg_b64=None, heatmap_png_b64=None)
+        body["regions"] = body.get("regions", [])[:100]
+        log.warning("result %s over the size limit: sent without images", body.get("frame_id"))
+        return send_nowait(producer, o.topic, json.dumps(body).encode("utf-8"), key=o.key, headers=o.headers)
+    headers = []
+    for k, v in o.headers:
+        if k == "dlq":
+            rec = json.loads(v)
+            rec["reason"] = (rec["reason"] + f" [original {len(o.value)} bytes too large to keep]")[:600]
+            v = json.dumps(rec).encode("utf-8")
+        headers.append((k, v))
+    return send_nowait(producer, o.topic, b"", key=o.key, headers=headers)
+
+
+def _rewind(consumer: Any, batch: list[Any]) -> None:
+    from kafka import TopicPartition
+
+    first: dict[Any, int] = {}
+    for rec in batch:
+        tp = TopicPartition(rec.topic, rec.partition)
+        first[tp] = min(first.get(tp, rec.offset), rec.offset)
+    assigned = consumer.assignment()
+    for tp, off in first.items():
+        if tp in assigned:
+            consumer.seek(tp, off)
+
+
+def _lags(consumer: Any, next_offsets: dict[Any, int]) -> dict[int, int]:
+    """Per-partition lag from the fetcher's high-water marks (no extra broker round trip)."""
+    lags: dict[int, int] = {}
+    try:
+        assigned = consumer.assignment()
+    except Exception:
+        return lags
+    for tp in assigned:
+        hw = consumer.highwater(tp)
+        pos = next_offsets.get(tp)
+        if hw is not None and pos is not None:
+            lags[tp.partition] = max(0, hw - pos)
+    return lags
