@@ -168,6 +168,11 @@ def summary_markdown(evals: list[ModelEvaluation]) -> str:
     return markdown_table(rows, SUMMARY_COLUMNS + ["chosen", "regret"], heads)
 
 
+def _wide_columns(rows: list[dict[str, Any]]) -> list[str]:
+    present = {k for r in rows for k in r}
+    return [c for c in SUMMARY_COLUMNS if c in present] + sorted(present - set(SUMMARY_COLUMNS))
+
+
 def write_tables(evals: list[ModelEvaluation], out_dir: Path) -> dict[str, Path]:
     """metrics.md (wide), metrics.csv (long: group x method), summary.csv, metrics.json."""
     out_dir = Path(out_dir)
@@ -178,8 +183,7 @@ def write_tables(evals: list[ModelEvaluation], out_dir: Path) -> dict[str, Path]
              "summary_csv": out_dir / "summary.csv", "json": out_dir / "metrics.json"}
     long_cols = list(long_rows[0].keys()) if long_rows else []
     for path, rows, cols in ((paths["csv"], long_rows, long_cols),
-                             (paths["summary_csv"], wide_rows, sorted({k for r in wide_rows for k in r},
-                                                                      key=lambda k: (k not in SUMMARY_COLUMNS, k)))):
+                             (paths["summary_csv"], wide_rows, _wide_columns(wide_rows))):
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=cols)
         w.writeheader()

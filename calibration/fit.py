@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from calibration.data import (LabelledSet, default_categories_csv, load_product_splits, load_train,
-                              load_validation_folder)
+from calibration.data import LabelledSet, load_product_splits, load_train, open_product
 from calibration.thresholds import METHODS, ThresholdReport, estimate_thresholds, pixel_curves
 from linewatch.errors import UserError
 from linewatch.models.base import CONFIG_FILE, WEIGHTS_FILE, AnomalyModel, ModelError
@@ -85,28 +84,18 @@ def fit_product(dataset_root: Path, product: str, work_dir: Path, model_kind: st
                 input_size: int = 256, options: dict[str, Any] | None = None,
                 progress: bool = True) -> tuple[AnomalyModel, FitInfo]:
     """Fit ``product``'s normal training images and save the model to ``work_dir``."""
-    train = load_train(Path(dataset_root), product, input_size, progress)
+    ds = open_product(Path(dataset_root), product)
+    train = ds.train_images(input_size, progress=progress)
     if len(train) < 2:
-        raise UserError(f"{Path(dataset_root) / product / 'train' / 'good'}: need at least 2 normal images")
+        raise UserError(f"{ds.train[0].path.parent}: need at least 2 normal images, found {len(train)}")
     model, secs = fit_model(train, model_kind, input_size, options, progress)
-    bg = _background_from_csv(Path(dataset_root), product)
+    bg = ds.background
     info = FitInfo(product=product, model_kind=model_kind, dataset=str(dataset_root), n_train=len(train),
                    fit_seconds=round(secs, 2), input_size=input_size, background=bg, options=options or {})
     work_dir = Path(work_dir)
     model.save(work_dir)
     (work_dir / FIT_FILE).write_text(info.model_dump_json(indent=2))
     return model, info
-
-
-def _background_from_csv(root: Path, product: str) -> bool | None:
-    csv_path = default_categories_csv(root)
-    if csv_path is None:
-        return None
-    from calibration.data import read_categories_csv
-
-    flags = [bg for rel, (_, bg) in read_categories_csv(csv_path).items()
-             if rel.startswith(f"{product}/") and bg is not None]
-    return None if not flags else bool(np.mean(flags) >= 0.5)
 
 
 def read_fit_info(work_dir: Path) -> FitInfo | None:

@@ -52,7 +52,6 @@ def _args() -> argparse.Namespace:
     return args
 
 
-@st.cache_resource
 def _settings():
     from linewatch.settings import load_settings
 
@@ -141,7 +140,7 @@ def _alerts(snap: queries.Snapshot) -> None:
         value = f"{a['value']:.1%}" if a["kind"] == "defect_rate" else f"{a['value']:.0f} in a row"
         limit = f"{a['limit']:.1%}" if a["kind"] == "defect_rate" else f"{a['limit']:.0f}"
         st.error(f"**ALERT · {a['product']} · {what}: {value}** (limit {limit}) — {a['message']} "
-                 f"· since {_fmt_ts(a['ts_ms'])}", icon="🚨")
+                 f"· since {_fmt_ts(a['ts_ms'])}", icon=":material/notifications_active:")
 
 
 def _kpis(snap: queries.Snapshot) -> None:
@@ -256,7 +255,7 @@ def _profiles_and_health(snap: queries.Snapshot) -> None:
                     "method": "Threshold method",
                     "calibrated_at": st.column_config.DatetimeColumn("Calibrated", format="YYYY-MM-DD HH:mm"),
                     "in_use_since": st.column_config.DatetimeColumn("In use since", format="YYYY-MM-DD HH:mm"),
-                    "versions_seen": st.column_config.NumberColumn("Versions seen", format="%d"),
+                    "versions_seen": st.column_config.NumberColumn("Versions", format="%d"),
                 },
             )
     with right:
@@ -288,7 +287,7 @@ def render(snap: queries.Snapshot, stale_since_ms: int | None = None) -> None:
     """Lay out one snapshot (pure layout: every number comes from ``snap``)."""
     _alerts(snap)
     if stale_since_ms is not None:
-        st.caption(f"⏳ Database busy — showing data read at {_fmt_ts(stale_since_ms)}; retrying.")
+        st.caption(f"Database busy — showing data read at {_fmt_ts(stale_since_ms)}; retrying.")
     if snap.kpis["frames"] == 0 and not snap.options.get("product"):
         st.info("The database is ready but no frame has been inspected yet. Start cameras and workers "
                 "(`linewatch demo` does it all) and this page fills in by itself.")
@@ -315,7 +314,7 @@ def _options(db: Path) -> tuple[dict[str, list[str]], str | None]:
 
 
 def main() -> None:
-    st.set_page_config(page_title="linewatch — line quality", page_icon="🏭", layout="wide")
+    st.set_page_config(page_title="linewatch — line quality", page_icon=":material/factory:", layout="wide")
     args = _args()
     settings = _settings()
     db = args.db or settings.storage.db_path
@@ -324,7 +323,7 @@ def main() -> None:
     filters = _sidebar(options, refresh_s, db)
     st.title("Line quality")
     if bad:
-        st.error(f"Cannot read the database: {bad}", icon="🛑")
+        st.error(f"Cannot read the database: {bad}", icon=":material/error:")
         return
 
     @st.fragment(run_every=refresh_s)
@@ -333,10 +332,10 @@ def main() -> None:
             snap = queries.load_snapshot(db, filters, timeout_s=5.0)
         except store.DatabaseMissing:
             st.warning(f"No linewatch database at `{db}` yet. Start the sink (`linewatch sink`) or the whole "
-                       "line (`linewatch demo`); this page checks again every few seconds.", icon="🗄️")
+                       "line (`linewatch demo`); this page checks again every few seconds.", icon=":material/database:")
             return
         except store.NotADatabase as exc:
-            st.error(f"Cannot read the database: {exc}", icon="🛑")
+            st.error(f"Cannot read the database: {exc}", icon=":material/error:")
             return
         except store.StoreBusy:
             prev = st.session_state.get("last_snapshot")

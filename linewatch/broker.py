@@ -110,6 +110,16 @@ def _kafka_cluster_id() -> str:
             return cid
 
 
+def _parent_death_signal() -> None:  # pragma: no cover - runs in the child before exec
+    """prctl(PR_SET_PDEATHSIG, SIGTERM): the kernel stops the broker when its parent dies."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    except OSError:
+        pass
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -293,9 +303,12 @@ class Broker:
             detail = " ".join((proc.stdout + proc.stderr).split())[-400:]
             raise BrokerError(f"formatting {self.data_dir} failed (exit {proc.returncode}): {detail}")
 
-    def start(self, timeout_s: float | None = None) -> BrokerStatus:
+    def start(self, timeout_s: float | None = None, die_with_parent: bool = False) -> BrokerStatus:
         """Start the broker and wait until it is ready (log line + an admin call answers).
-        Idempotent: an already running broker for this home is left alone."""
+        Idempotent: an already running broker for this home is left alone.
+
+        ``die_with_parent`` (Linux): the JVM gets SIGTERM when this process dies, so a test
+        run that is killed leaves no broker behind. The CLI leaves it False (a daemon)."""
         s = self.settings
         timeout_s = s.start_timeout_s if timeout_s is None else timeout_s
         current = self.status()
@@ -324,6 +337,7 @@ class Broker:
             self._proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=self.home, start_new_session=True,  # Ctrl-C in the shell does not kill it
+                preexec_fn=_parent_death_signal if die_with_parent else None,
             )
         self.pid_file.write_text(f"{self._proc.pid}\n")
         try:

@@ -105,6 +105,7 @@ class WorkerSettings(BaseModel):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(0, ge=0, le=65535, description="0 = no metrics endpoint")
     max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    session_timeout_ms: int = Field(10_000, ge=6_000, description="a dead worker's partitions move after this")
     reload_interval_s: float = Field(2.0, gt=0)
     thumbnail_size: int = Field(256, ge=32)
     max_frame_pixels: int = Field(64_000_000, ge=1, description="refuse decompression bombs")

@@ -32,6 +32,7 @@ import numpy as np
 from linewatch.messages import CATEGORIES
 
 BASE_CATEGORIES = ("structural", "surface", "contamination")
+DEFECT_SCALE = 1.3  # defect sizes relative to a 256 px frame (1.0: sizes in the code are pixels at 256)
 _KIND_CODE = {"good": 0, "structural": 1, "surface": 2, "contamination": 3, "combined": 4}
 
 
@@ -58,7 +59,7 @@ PRODUCTS: dict[str, ProductSpec] = {
                        description="small green circuit board with pads and chips on a grey tray"),
     "brick": ProductSpec("brick", False, "texture", "brick", (0.86, 0.50, 0.38), contrast=1.1,
                          rot_jitter_deg=4.0, scale=0.9, description="close-up of a brick wall panel"),
-    "turf": ProductSpec("turf", False, "texture", "grass", (0.50, 0.72, 0.42), contrast=0.95,
+    "turf": ProductSpec("turf", False, "texture", "grass", (0.50, 0.72, 0.42), contrast=1.35,
                         rot_jitter_deg=180.0, scale=0.8, warpable=False,
                         description="close-up of an artificial-turf mat"),
     "gravel": ProductSpec("gravel", False, "texture", "gravel", (0.78, 0.74, 0.66), contrast=1.0,
@@ -174,9 +175,10 @@ def _render_texture(spec: ProductSpec, rng: np.random.Generator, size: int) -> _
     c = spec.contrast * rng.uniform(0.92, 1.08)
     g = np.clip(0.55 + c * 0.45 * (t - 0.5) + 0.03 * _smooth_noise(rng, size, 4), 0, 1)
     fg = _tint(g, spec.tint, rng)
-    # what shows through a hole in a close-up: the dark backing / void beneath the material
-    back = 0.07 + 0.03 * _smooth_noise(rng, size, 10)
-    bg = _tint(np.clip(back, 0.01, 0.2), (0.9, 0.85, 0.8), rng)
+    # what shows through a hole in a close-up: the darker, coarser backing beneath the material
+    weave = _texture_patch(rng, "gravel", size, 0.6, 180.0)
+    back = 0.22 + 0.16 * (weave - 0.5) + 0.03 * _smooth_noise(rng, size, 10)
+    bg = _tint(np.clip(back, 0.02, 0.5), (0.85, 0.78, 0.70), rng)
     ones = np.ones((size, size), np.float32)
     m = max(4, size // 16)
     region = np.zeros((size, size), bool)
@@ -367,7 +369,7 @@ def _composite(sc: _Scene) -> np.ndarray:
 # or returns an overlay (post-compose). Severity in [0, 1]: 0 = subtle, 1 = obvious.
 
 def _structural_hole(rng, sc: _Scene, taken, sev) -> np.ndarray:
-    s = sc.size / 256
+    s = sc.size / 256 * DEFECT_SCALE
     rad = (9 + 11 * sev) * s * rng.uniform(0.9, 1.15)
     c = _place(rng, sc, rad, taken)
     hole = _blob(rng, sc.size, c, rad, rad * rng.uniform(0.55, 1.0), rough=0.3)
@@ -379,7 +381,7 @@ def _structural_hole(rng, sc: _Scene, taken, sev) -> np.ndarray:
 
 def _structural_chip(rng, sc: _Scene, taken, sev) -> np.ndarray:
     """A piece missing at the object's outline (objects) / a cut through the material (textures)."""
-    s = sc.size / 256
+    s = sc.size / 256 * DEFECT_SCALE
     if sc.rim is None or not sc.background:
         return _structural_cut(rng, sc, taken, sev)
     rad = (10 + 12 * sev) * s
@@ -393,7 +395,7 @@ def _structural_chip(rng, sc: _Scene, taken, sev) -> np.ndarray:
 
 
 def _structural_cut(rng, sc: _Scene, taken, sev) -> np.ndarray:
-    s = sc.size / 256
+    s = sc.size / 256 * DEFECT_SCALE
     length = (30 + 40 * sev) * s
     c = _place(rng, sc, length / 2, taken)
     pts = _curve(rng, c, length, bend=0.15)
@@ -408,7 +410,7 @@ def _structural_cut(rng, sc: _Scene, taken, sev) -> np.ndarray:
 
 def _warp_field(rng, sc: _Scene, taken, sev) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A localised bend: displacement field (map_x, map_y) and its support."""
-    s = sc.size / 256
+    s = sc.size / 256 * DEFECT_SCALE
     where = "rim" if sc.background and sc.rim is not None else "region"
     rad = (14 + 10 * sev) * s
     c = _place(rng, sc, rad, taken, where=where)
@@ -416,10 +418,14 @@ def _warp_field(rng, sc: _Scene, taken, sev) -> tuple[np.ndarray, np.ndarray, np
     dx, dy = xx - c[0], yy - c[1]
     g = np.exp(-(dx * dx + dy * dy) / (2 * rad * rad)).astype(np.float32)
     amp = (5 + 6 * sev) * s
-    if sc.background:  # push the outline inwards, towards the object's centre
+    if sc.background:  # push the outline inwards, towards the object's centre, with a fold
         v = np.array([sc.center[0] - c[0], sc.center[1] - c[1]], np.float32)
         v /= np.linalg.norm(v) + 1e-6
         mx, my = xx - amp * g * v[0], yy - amp * g * v[1]
+        along = dx * v[0] + dy * v[1] - rad * 0.4  # a crease parallel to the outline, inside the part
+        fold = np.exp(-(along / (2.5 * s)) ** 2) * g
+        side = np.sign(-(v[0] * sc.light[0] + v[1] * sc.light[1]) + 1e-3)
+        sc.shade = sc.shade * (1 - (0.35 + 0.25 * sev) * fold * side * np.tanh(along / (1.5 * s) + 0.5))
     else:  # a twist of the material
         ang = amp / rad * 2.2 * g
         ca, sa = np.cos(ang), np.sin(ang)
@@ -428,7 +434,7 @@ def _warp_field(rng, sc: _Scene, taken, sev) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _surface_scratch(rng, sc: _Scene, taken, sev) -> np.ndarray:
-    s = sc.size / 256
+    s = sc.size / 256 * DEFECT_SCALE
     length = (30 + 45 * sev) * s
     c = _place(rng, sc, length / 2, taken)
     pts = _curve(rng, c, length, bend=0.25)
@@ -439,15 +445,19 @@ def _surface_scratch(rng, sc: _Scene, taken, sev) -> np.ndarray:
         fine = 0.5 + 0.5 * np.sin(_rot_coord(sc.size, pts) * 2.2 / s)
         lift = (0.10 + 0.18 * sev) * (0.6 + 0.4 * fine)
         new = blurred * (1 + lift[..., None])
+        extent = a
     else:
         width = (2.5 + 2.0 * sev) * s
         a = _stroke(sc.size, pts, width)
+        burr = np.clip(_stroke(sc.size, pts, width + 3.0 * s) - a, 0, 1) * (sc.alpha > 0.5)
+        sc.shade = sc.shade * (1 - (0.25 + 0.2 * sev) * burr)  # displaced material throws a shadow
         lift = 0.22 + 0.35 * sev
         new = np.clip(sc.fg * (1 + lift) + 0.08, 0, 1.2)
+        extent = np.maximum(a, burr)
     a = a * (sc.alpha > 0.5)
     sc.fg = sc.fg * (1 - a[..., None]) + new * a[..., None]
     sc.shade = sc.shade * (1 - a) + np.maximum(sc.shade, 1.0) * a  # a specular groove ignores shading
-    return a > 0.4
+    return (extent * (sc.alpha > 0.5)) > 0.4
 
 
 def _rot_coord(size: int, pts: np.ndarray) -> np.ndarray:
@@ -459,7 +469,7 @@ def _rot_coord(size: int, pts: np.ndarray) -> np.ndarray:
 
 
 def _surface_dent(rng, sc: _Scene, taken, sev) -> np.ndarray:
-    s = sc.size / 256
+    s = sc.size / 256 * DEFECT_SCALE
     rad = (10 + 8 * sev) * s
     c = _place(rng, sc, rad, taken)
     xx, yy = _grid(sc.size)
@@ -480,7 +490,7 @@ def _surface_dent(rng, sc: _Scene, taken, sev) -> np.ndarray:
 
 def _surface_stain(rng, sc: _Scene, taken, sev) -> np.ndarray:
     """A small discoloured patch (rust, oxidation, heat tint): the material stays, its colour changes."""
-    s = sc.size / 256
+    s = sc.size / 256 * DEFECT_SCALE
     rad = (9 + 8 * sev) * s
     c = _place(rng, sc, rad, taken)
     a = _blob(rng, sc.size, c, rad, rad * rng.uniform(0.5, 1.0), rough=0.35)
@@ -500,7 +510,10 @@ _FOREIGN = [  # (rgb, gloss): oil, blue plastic, white paint, green fibre, black
 
 
 def _foreign_material(rng, sc: _Scene, a: np.ndarray) -> np.ndarray:
-    rgb, gloss = _FOREIGN[rng.integers(len(_FOREIGN))]
+    # foreign means visibly foreign: skip colours too close to the product's own
+    own = (sc.fg * (sc.alpha > 0.5)[..., None]).reshape(-1, 3).sum(0) / max(1.0, float((sc.alpha > 0.5).sum()))
+    options = [f for f in _FOREIGN if np.abs(np.asarray(f[0]) - own).sum() > 0.45] or _FOREIGN
+    rgb, gloss = options[rng.integers(len(options))]
     tex = _texture_patch(rng, "grass", sc.size, 0.5, 180.0)
     base = np.asarray(rgb, np.float32)[None, None, :] * (0.85 + 0.3 * (tex[..., None] - 0.5))
     blur = cv2.GaussianBlur(a, (0, 0), 2.5 * sc.size / 256)
@@ -511,7 +524,7 @@ def _foreign_material(rng, sc: _Scene, a: np.ndarray) -> np.ndarray:
 
 
 def _contam_blob(rng, sc: _Scene, taken, sev):
-    s = sc.size / 256
+    s = sc.size / 256 * DEFECT_SCALE
     rad = (9 + 10 * sev) * s
     c = _place(rng, sc, rad, taken)
     a = _blob(rng, sc.size, c, rad, rad * rng.uniform(0.5, 1.0), rough=0.4)
@@ -519,7 +532,7 @@ def _contam_blob(rng, sc: _Scene, taken, sev):
 
 
 def _contam_dust(rng, sc: _Scene, taken, sev):
-    s = sc.size / 256
+    s = sc.size / 256 * DEFECT_SCALE
     rad = (12 + 8 * sev) * s
     c = _place(rng, sc, rad, taken)
     n = int(18 + 25 * sev)
@@ -538,7 +551,7 @@ def _contam_dust(rng, sc: _Scene, taken, sev):
 
 
 def _contam_smear(rng, sc: _Scene, taken, sev):
-    s = sc.size / 256
+    s = sc.size / 256 * DEFECT_SCALE
     length = (28 + 35 * sev) * s
     c = _place(rng, sc, length / 2, taken)
     pts = _curve(rng, c, length, bend=0.5)
@@ -641,7 +654,7 @@ class SyntheticProduct:
         overlays = []
         overlay_idx: set[int] = set()
         warp = None
-        sevs = rng.uniform(0.0, 1.0, len(kinds)) ** 0.8
+        sevs = rng.uniform(0.0, 1.0, len(kinds)) ** 0.7
         for kind, sev in zip(kinds, sevs):
             if kind == "structural":
                 options = STRUCTURAL if self.spec.warpable else STRUCTURAL[:2]

@@ -51,7 +51,7 @@ def kafka_broker(tmp_path_factory) -> str:
                            start_timeout_s=120)
         )
         try:
-            broker.start()
+            broker.start(die_with_parent=True)  # a killed pytest leaves no JVM behind
         except BrokerError as exc:
             last = exc
             continue

@@ -369,7 +369,7 @@ def test_constraints_pin_every_runtime_dependency():
     for dep in deps:
         req = Requirement(dep)
         name = canonicalize_name(req.name)
-        assert name in pins, f"docker/constraints.txt does not pin {req.name}"
+        assert name in pins, f"docker/constraints.txt does not pin {req.name} (run docker/update-constraints.sh)"
         assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} violates {dep}"
 
 
@@ -419,19 +419,43 @@ def test_healthcheck_http():
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
 def test_healthcheck_process_and_kafka(monkeypatch):
-    assert healthcheck.find_process("sink-that-does-not-run") is None
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "linewatch", "sink"])
+    import uuid
+
+    sub = f"probe-{uuid.uuid4().hex[:8]}"  # unique: other sessions may run a real `linewatch sink` here
+    assert healthcheck.find_process(sub) is None
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "linewatch", sub])
     listener = socket.create_server(("127.0.0.1", 0))
     try:
-        assert healthcheck.find_process("sink") == proc.pid
+        assert healthcheck.find_process(sub) == proc.pid
         monkeypatch.setenv("LINEWATCH_KAFKA__BOOTSTRAP_SERVERS",
                            f"127.0.0.1:{_free_port()},127.0.0.1:{listener.getsockname()[1]}")
-        assert healthcheck.main(["process", "sink", "--kafka"]) == 0
+        assert healthcheck.main(["process", sub, "--kafka"]) == 0
         monkeypatch.setenv("LINEWATCH_KAFKA__BOOTSTRAP_SERVERS", f"127.0.0.1:{_free_port()}")
-        assert healthcheck.main(["process", "sink", "--kafka"]) == 1
-        assert healthcheck.main(["process", "sink"]) == 0
+        assert healthcheck.main(["process", sub, "--kafka"]) == 1
+        assert healthcheck.main(["process", sub]) == 0
     finally:
         listener.close()
         proc.terminate()
         proc.wait(timeout=10)
-    assert healthcheck.main(["process", "sink"]) == 1
+    assert healthcheck.main(["process", sub]) == 1
+
+
+def test_readme_linewatch_commands_parse():
+    """The `docker compose run ... worker-cpu <linewatch args>` lines a plant engineer copies."""
+    import shlex
+
+    text = (DOCKER / "README.md").read_text().replace("\\\n", " ")
+    commands = [line.split("worker-cpu", 1)[1] for line in text.splitlines()
+                if line.startswith("docker compose run") and "worker-cpu" in line]
+    assert len(commands) >= 2
+    for cmd in commands:
+        argv = [a for a in shlex.split(cmd.split("#")[0]) if a != "--help"]
+        if argv[-1] in ("rollback",):  # shown with --help only
+            argv = argv[:1]
+        assert_real_subcommand(argv)
+
+
+def test_linewatch_services_run_under_an_init(compose):
+    """SIGTERM reaches linewatch (graceful worker/sink shutdown) and children are reaped."""
+    for name in LINEWATCH_SERVICES:
+        assert compose["services"][name].get("init") is True, name

@@ -112,7 +112,6 @@ def test_auto_chain_picks_best_present_and_says_why(exported, caplog):
 
 def test_explicit_unavailable_engine_is_a_user_error(exported):
     model, path = exported
-    pytest.importorskip("tensorrt", reason="only meaningful where TensorRT is absent") if False else None
     try:
         import tensorrt  # noqa: F401
 

@@ -229,26 +229,21 @@ def find_regions(amap: np.ndarray, threshold: float, min_region_px: int, width: 
     mask = (kept_labels > 0).view(np.uint8) * np.uint8(255)
     if not len(keep):
         return [], mask, kept_labels
-    flat = labels.ravel()
-    values = amap.ravel()
-    fg = flat > 0
-    fl, fv = flat[fg], values[fg]
-    sums = np.bincount(fl, weights=fv, minlength=n)
-    peaks = np.full(n, -np.inf)
-    np.maximum.at(peaks, fl, fv)
     sx, sy = width / mw, height / mh
     total = float(mh * mw)
     regions: list[Region] = []
     for lab in keep.tolist():
         x, y, bw, bh, area = (int(v) for v in stats[lab])
+        # peak/mean on the region's own bounding box: touches only its pixels' neighbourhood
+        vals = amap[y : y + bh, x : x + bw][labels[y : y + bh, x : x + bw] == lab]
         x0, y0 = int(x * sx), int(y * sy)
         x1, y1 = min(width, int(np.ceil((x + bw) * sx))), min(height, int(np.ceil((y + bh) * sy)))
         regions.append(Region(
             area_px=int(round(area * sx * sy)),
             area_frac=min(1.0, area / total),
             bbox=(x0, y0, max(1, x1 - x0), max(1, y1 - y0)),
-            peak_score=float(peaks[lab]),
-            mean_score=float(sums[lab] / area),
+            peak_score=float(vals.max()),
+            mean_score=float(vals.mean(dtype=np.float64)),
         ))
     return regions, mask, kept_labels
 

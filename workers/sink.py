@@ -260,6 +260,7 @@ def run_sink(
         )
     log.info("sink: %s + %s -> %s", settings.topics.results, settings.topics.dlq, settings.storage.db_path)
     last_data = time.monotonic()
+    assigned = False
     try:
         sink.publish_alerts()  # whatever a previous run stored but could not announce
         while not stop.is_set():
@@ -270,8 +271,12 @@ def run_sink(
                     break
             records = _poll_batch(consumer, limit, settings.sink.max_wait_ms, stop)
             if not records:
-                if idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
-                    break
+                if idle_timeout_s is not None:
+                    if not assigned:  # the idle clock starts once the group gave us partitions
+                        assigned = bool(consumer.assignment())
+                        last_data = time.monotonic()
+                    elif time.monotonic() - last_data > idle_timeout_s:
+                        break
                 continue
             last_data = time.monotonic()
             sink.handle_batch(records)

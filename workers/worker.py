@@ -160,7 +160,9 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
         revocations = _Revocations()
         client_id = f"{settings.kafka.client_id}-worker-{worker_id}"
         consumer = make_consumer(settings, ws.group_id, topics=None, client_id=client_id,
-                                 max_poll_records=ws.max_batch, max_poll_interval_ms=ws.max_poll_interval_ms)
+                                 max_poll_records=ws.max_batch, max_poll_interval_ms=ws.max_poll_interval_ms,
+                                 session_timeout_ms=ws.session_timeout_ms,
+                                 heartbeat_interval_ms=max(1000, ws.session_timeout_ms // 3))
         consumer.subscribe([settings.topics.frames], listener=revocations.listener)
         producer = make_producer(settings, client_id=client_id, linger_ms=2)
         log.info("worker %s consuming %s as group %s (batch %d, wait %d ms)", worker_id,

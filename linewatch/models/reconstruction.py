@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     **COMMON_DEFAULTS,
     "hidden": 128,
     "bottleneck": 24,
-    "epochs": 60,
+    "epochs": 40,
     "batch_size": 8,
     "lr": 2e-3,
     "noise": 0.5,
@@ -125,7 +125,7 @@ class FeatureAutoencoder(FeatureFamily):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(batch)
+                total += float(loss.detach()) * len(batch)
             sched.step()
             losses.append(total / len(z))
         ae.eval()

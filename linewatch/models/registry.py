@@ -10,6 +10,9 @@ from linewatch.models.base import AnomalyModel, ModelError
 FAMILIES: dict[str, str] = {
     "padim": "linewatch.models.padim:PaDiM",
     "cflow": "linewatch.models.cflow:CFlow",
+    "patchcore": "linewatch.models.patchcore:PatchCore",
+    "reconstruction": "linewatch.models.reconstruction:FeatureAutoencoder",
+    "attribution": "linewatch.models.attribution:AttributionClassifier",
     "meandiff": "linewatch.models.meandiff:MeanDiff",
 }
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .conftest import LoadProducer, camera_ids, good_frames, recovery_times, write_report
+from .harness import LoadProducer, camera_ids, good_frames, recovery_times, write_report
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -17,10 +17,10 @@ def test_baseline_no_faults(pipeline_factory, frame_bank):
     p.create_topics()
     sink = p.start_sink()
     w1 = p.start_worker("base-w1")
-    w2 = p.start_worker("base-w2")
-    p.wait_sink_ready(sink)
     p.wait_assigned(w1)
+    w2 = p.start_worker("base-w2")
     p.wait_assigned(w2)
+    p.wait_sink_ready(sink)
     frames = good_frames(frame_bank, 600, "base", camera_ids())
     prod = LoadProducer(p.settings, frames, rate_fps=60)
     prod.start()

@@ -1,0 +1,289 @@
+"""`linewatch demo`: the synthetic production line end to end on one machine.
+
+Every service runs as its own process through the same `linewatch` subcommands a plant
+would run (broker, sink, workers, producers, dashboard), configured only through
+``LINEWATCH_*`` environment variables, so the demo exercises the deployment path rather than
+an in-process shortcut. The demo owns what it starts and stops all of it on Ctrl-C/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from linewatch.settings import Settings
+
+log = logging.getLogger("linewatch.demo")
+
+DEFAULT_PRODUCTS = ("cap", "brick")
+
+
+@dataclass
+class DemoConfig:
+    home: Path
+    products: tuple[str, ...] = DEFAULT_PRODUCTS
+    cameras_per_product: int = 2
+    fps: float = 4.0
+    frame_size: int = 512
+    defect_rate: float = 0.25
+    workers: int = 1
+    model_kind: str = "padim"
+    input_size: int = 256
+    n_train: int = 60
+    seed: int = 0
+    kafka_port: int = 9092
+    controller_port: int = 9093
+    dashboard_port: int = 8501
+    duration_s: float | None = None
+    status_every_s: float = 10.0
+    open_browser: bool = False
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.home / "profiles"
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "linewatch.duckdb"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+
+@dataclass
+class DemoSummary:
+    frames_stored: int = 0
+    defects: int = 0
+    dlq: int = 0
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    frames_per_s: float | None = None
+    dashboard_url: str = ""
+    processes: dict[str, int] = field(default_factory=dict)
+
+
+def _env(cfg: DemoConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "LINEWATCH_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{cfg.kafka_port}",
+        "LINEWATCH_BROKER__HOME": str(cfg.home / "broker"),
+        "LINEWATCH_BROKER__PORT": str(cfg.kafka_port),
+        "LINEWATCH_BROKER__CONTROLLER_PORT": str(cfg.controller_port),
+        "LINEWATCH_STORAGE__DB_PATH": str(cfg.db_path),
+        "LINEWATCH_STORAGE__REGISTRY_DIR": str(cfg.registry_dir),
+        "LINEWATCH_DASHBOARD__PORT": str(cfg.dashboard_port),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def settings_for(cfg: DemoConfig) -> Settings:
+    return Settings(
+        kafka={"bootstrap_servers": f"127.0.0.1:{cfg.kafka_port}"},
+        broker={"home": cfg.home / "broker", "port": cfg.kafka_port, "controller_port": cfg.controller_port},
+        storage={"db_path": cfg.db_path, "registry_dir": cfg.registry_dir},
+        dashboard={"port": cfg.dashboard_port},
+    )
+
+
+def prepare_profiles(cfg: DemoConfig, progress: bool = True) -> dict[str, int]:
+    """Generate the synthetic line and publish a calibrated profile per product (once)."""
+    from calibration.fit import calibrate_product
+    from linewatch.profiles import Registry
+    from linewatch.synth import generate_dataset
+
+    missing = [p for p in cfg.products if not (cfg.data_dir / p / "train").is_dir()]
+    if missing:
+        print(f"demo: generating the synthetic line for {', '.join(missing)} in {cfg.data_dir}", flush=True)
+        generate_dataset(cfg.data_dir, products=missing, size=cfg.input_size, seed=cfg.seed,
+                         n_train=cfg.n_train)
+    registry = Registry(cfg.registry_dir)
+    versions: dict[str, int] = {}
+    for product in cfg.products:
+        current = registry.current_version(product)
+        if current is None:
+            print(f"demo: fitting and calibrating {cfg.model_kind} for {product} "
+                  "(normal images only; threshold from a few anomalous validation images)", flush=True)
+            t0 = time.perf_counter()
+            profile = calibrate_product(cfg.data_dir, product, cfg.registry_dir, cfg.model_kind,
+                                        input_size=cfg.input_size, seed=cfg.seed, progress=progress,
+                                        report_dir=cfg.home / "reports" / product)
+            current = profile.version
+            print(f"demo: {product} v{current}: threshold {profile.threshold:.4g} "
+                  f"({profile.threshold_method}) in {time.perf_counter() - t0:.0f} s; "
+                  f"report in {cfg.home / 'reports' / product}", flush=True)
+        versions[product] = current
+    return versions
+
+
+class _Procs:
+    """Child processes started by the demo, stopped in reverse order."""
+
+    def __init__(self, cfg: DemoConfig):
+        self.cfg = cfg
+        self.env = _env(cfg)
+        self.items: list[tuple[str, subprocess.Popen, object]] = []
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        self.cfg.logs_dir.mkdir(parents=True, exist_ok=True)
+        logf = open(self.cfg.logs_dir / f"{name}.log", "ab")
+        cmd = [sys.executable, "-m", "linewatch.cli", *args]
+        proc = subprocess.Popen(cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        self.items.append((name, proc, logf))
+        log.info("started %s (pid %d): %s", name, proc.pid, " ".join(args))
+        return proc
+
+    def dead(self) -> list[tuple[str, int]]:
+        return [(n, p.returncode) for n, p, _ in self.items if p.poll() is not None]
+
+    def stop(self, names: tuple[str, ...] | None = None, timeout_s: float = 20.0) -> None:
+        for name, proc, logf in reversed(self.items):
+            if names is not None and not name.startswith(names):
+                continue
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc, logf in reversed(self.items):
+            if names is not None and not name.startswith(names):
+                continue
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s; killing it", name, timeout_s)
+                proc.kill()
+                proc.wait()
+            logf.close()
+
+
+def _wait_http(url: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def summarize(db_path: Path, since_ms: int | None = None) -> DemoSummary:
+    """Figures a person wants from the run, read back from DuckDB (read-only, retrying)."""
+    from linewatch.store import reading
+
+    summary = DemoSummary()
+    if not db_path.exists():
+        return summary
+    where, params = ("WHERE capture_ts_ms >= ?", [since_ms]) if since_ms else ("", [])
+    with reading(db_path) as con:
+        row = con.execute(
+            f"""SELECT count(*), count(*) FILTER (WHERE verdict = 'defect'),
+                       quantile_cont(stored_ts_ms - capture_ts_ms, 0.5),
+                       quantile_cont(stored_ts_ms - capture_ts_ms, 0.99),
+                       min(stored_ts_ms), max(stored_ts_ms)
+                FROM inspections {where}""", params).fetchone()
+        try:
+            summary.dlq = int(con.execute("SELECT count(*) FROM dlq_events").fetchone()[0])
+        except Exception:  # older schema without DLQ table
+            summary.dlq = 0
+    n, defects, p50, p99, t0, t1 = row
+    summary.frames_stored, summary.defects = int(n or 0), int(defects or 0)
+    summary.latency_p50_ms = None if p50 is None else float(p50)
+    summary.latency_p99_ms = None if p99 is None else float(p99)
+    if n and t1 and t0 and t1 > t0:
+        summary.frames_per_s = (n - 1) * 1000.0 / (t1 - t0)
+    return summary
+
+
+def run_demo(cfg: DemoConfig, stop_event: threading.Event | None = None) -> DemoSummary:
+    """Run the whole line until Ctrl-C/SIGTERM, ``stop_event`` or ``cfg.duration_s``."""
+    from linewatch.broker import broker_from_settings
+    from linewatch.kafka_io import ensure_topics
+
+    stop_event = stop_event or threading.Event()
+    cfg.home.mkdir(parents=True, exist_ok=True)
+    settings = settings_for(cfg)
+    prepare_profiles(cfg)
+
+    broker = broker_from_settings(settings)
+    was_running = broker.status().running
+    print(f"demo: starting Kafka {settings.broker.kafka_version} on 127.0.0.1:{cfg.kafka_port} "
+          f"(log: {broker.log_file})", flush=True)
+    broker.start()
+    ensure_topics(settings)
+
+    procs = _Procs(cfg)
+    summary = DemoSummary(dashboard_url=f"http://127.0.0.1:{cfg.dashboard_port}")
+    started_ms = int(time.time() * 1000)
+    old_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old_handlers[sig] = signal.signal(sig, lambda *_: stop_event.set())
+    try:
+        procs.start("sink", ["sink"])
+        for i in range(cfg.workers):
+            procs.start(f"worker-{i + 1}", ["work", "--worker-id", f"demo-worker-{i + 1}"])
+        procs.start("dashboard", ["dashboard"])
+        for product in cfg.products:
+            cams = [f"{product}-cam-{j + 1}" for j in range(cfg.cameras_per_product)]
+            args = ["produce", "--source", f"synthetic:{product}", "--fps", str(cfg.fps),
+                    "--size", str(cfg.frame_size), "--defect-rate", str(cfg.defect_rate),
+                    "--seed", str(cfg.seed + 100), "--line", "line-1"]
+            for cam in cams:
+                args += ["--camera", cam]
+            procs.start(f"producer-{product}", args)
+        if _wait_http(f"{summary.dashboard_url}/_stcore/health", 60):
+            print(f"demo: dashboard at {summary.dashboard_url}  (Ctrl-C stops everything)", flush=True)
+        else:
+            print(f"demo: the dashboard did not come up; see {cfg.logs_dir / 'dashboard.log'}", flush=True)
+        print(f"demo: {len(cfg.products)} products x {cfg.cameras_per_product} cameras at {cfg.fps:g} fps, "
+              f"{cfg.workers} worker(s); logs in {cfg.logs_dir}", flush=True)
+        summary.processes = {name: p.pid for name, p, _ in procs.items}
+        deadline = None if cfg.duration_s is None else time.monotonic() + cfg.duration_s
+        next_status = time.monotonic() + cfg.status_every_s
+        while not stop_event.wait(0.5):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            dead = procs.dead()
+            if dead:
+                name, rc = dead[0]
+                print(f"demo: {name} exited with code {rc}; see {cfg.logs_dir / (name + '.log')}; stopping",
+                      flush=True)
+                break
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + cfg.status_every_s
+                try:
+                    s = summarize(cfg.db_path, started_ms)
+                    print(f"demo: {s.frames_stored} frames stored, {s.defects} defects, {s.dlq} in DLQ, "
+                          f"latency p50 {s.latency_p50_ms or 0:.0f} ms", flush=True)
+                except Exception as exc:  # the status line must never stop the demo
+                    log.debug("status read failed: %s", exc)
+    finally:
+        print("demo: stopping producers, workers, sink, dashboard ...", flush=True)
+        procs.stop(("producer",))
+        time.sleep(min(5.0, 1.0 + cfg.fps))  # let workers and sink drain in-flight frames
+        procs.stop()
+        if not was_running:
+            broker.stop()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    final = summarize(cfg.db_path, started_ms)
+    final.dashboard_url, final.processes = summary.dashboard_url, summary.processes
+    print(f"demo: stopped. {final.frames_stored} frames stored ({final.defects} defects, {final.dlq} DLQ); "
+          f"sustained {final.frames_per_s or 0:.1f} frames/s; capture->DuckDB latency "
+          f"p50 {final.latency_p50_ms or 0:.0f} ms, p99 {final.latency_p99_ms or 0:.0f} ms", flush=True)
+    return final
