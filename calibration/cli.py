@@ -89,8 +89,16 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     if args.product is None and info is not None:
         args.product = info.product
     val = _load_set(args, "val", model.input_size, not args.quiet)
-    report, _ = threshold_model(model, val, args.method, args.k_std, args.quantile)
+    report, val_maps = threshold_model(model, val, args.method, args.k_std, args.quantile)
     path = save_threshold(args.model, report)
+    from calibration.fit import fit_categorizer
+
+    cat = fit_categorizer(val, val_maps, report.threshold, args.product or "product")
+    cat_path = Path(args.model) / "categorizer.json"
+    if cat is not None:
+        cat_path.write_text(json.dumps(cat))
+    elif cat_path.exists():
+        cat_path.unlink()  # a stale categorizer from an earlier threshold run would not match
     print(report.table())
     print(f"\nchosen: {report.chosen} = {report.threshold:.6g} -- {report.reason}")
     for note in report.notes:
@@ -113,7 +121,9 @@ def _eval_models(args: argparse.Namespace):
     for d in args.model or []:
         model = load_model_dir(d)
         info = read_fit_info(d)
-        out.append([model.kind, model, read_threshold(d), info.product if info else None, Path(d).name])
+        cat_path = Path(d) / "categorizer.json"
+        cat = json.loads(cat_path.read_text()) if cat_path.is_file() else None
+        out.append([model.kind, model, read_threshold(d), info.product if info else None, Path(d).name, cat])
     for spec in args.profile or []:
         product, _, ver = spec.partition("@")
         prof, model = Registry(_registry_dir(args)).load(product, int(ver) if ver else None)
@@ -124,7 +134,7 @@ def _eval_models(args: argparse.Namespace):
                               n_images=0, n_anomalous=int(prof.calibration_metrics.get("n_val_anomalous", 0)),
                               n_normal=int(prof.calibration_metrics.get("n_val_normal", 0)), n_pixels=0, exact=False,
                               k_std=3.0, quantile=0.999)
-        out.append([prof.model_kind, model, rep, prof.product, f"{prof.product}-v{prof.version}"])
+        out.append([prof.model_kind, model, rep, prof.product, f"{prof.product}-v{prof.version}", prof.categorizer])
     if not out:
         raise UserError("evaluate: pass at least one --model DIR or --profile PRODUCT[@VERSION]")
     names = [o[0] for o in out]
@@ -159,8 +169,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     evals = []
-    for name, model, rep, _, _ in tqdm(models, desc="evaluate", unit="model", disable=args.quiet):
-        evals.append(evaluate_model(name, args.product or "product", model, test, rep, val))
+    for name, model, rep, _, _, cat in tqdm(models, desc="evaluate", unit="model", disable=args.quiet):
+        evals.append(evaluate_model(name, args.product or "product", model, test, rep, val, categorizer=cat))
     out = args.report or Path("calibration-report") / (args.product or "product")
     paths = write_tables(evals, out)
     index = write_report(evals, out, title=f"linewatch calibration: {args.product}")

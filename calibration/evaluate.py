@@ -116,21 +116,6 @@ def evaluate_maps(name: str, product: str, test: LabelledSet, maps: np.ndarray, 
                            val_curves, test, maps)
 
 
-# -- category accuracy (when a categorizer is present) -----------------------------------------
-def category_evaluation(true: list[str], pred: list[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1 and the confusion matrix over the anomalous images."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
-
-    labels = list(CATEGORIES)
-    pairs = [(t, p) for t, p in zip(true, pred) if t in labels]
-    if not pairs:
-        return {"n": 0}
-    t, p = zip(*pairs)
-    return {"n": len(pairs), "accuracy": round(float(accuracy_score(t, p)), 4),
-            "macro_f1": round(float(f1_score(t, p, labels=labels, average="macro", zero_division=0)), 4),
-            "labels": labels, "confusion": confusion_matrix(t, p, labels=labels).tolist()}
-
-
 # -- tables --------------------------------------------------------------------------------------
 SUMMARY_COLUMNS = ["model", "product", "group", "n_images", "n_anomalous", "pixel_auroc", "aupro", "image_auroc",
                    *[f"iou_{m}" for m in METHODS], "oracle_iou"]
@@ -204,10 +189,11 @@ def write_tables(evals: list[ModelEvaluation], out_dir: Path) -> dict[str, Path]
                                "normal_false_alarm_rate", "oracle_iou", "regret"]), ""]
         if e.category_eval and e.category_eval.get("n"):
             ce = e.category_eval
-            md += [f"### {e.name} on {e.product}: defect categories", "",
-                   f"accuracy {ce['accuracy']}, macro-F1 {ce['macro_f1']} over {ce['n']} anomalous images", "",
-                   markdown_table([{"true": lab, **{p: ce["confusion"][i][j] for j, p in enumerate(ce["labels"])}}
-                                   for i, lab in enumerate(ce["labels"])], ["true", *ce["labels"]]), ""]
+            md += [f"### {e.name} on {e.product}: defect categories (regions from the thresholded map)", "",
+                   f"accuracy {ce['accuracy']:.4f}, macro-F1 {ce['macro_f1']:.4f} over {ce['n']} anomalous images "
+                   "(rows = truth, columns = prediction)", "",
+                   markdown_table([{"truth": lab, **{p: row[j] for j, p in enumerate(ce["labels"])}}
+                                   for lab, row in zip(CATEGORIES, ce["confusion"])], ["truth", *ce["labels"]]), ""]
     paths["markdown"].write_text("\n".join(md))
     payload = [{"model": e.name, "product": e.product, "chosen": e.chosen, "thresholds": e.thresholds,
                 "headline": e.headline(), "summary": e.summary, "rows": e.rows,

@@ -197,9 +197,10 @@ def recalibrate(registry_dir: Path, product: str, val: LabelledSet, prefer: str 
 # -- evaluation of a model on a test set -------------------------------------------------------------
 def evaluate_model(name: str, product: str, model: AnomalyModel, test: LabelledSet,
                    report: ThresholdReport, val: LabelledSet | None = None,
-                   val_maps: np.ndarray | None = None, categorizer: Any = None, batch_size: int = 16):
+                   val_maps: np.ndarray | None = None, categorizer: dict[str, Any] | None = None,
+                   batch_size: int = 16):
     """Maps on test, every metric, and the category evaluation when a categorizer is given."""
-    from calibration.evaluate import category_evaluation, evaluate_maps
+    from calibration.evaluate import evaluate_maps
 
     maps, scores = model.predict(test.images, batch_size=batch_size)
     val_curves = None
@@ -208,25 +209,51 @@ def evaluate_model(name: str, product: str, model: AnomalyModel, test: LabelledS
             val_maps, _ = model.predict(val.images, batch_size=batch_size)
         val_curves = pixel_curves(val_maps, val.masks, extra=[t for t in report.thresholds().values() if t is not None])
     ev = evaluate_maps(name, product, test, maps, scores, report.thresholds(), report.chosen, report, val_curves)
-    if categorizer is not None:
-        pred = _categorize(categorizer, test, maps, report.threshold, model)
-        if pred is not None:
-            ev.category_eval = category_evaluation(test.categories, pred)
+    ev.category_eval = categorizer_evaluation(categorizer, test, maps, report.threshold, product)
     return ev
 
 
-def _categorize(categorizer: Any, test: LabelledSet, maps: np.ndarray, threshold: float, model: AnomalyModel):
-    """Predicted frame categories from linewatch.categorize, if its API offers a frame-level call."""
-    for attr in ("predict_frames", "predict_images", "predict"):
-        fn = getattr(categorizer, attr, None)
-        if callable(fn):
-            try:
-                out = fn(test.images, maps, threshold)
-            except TypeError:
-                continue
-            return [getattr(o, "category", o) for o in out]
-    log.warning("categorizer has no frame-level predict; category accuracy skipped")
-    return None
+def _category_samples(data: LabelledSet, maps: np.ndarray, threshold: float, product: str):
+    """Labelled anomalous images as the categorizer sees them at inference: regions from the
+    model's thresholded map, the true mask kept to tell which regions are real."""
+    from calibration.categorizer_fit import CategorySample
+    from linewatch.messages import CATEGORIES
+
+    return [CategorySample(image=data.images[i], category=c, mask=maps[i] >= threshold, amap=maps[i],
+                           threshold=threshold, background=data.background[i], product=product,
+                           gt_mask=data.masks[i])
+            for i, c in enumerate(data.categories) if c in CATEGORIES]
+
+
+def fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, product: str) -> dict[str, Any] | None:
+    """Categorizer parameters (JSON) trained on the validation images, or None (said in the log)
+    when linewatch.categorize is absent or the labels are too few."""
+    try:
+        from calibration.categorizer_fit import train_categorizer
+    except ImportError:
+        return None
+    samples = _category_samples(val, val_maps, threshold, product)
+    try:
+        return train_categorizer(samples, product=product, region_source="predicted")
+    except UserError as exc:
+        log.warning("categorizer not trained for %s: %s", product, exc)
+        return None
+
+
+def categorizer_evaluation(params: dict[str, Any] | None, test: LabelledSet, maps: np.ndarray,
+                           threshold: float, product: str) -> dict[str, Any] | None:
+    if not params:
+        return None
+    from calibration.categorizer_fit import evaluate_categorizer
+
+    samples = _category_samples(test, maps, threshold, product)
+    if not samples:
+        return None
+    try:
+        return evaluate_categorizer(params, samples)
+    except UserError as exc:
+        log.warning("category evaluation skipped for %s: %s", product, exc)
+        return None
 
 
 # -- one shot --------------------------------------------------------------------------------------
@@ -244,7 +271,7 @@ def calibrate_product(dataset_root: str | Path, product: str, registry_dir: str 
     val, test = load_product_splits(root, product, input_size, val_fraction, seed, progress=progress)
     model, secs = fit_model(train, model_kind, input_size, options, progress)
     report, val_maps = threshold_model(model, val, method, k_std, quantile)
-    categorizer_params, categorizer = _fit_categorizer(val, val_maps, report.threshold, model, product)
+    categorizer = fit_categorizer(val, val_maps, report.threshold, product)
     ev = evaluate_model(model_kind, product, model, test, report, val, val_maps, categorizer)
     metrics = {"test": ev.headline(), "fit_seconds": round(secs, 2), "n_train": int(len(train)),
                "n_val": len(val), "n_test": len(test)}
@@ -257,27 +284,8 @@ def calibrate_product(dataset_root: str | Path, product: str, registry_dir: str 
         write_tables([ev], Path(report_dir))
         write_report([ev], Path(report_dir), title=f"linewatch calibration: {product}")
     bg = background_of(val) if background_of(val) is not None else background_of(test)
-    profile = make_profile(product, model, report, metrics, bg, categorizer_params,
+    profile = make_profile(product, model, report, metrics, bg, categorizer,
                            notes=f"calibrate_product: {model_kind} on {len(train)} normal images of {root}")
     if not publish:
         return profile
     return Registry(registry_dir).publish(profile, model, export_onnx=export_onnx)
-
-
-def _fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, model: AnomalyModel,
-                     product: str) -> tuple[dict[str, Any] | None, Any]:
-    """Train the categorizer of linewatch.categorize on the validation images, if it exists."""
-    try:
-        from linewatch import categorize  # noqa: F401  (written by another part of the team)
-    except ImportError:
-        return None, None
-    fit = getattr(categorize, "fit_categorizer", None)
-    if fit is None:
-        return None, None
-    try:
-        cat = fit(val.images, val.masks, val.categories, maps=val_maps, threshold=threshold)
-    except TypeError:
-        log.warning("linewatch.categorize.fit_categorizer has another signature; categorizer skipped")
-        return None, None
-    to_profile = getattr(cat, "to_profile", None) or getattr(cat, "to_dict", None)
-    return (to_profile() if callable(to_profile) else None), cat

@@ -141,16 +141,23 @@ def plot_overlays(e: ModelEvaluation, path: Path, per_category: int = 2, seed: i
 
 
 def plot_confusion(e: ModelEvaluation, path: Path) -> Path | None:
+    """Rows = true category, columns = predicted (the last column may be "unknown")."""
     ce = e.category_eval
     if not ce or not ce.get("n"):
         return None
     plt = _plt()
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    ConfusionMatrixDisplay(np.array(ce["confusion"]), display_labels=ce["labels"]).plot(ax=ax, colorbar=False)
-    ax.set_title(f"{e.name} / {e.product}: categories (acc {ce['accuracy']}, macro-F1 {ce['macro_f1']})", fontsize=8)
-    plt.setp(ax.get_xticklabels(), rotation=30)
+    cm = np.array(ce["confusion"])
+    rows = ["structural", "surface", "contamination", "combined"][: cm.shape[0]]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_xticks(range(cm.shape[1]), ce["labels"], rotation=30)
+    ax.set_yticks(range(cm.shape[0]), rows)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{e.name} / {e.product}: categories (acc {ce['accuracy']:.3f}, macro-F1 {ce['macro_f1']:.3f})",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -194,6 +201,11 @@ def write_report(evals: list[ModelEvaluation], out_dir: Path, title: str = "line
             [r for r in e.rows if r["group"] == "all"],
             ["method", "threshold", "iou", "dice", "pooled_iou", "precision", "recall", "normal_false_alarm_rate",
              "oracle_iou", "regret"])))
+        ce = e.category_eval
+        if ce and ce.get("n"):
+            parts.append(f"<h3>Defect categories</h3><p>accuracy {ce['accuracy']:.3f}, macro-F1 {ce['macro_f1']:.3f} "
+                         f"over {ce['n']} anomalous test images (regions from the thresholded map; "
+                         "confusion matrix below)</p>")
         for f in figs:
             parts.append(f'<p><img src="{html.escape(f.name)}" alt="{html.escape(f.stem)}" style="max-width:100%"></p>')
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px} table{border-collapse:collapse;font-size:12px;"

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from dashboard import queries
@@ -115,7 +114,7 @@ def annotate(thumbnail: bytes | None, mask: bytes | None, heatmap: bytes | None)
     return rgb(outlined), rgb(overlay)
 
 
-def _sidebar(options: dict[str, list[str]], refresh_s: int, db: Path) -> queries.Filters:
+def _sidebar(options: dict[str, list[str]], refresh_s: int, db: Path) -> tuple[queries.Filters, int | None]:
     st.sidebar.title("linewatch")
     st.sidebar.caption("Visual inspection — line quality")
     rng = st.sidebar.radio("Time range", list(TIME_RANGES), index=list(TIME_RANGES).index(DEFAULT_RANGE),
@@ -128,10 +127,13 @@ def _sidebar(options: dict[str, list[str]], refresh_s: int, db: Path) -> queries
     st.sidebar.divider()
     st.sidebar.caption(f"Auto-refresh every {refresh_s} s · times in UTC")
     st.sidebar.caption(f"Database: `{db}`")
-    span = TIME_RANGES[rng]
+    return queries.Filters(products=products, cameras=cameras, lines=lines), TIME_RANGES[rng]
+
+
+def _window(base: queries.Filters, span_ms: int | None) -> queries.Filters:
+    """The filters with the time window recomputed now, so each auto-refresh slides it."""
     now = int(time.time() * 1000)
-    return queries.Filters(start_ms=None if span is None else now - span, end_ms=None,
-                           products=products, cameras=cameras, lines=lines)
+    return base.model_copy(update={"start_ms": None if span_ms is None else now - span_ms, "end_ms": None})
 
 
 def _alerts(snap: queries.Snapshot) -> None:
@@ -320,7 +322,7 @@ def main() -> None:
     db = args.db or settings.storage.db_path
     refresh_s = args.refresh or settings.dashboard.refresh_s
     options, bad = _options(db)
-    filters = _sidebar(options, refresh_s, db)
+    filters, span_ms = _sidebar(options, refresh_s, db)
     st.title("Line quality")
     if bad:
         st.error(f"Cannot read the database: {bad}", icon=":material/error:")
@@ -329,7 +331,7 @@ def main() -> None:
     @st.fragment(run_every=refresh_s)
     def live() -> None:
         try:
-            snap = queries.load_snapshot(db, filters, timeout_s=5.0)
+            snap = queries.load_snapshot(db, _window(filters, span_ms), timeout_s=5.0)
         except store.DatabaseMissing:
             st.warning(f"No linewatch database at `{db}` yet. Start the sink (`linewatch sink`) or the whole "
                        "line (`linewatch demo`); this page checks again every few seconds.", icon=":material/database:")

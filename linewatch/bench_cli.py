@@ -12,6 +12,7 @@ import importlib
 
 BENCHES: list[tuple[str, str]] = [
     ("producer", "producers.bench"),
+    ("models", "linewatch.bench_models"),
 ]
 
 

@@ -247,14 +247,32 @@ class Broker:
             return pid
         return None
 
+    def _running_listener(self) -> tuple[str, int] | None:
+        """host, port of the PLAINTEXT listener the running broker was started with."""
+        try:
+            for line in self.properties_file.read_text().splitlines():
+                if line.startswith("listeners="):
+                    for item in line.split("=", 1)[1].split(","):
+                        if item.startswith("PLAINTEXT://"):
+                            host, port = item[len("PLAINTEXT://"):].rsplit(":", 1)
+                            return host, int(port)
+        except (OSError, ValueError):
+            pass
+        return None
+
     def status(self) -> BrokerStatus:
+        """Running (our JVM by pid file) and answering (its port accepts connections); the
+        address is the one the running broker was started with, whatever the settings say."""
         pid = self._read_pid()
-        answering = pid is not None and _port_answers(self.settings.host, self.settings.port)
+        host, port = self.settings.host, self.settings.port
+        if pid is not None:
+            host, port = self._running_listener() or (host, port)
+        answering = pid is not None and _port_answers(host, port)
         return BrokerStatus(
             running=pid is not None,
             answering=answering,
             pid=pid,
-            bootstrap_servers=self.bootstrap_servers,
+            bootstrap_servers=f"{host}:{port}",
             home=self.home,
             log_file=self.log_file,
             jars_installed=self.installed(),
@@ -315,7 +333,10 @@ class Broker:
         if current.running:
             from linewatch.kafka_io import wait_for_broker
 
-            wait_for_broker(self.kafka_settings(), timeout_s)
+            wait_for_broker(
+                KafkaSettings(bootstrap_servers=current.bootstrap_servers, max_message_bytes=self.max_message_bytes),
+                timeout_s,
+            )
             return self.status()
         if s.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("broker listens on %s, not loopback: anyone on that network can reach it", s.host)

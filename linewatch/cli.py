@@ -69,10 +69,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
     types: list[type[BaseException]] = [UserError, ValidationError, FileNotFoundError]
     for mod, cls in (("linewatch.profiles", "ProfileError"), ("linewatch.models.base", "ModelError")):
-        try:
-            types.append(getattr(importlib.import_module(mod), cls))
-        except (ImportError, AttributeError):
-            pass
+        # only modules already imported: one that was not cannot have raised its error, and
+        # importing it here (linewatch.models.base imports torch) costs seconds on every error
+        module = sys.modules.get(mod)
+        if module is not None and hasattr(module, cls):
+            types.append(getattr(module, cls))
     return tuple(types)
 
 

@@ -97,6 +97,7 @@ def make_producer(settings: Settings | KafkaSettings, **overrides: Any) -> "Kafk
         retries=10,  # bounded; delivery_timeout_ms bounds the total time as well
         max_in_flight_requests_per_connection=5,
         linger_ms=5,
+        batch_size=1_048_576,  # several ~150 kB frames per request: ~2x frames/s vs the 16 kB default
         delivery_timeout_ms=max(ks.request_timeout_ms + 5_000, 60_000),
         max_block_ms=int(ks.connect_timeout_s * 1000),
         bootstrap_timeout_ms=int(ks.connect_timeout_s * 1000),

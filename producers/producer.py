@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from linewatch.errors import UserError
 from linewatch.kafka_io import (
-    DeliveryError,
     PendingDelivery,
     RecordTooLarge,
     describe_topics,

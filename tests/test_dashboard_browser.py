@@ -1,7 +1,7 @@
 """The dashboard in real headless Chromium against a real `streamlit run` server on a free
 127.0.0.1 port, over a DuckDB file with known rows: the page loads, the category summary
-shows the numbers in the database, changing a filter changes them, and a screenshot is saved
-to test-artifacts/ for a person to look at."""
+shows the numbers in the database, changing a filter changes them, rows written while the
+page is open appear by auto-refresh, and screenshots are saved to test-artifacts/."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dashboard import queries
 from dashboard.cli import streamlit_command
 from linewatch import store
 from linewatch.messages import Alert, DlqRecord
-from result_factory import known_dataset, write_db
+from result_factory import known_dataset, make_result, write_db
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -65,7 +65,7 @@ def demo_db(tmp_path):
 def server(demo_db, tmp_path):
     db, now = demo_db
     port = _free_port()
-    cmd = streamlit_command(db, "127.0.0.1", port, refresh_s=30)
+    cmd = streamlit_command(db, "127.0.0.1", port, refresh_s=2)
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
     log = (tmp_path / "streamlit.log").open("w")
     env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
@@ -158,6 +158,14 @@ def test_dashboard_in_headless_chromium(server, artifacts_dir):
             assert bottle != hour
             time.sleep(1.0)
             page.screenshot(path=str(artifacts_dir / "dashboard-filtered.png"))
+
+            # auto-refresh: new rows written while the page is open appear without a click
+            fresh = [make_result(10_000 + k, product="bottle", camera="cam-3", line="line-B", verdict="defect",
+                                 category="surface", capture_ts_ms=int(time.time() * 1000), frame_id=f"new-{k}")
+                     for k in range(10)]
+            with store.writing(db) as con:
+                store.write_batch(con, fresh)
+            _wait_for(page, "surface", bottle["surface"] + 10, timeout_s=30)
         finally:
             browser.close()
     assert (artifacts_dir / "dashboard.png").stat().st_size > 50_000

@@ -229,7 +229,7 @@ def test_batch_results_and_dlq_reasons():
     assert mask.shape == (48, 48) and mask.max() == 255
     thumb = cv2.imdecode(np.frombuffer(base64.b64decode(d.thumbnail_jpeg_b64), np.uint8), cv2.IMREAD_COLOR)
     heat = cv2.imdecode(np.frombuffer(base64.b64decode(d.heatmap_png_b64), np.uint8), cv2.IMREAD_COLOR)
-    assert thumb.shape == (48, 48, 3) and heat.shape == (48, 48, 3)
+    assert thumb.shape == (48, 48, 3) and heat.shape == (32, 32, 3)
     assert len(out[1].value) < 20_000
 
     reasons = {}
@@ -265,3 +265,51 @@ def test_engine_failure_sends_the_group_to_the_dlq_and_other_products_go_on():
     proc.close()
     assert [o.kind for o in out] == ["dlq", "ok", "dlq", "ok"]
     assert "out of memory" in DlqRecord.model_validate_json(out[0].headers[-1][1]).reason
+
+
+def test_categorizer_is_called_for_defect_frames(monkeypatch):
+    import linewatch.categorize as cz
+
+    seen = {}
+
+    def fake(image, anomaly_map=None, mask=None, regions=None, params=None, *, profile=None, amap=None,
+             labels=None, threshold=None, background=None):
+        seen.update(n=len(regions), labels=int(labels.max()), shape=image.shape, params=profile.categorizer)
+        regs = [r.model_copy(update={"category": "surface", "confidence": 0.8}) for r in regions]
+        return cz.FrameCategories("surface", 0.8, [("surface", 0.8)] * len(regs), regs)
+
+    monkeypatch.setattr(cz, "categorize_frame", fake)
+    prof = _profile(threshold=0.5, categorizer={"classes": ["surface"]})
+    proc = _processor(Profiles(widget=SimpleNamespace(profile=prof, engine=RedEngine())))
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[10:20, 10:20, 0] = 255
+    img[40:50, 40:50, 0] = 255
+    out = proc.process([FakeRecord(encode(img, "png"), frame_headers("widget", 0, encoding="png").to_kafka())]).out
+    proc.close()
+    r = InspectionResult.from_bytes(out[0].value)
+    assert seen == {"n": 2, "labels": 2, "shape": (64, 64, 3), "params": {"classes": ["surface"]}}
+    assert r.category == "surface" and r.category_confidence == 0.8
+    assert [x.category for x in r.regions] == ["surface", "surface"]
+
+
+def test_non_finite_scores_and_post_processing_bugs_go_to_the_dlq():
+    class NaNEngine:
+        name = "nan"
+
+        def run(self, images):
+            maps = np.zeros(images.shape[:3], np.float32)
+            scores = np.zeros(len(images), np.float32)
+            scores[0] = np.nan
+            maps[1] = 0.9  # a defect whose image rendering will blow up
+            scores[1] = 0.9
+            return maps, scores
+
+    proc = _processor(Profiles(widget=SimpleNamespace(profile=_profile(), engine=NaNEngine())))
+    proc.thumbnail_size = 0  # cv2.resize to 0x0 raises inside render_artifacts
+    img = encode(np.zeros((64, 64, 3), np.uint8))
+    recs = [FakeRecord(img, frame_headers("widget", i).to_kafka(), offset=i) for i in range(3)]
+    out = proc.process(recs).out
+    proc.close()
+    assert [o.kind for o in out] == ["dlq", "dlq", "ok"]
+    assert out[0].stage == "inference" and "non-finite" in out[0].reason
+    assert out[1].stage == "other" and "post-processing" in out[1].reason

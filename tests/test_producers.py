@@ -317,3 +317,16 @@ def test_cli_produce_sigterm_flushes_and_reports(kafka_settings):
     sent = int(re.search(r"(\d+) frames ", done[0]).group(1))
     assert sent > 5
     assert len(consume(kafka_settings, sent)) == sent  # everything reported as sent is in Kafka
+
+
+@pytest.mark.integration
+def test_bench_producer_measures_real_deliveries(kafka_broker):
+    from producers.bench import bench_producer, format_result
+
+    res = bench_producer(kafka_broker, frames=24, size=128, distinct=4, cameras=2)
+    phases = {p["phase"]: p for p in res["phases"]}
+    assert set(phases) == {"send", "encode+send"}
+    for p in phases.values():
+        assert p["frames"] == 24 and p["too_large"] == 0
+        assert p["frames_per_s"] > 0 and p["mb_per_s"] > 0 and p["mean_frame_kb"] > 1
+    assert "frames/s" in format_result(res)

@@ -92,6 +92,49 @@ def test_sink_refuses_a_file_that_is_not_duckdb(tmp_path):
     assert len(err) == 1 and str(bad) in err[0] and "not a DuckDB database" in err[0]
 
 
+class _Rec:
+    """The fields of a kafka-python ConsumerRecord the sink reads (fast unit tests only)."""
+
+    def __init__(self, topic, partition, offset, value, key=None, headers=None):
+        self.topic, self.partition, self.offset = topic, partition, offset
+        self.value, self.key, self.headers = value, key, headers or []
+
+
+def test_handle_batch_without_kafka(tmp_path):
+    """Sink.handle_batch on in-process records: a forged `dlq` header sent by a camera is
+    ignored in favour of the worker's (appended last), garbage on `results` is kept as a
+    rejected event, and a replayed batch feeds the alert state machine nothing."""
+    from workers.sink import Sink
+
+    settings = Settings(storage={"db_path": tmp_path / "lw.duckdb"},
+                        alerts={"window_frames": 10, "max_defect_rate": 0.5, "max_consecutive_defects": 3})
+    sink = Sink(settings)
+    sink.start()
+    t = settings.topics
+    results = [make_result(i, verdict="defect", category="surface", capture_ts_ms=1000 + i, frame_id=f"f{i}")
+               for i in range(3)]
+    forged = DlqRecord(frame_id="x", reason="forged", stage="other", worker_id="evil", source_topic="frames",
+                       source_partition=9, source_offset=9)
+    real = DlqRecord(frame_id="x", reason="zero-byte frame", stage="decode", worker_id="w1", source_topic="frames",
+                     source_partition=0, source_offset=5)
+    records = [_Rec(t.results, 0, i, r.to_bytes(), key=r.frame_id.encode()) for i, r in enumerate(results)]
+    records += [_Rec(t.dlq, 0, 0, b"", headers=[forged.to_header(), ("product", b"widget"), ("camera", b"\xff"),
+                                                real.to_header()]),
+                _Rec(t.results, 1, 0, b"{\"frame_id\": 1}", key=b"k")]
+    wr = sink.handle_batch(records)
+    assert len(wr.inserted_ids) == 3 and sink.stats.rejected == 1
+    assert [(a.kind, a.state) for a in sink._pending_alerts] == [("consecutive_defects", "raised")]
+    with store.reading(settings.storage.db_path) as con:
+        rows = con.execute("SELECT reason, worker_id, product, camera, source_partition FROM dlq_events "
+                           "ORDER BY source_topic").fetchall()
+    assert ("zero-byte frame", "w1", "widget", None, 0) in rows
+    assert not any(r[0] == "forged" for r in rows)
+    assert any(r[0].startswith("sink: invalid result") and r[1] == "sink" for r in rows)
+    sink._pending_alerts.clear()
+    wr = sink.handle_batch(records)  # replay
+    assert wr.inserted_ids == [] and sink._pending_alerts == [] and sink.stats.inserted == 3
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_every_result_once_replays_deduplicated_dlq_and_garbage_kept(kafka_settings, tmp_path):

@@ -308,3 +308,67 @@ def test_sigterm_finishes_the_batch_commits_and_exits(kafka_settings, registry):
     results = _read_all(settings, settings.topics.results, summary["results"], 10)
     committed, _ = _committed_vs_end(settings)
     assert sum(committed.values()) == summary["frames"] == len(results)  # finished, committed, no extra
+
+
+# -- a real PaDiM profile through the stream vs offline ---------------------------------------
+@pytest.fixture(scope="session")
+def padim_frames(tmp_path_factory):
+    """A tiny PaDiM (64 px, d=16) fitted once on synthetic caps and published with its ONNX
+    export; plus JPEG frames (good and defective, 256 px) with the threshold set between
+    their scores so both verdicts occur."""
+    from linewatch.models.padim import PaDiM
+    from linewatch.profiles import Profile, Registry
+    from linewatch.synth import SyntheticProduct
+    from workers.pipeline import decode_frame
+
+    root = tmp_path_factory.mktemp("padim-registry")
+    sp = SyntheticProduct("cap", size=256, seed=1)
+
+    def jpeg(img):
+        return encode(img, "jpeg", 92)
+
+    normals = np.stack([decode_frame(jpeg(sp.normal(100 + i).image), 64, 10**8)[0] for i in range(10)])
+    model = PaDiM(input_size=64, d=16).fit(normals, progress=False)
+    frames = [jpeg(sp.normal(i).image) for i in range(6)]
+    frames += [jpeg(sp.defective(i, cat).image) for i, cat in enumerate(
+        ["structural", "surface", "contamination", "combined", "surface", "structural"])]
+    decoded = np.stack([decode_frame(f, 64, 10**8)[0] for f in frames])
+    _, scores = model.predict(decoded)
+    threshold = float(np.median(scores))
+    profile = Profile(product="cap", model_kind="padim", backbone="efficientnet_lite0", input_size=64,
+                      threshold=threshold, threshold_method="manual", min_region_px=4)
+    Registry(root).publish(profile, model)  # with the ONNX export, as calibration publishes
+    return root, frames
+
+
+def test_real_padim_profile_stream_matches_offline(kafka_settings, padim_frames):
+    from linewatch.profiles import ONNX_FILE, Registry
+    from workers.engines import select_engine
+    from workers.pipeline import decode_frame, judge
+
+    registry, frames = padim_frames
+    settings = _settings(kafka_settings, registry, max_batch=5)
+    msgs = [_frame("cap", i, np.zeros((1, 1, 3), np.uint8)) for i in range(len(frames))]
+    msgs = [(f, h, k) for f, (_, h, k) in zip(frames, msgs)]
+    _produce(settings, msgs)
+    stats = run_worker(settings, worker_id="w-padim", max_frames=len(frames))
+    assert stats.results == len(frames) and stats.engines == {"cap": "onnxruntime-cpu"}
+    got = {r.frame_id: r for r in (InspectionResult.from_bytes(x.value)
+                                   for x in _read_all(settings, settings.topics.results, len(frames)))}
+    assert len(got) == len(frames)
+
+    # offline: the same profile, the same engine choice, the same decoder
+    reg = Registry(registry)
+    profile, model = reg.load("cap")
+    engine = select_engine(model, reg.version_dir("cap", profile.version) / ONNX_FILE, "auto", 1, 16)
+    images = np.stack([decode_frame(f, 64, 10**8)[0] for f in frames])
+    maps, scores = engine.run(images)
+    offline = [judge(maps[k], float(scores[k]), profile, 256, 256) for k in range(len(frames))]
+    verdicts = []
+    for (_, h, _), ref, score in zip(msgs, offline, scores):
+        r = got[dict(h)["frame_id"].decode()]
+        assert r.verdict == ref.verdict and len(r.regions) == len(ref.regions)
+        assert r.image_score == pytest.approx(float(score), rel=1e-4, abs=1e-4)
+        assert r.model_kind == "padim" and r.engine == "onnxruntime-cpu"
+        verdicts.append(r.verdict)
+    assert "ok" in verdicts and "defect" in verdicts  # the comparison is not vacuous

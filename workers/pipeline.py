@@ -290,15 +290,17 @@ def heatmap_bgr(amap: np.ndarray, threshold: float) -> np.ndarray:
 
 def render_artifacts(image_rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray, threshold: float,
                      size: int) -> tuple[bytes, bytes, bytes]:
-    """(mask PNG, thumbnail JPEG, heat map PNG), each at most ``size`` pixels on a side."""
-    def fit(img: np.ndarray, interp: int) -> np.ndarray:
-        return img if img.shape[0] <= size else cv2.resize(img, (size, size), interpolation=interp)
+    """(mask PNG, thumbnail JPEG, heat map PNG): mask and thumbnail at most ``size`` pixels on
+    a side, the heat map at most ``size // 2`` (it is a blurred map; a smaller PNG costs a third
+    of the deflate time, which dominated post-processing of defect frames)."""
+    def fit(img: np.ndarray, side: int, interp: int) -> np.ndarray:
+        return img if img.shape[0] <= side else cv2.resize(img, (side, side), interpolation=interp)
 
-    ok1, mask_png = cv2.imencode(".png", fit(mask, cv2.INTER_NEAREST), [cv2.IMWRITE_PNG_COMPRESSION, 6])
-    thumb = cv2.cvtColor(fit(image_rgb, cv2.INTER_AREA), cv2.COLOR_RGB2BGR)
+    ok1, mask_png = cv2.imencode(".png", fit(mask, size, cv2.INTER_NEAREST), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    thumb = cv2.cvtColor(fit(image_rgb, size, cv2.INTER_AREA), cv2.COLOR_RGB2BGR)
     ok2, thumb_jpg = cv2.imencode(".jpg", thumb, [cv2.IMWRITE_JPEG_QUALITY, 85])
-    ok3, heat_png = cv2.imencode(".png", fit(heatmap_bgr(amap, threshold), cv2.INTER_AREA),
-                                 [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    small_map = fit(amap, max(32, size // 2), cv2.INTER_AREA)
+    ok3, heat_png = cv2.imencode(".png", heatmap_bgr(small_map, threshold), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not (ok1 and ok2 and ok3):
         raise FrameError("other", "could not encode result images")
     return mask_png.tobytes(), thumb_jpg.tobytes(), heat_png.tobytes()
@@ -331,15 +333,14 @@ def categorize(profile: Profile, image_rgb: np.ndarray, amap: np.ndarray, fv: Fr
 
 
 def _unpack_categories(out: Any, regions: list[Region]) -> tuple[list[Region], str, float]:
-    """Accept (category, confidence), (regions, category, confidence) or an object with
-    ``regions``/``category``/``confidence`` attributes."""
-    if isinstance(out, tuple) and len(out) == 3:
-        return list(out[0]), str(out[1]), float(out[2])
+    """``linewatch.categorize.FrameCategories`` (regions/category/confidence attributes); a
+    plain (category, confidence) pair is accepted too."""
     if isinstance(out, tuple) and len(out) == 2:
         return regions, str(out[0]), float(out[1])
-    cat = getattr(out, "category", "unknown")
+    cat = str(getattr(out, "category", "unknown"))
     conf = float(getattr(out, "confidence", 0.0))
-    return list(getattr(out, "regions", regions)), str(cat), conf
+    got = list(getattr(out, "regions", None) or [])
+    return (got if len(got) == len(regions) else regions), cat, conf
 
 
 _warned: set[str] = set()
@@ -453,10 +454,17 @@ class BatchProcessor:
             except HeaderError as exc:
                 out[i] = self.dlq(rec, "headers", str(exc))
                 continue
+            except Exception as exc:  # a poison record must not stop the partition
+                out[i] = self.dlq(rec, "headers", f"unreadable headers: {type(exc).__name__}: {exc}")
+                continue
             try:
                 loaded = self.profiles.get(hdr.product)
             except ProfileError as exc:
                 out[i] = self.dlq(rec, "profile", str(exc), hdr.frame_id)
+                continue
+            except Exception as exc:
+                log.exception("profile lookup for %s failed", hdr.product)
+                out[i] = self.dlq(rec, "profile", f"{type(exc).__name__}: {exc}", hdr.frame_id)
                 continue
             groups.setdefault(id(loaded), (loaded, []))[1].append((i, hdr))
         times.profile = time.perf_counter() - t0
@@ -479,6 +487,8 @@ class BatchProcessor:
                 return w, h
             except FrameError as exc:
                 return exc
+            except Exception as exc:  # decoder bug or OOM on one frame: that frame only
+                return FrameError("decode", f"{type(exc).__name__}: {exc}")
 
         t0 = time.perf_counter()
         if self._pool is not None and len(members) > 1:
@@ -511,8 +521,17 @@ class BatchProcessor:
         for k, j in enumerate(good):
             i, hdr = members[j]
             w, h = decoded[j]  # type: ignore[misc]
-            out[i] = self._result(records[i], hdr, profile, loaded.engine.name, images[k], maps[k],
-                                  float(scores[k]), w, h, infer_ms)
+            score = float(scores[k])
+            if not np.isfinite(score):
+                out[i] = self.dlq(records[i], "inference", f"engine returned a non-finite score ({score})",
+                                  hdr.frame_id)
+                continue
+            try:
+                out[i] = self._result(records[i], hdr, profile, loaded.engine.name, images[k], maps[k],
+                                      score, w, h, infer_ms)
+            except Exception as exc:  # never a poison pill: this frame to the DLQ, the rest go on
+                log.exception("post-processing failed for %s", hdr.frame_id)
+                out[i] = self.dlq(records[i], "other", f"post-processing: {type(exc).__name__}: {exc}", hdr.frame_id)
         times.post += time.perf_counter() - t2
         return profile.product, profile.version, loaded.engine.name, len(good), infer_s
 

@@ -51,27 +51,37 @@ class SinkStats:
         return asdict(self)
 
 
-def _header(headers: list[tuple[str, bytes]] | None, key: str) -> str | None:
+def _header(headers: list[tuple[str, bytes]] | None, key: str, last: bool = False) -> str | None:
+    """A header as text (None when absent or not UTF-8). ``last``: the worker appends its
+    ``dlq`` header after the frame's own headers, so a forged ``dlq`` header sent by a
+    camera comes first and is ignored."""
+    found = None
     for k, v in headers or []:
         if k == key:
             try:
-                return v.decode("utf-8")
+                found = v.decode("utf-8")
             except (UnicodeDecodeError, AttributeError):
-                return None
-    return None
+                found = None
+            if not last:
+                return found
+    return found
+
+
+def _short(text: str | None, n: int = 128) -> str | None:
+    return None if text is None else text[:n]
 
 
 def _dlq_event(rec: Any) -> store.DlqEvent:
     """A `frames.dlq` record -> DlqEvent; a record without a readable ``dlq`` header is still
     counted (keyed by its own DLQ coordinates) so nothing disappears silently."""
-    raw = _header(rec.headers, "dlq")
+    raw = _header(rec.headers, "dlq", last=True)
     try:
         if raw is None:
             raise ValueError("no 'dlq' header")
         info = DlqRecord.model_validate_json(raw)
     except (ValidationError, ValueError) as exc:
         info = DlqRecord(
-            frame_id=_header(rec.headers, "frame_id"),
+            frame_id=_short(_header(rec.headers, "frame_id")),
             reason=f"unreadable DLQ record: {' '.join(str(exc).split())[:200]}",
             stage="other",
             worker_id="unknown",
@@ -79,7 +89,8 @@ def _dlq_event(rec: Any) -> store.DlqEvent:
             source_partition=rec.partition,
             source_offset=rec.offset,
         )
-    return store.DlqEvent(record=info, product=_header(rec.headers, "product"), camera=_header(rec.headers, "camera"))
+    return store.DlqEvent(record=info, product=_short(_header(rec.headers, "product")),
+                          camera=_short(_header(rec.headers, "camera")))
 
 
 def _rejected_event(rec: Any, exc: Exception) -> store.DlqEvent:
@@ -261,6 +272,7 @@ def run_sink(
     log.info("sink: %s + %s -> %s", settings.topics.results, settings.topics.dlq, settings.storage.db_path)
     last_data = time.monotonic()
     assigned = False
+    last_log = last_data
     try:
         sink.publish_alerts()  # whatever a previous run stored but could not announce
         while not stop.is_set():
@@ -280,6 +292,11 @@ def run_sink(
                 continue
             last_data = time.monotonic()
             sink.handle_batch(records)
+            if last_data - last_log >= 30:
+                last_log = last_data
+                st = sink.stats
+                log.info("sink: %d records, %d rows written, %d duplicates skipped, %d DLQ, %d alerts raised",
+                         st.records, st.inserted, st.duplicates, st.dlq, st.alerts_raised)
             sink.publish_alerts()
             try:
                 consumer.commit()  # only now: DuckDB has the batch, the alerts are out

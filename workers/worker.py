@@ -115,9 +115,8 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
     """Consume ``frames`` until ``stop_event`` is set, SIGTERM/SIGINT arrives (main thread
     only) or ``max_frames`` records have been handled; always finishes and commits the
     current batch, then leaves the group. Returns the stats."""
-    from kafka import TopicPartition  # noqa: F401 - imported for OffsetAndMetadata's module
+    from kafka import TopicPartition
     from kafka.errors import KafkaError
-    from kafka.structs import OffsetAndMetadata
 
     from linewatch.kafka_io import DeliveryError, RecordTooLarge, ensure_topics, make_consumer, make_producer, send_nowait
 
@@ -154,6 +153,7 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
                                thumbnail_size=ws.thumbnail_size,
                                decode_threads=min(4, ws.threads or os.cpu_count() or 1))
     consumer = producer = None
+    uncommitted: dict[Any, int] = {}  # acknowledged but not yet committed (a commit failed)
     try:
         if create_topics:
             ensure_topics(settings)
@@ -180,6 +180,8 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
                 metrics.set_lag(_lags(consumer, next_offsets))
                 last_lag = time.monotonic()
             if not batch:
+                if uncommitted:  # a commit failed earlier (broker restart): retry while idle
+                    _commit(consumer, uncommitted, stats, worker_id)
                 continue
             if first_at is None:
                 first_at = time.perf_counter()
@@ -212,12 +214,9 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
             for rec in batch:
                 tp = TopicPartition(rec.topic, rec.partition)
                 offsets[tp] = max(offsets.get(tp, -1), rec.offset + 1)
-            try:
-                consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
-                stats.commits += 1
-            except KafkaError as exc:  # rebalanced meanwhile: the new owner replays, the sink dedups
-                stats.commit_failures += 1
-                log.warning("worker %s: commit failed (%s); records may be redelivered", worker_id, exc)
+            for tp, off in offsets.items():
+                uncommitted[tp] = max(uncommitted.get(tp, -1), off)
+            _commit(consumer, uncommitted, stats, worker_id)
             next_offsets.update(offsets)
             commit_s = time.perf_counter() - t2
             stats.stage_s["commit"] += commit_s
@@ -254,6 +253,11 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
             finally:
                 producer.close(timeout=5)
         if consumer is not None:
+            if uncommitted:
+                try:
+                    _commit(consumer, uncommitted, stats, worker_id)
+                except Exception:  # closing anyway; the records will be redelivered
+                    log.exception("final commit failed")
             consumer.close(autocommit=False)  # sends LeaveGroup: partitions move at once
         metrics.close()
         for sig, handler in previous.items():
@@ -261,6 +265,32 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
         log.info("worker %s stopped: %d frames (%d results, %d DLQ) in %d batches", worker_id,
                  stats.frames, stats.results, stats.dlq, stats.batches)
     return stats
+
+
+def _commit(consumer: Any, uncommitted: dict[Any, int], stats: WorkerStats, worker_id: str) -> bool:
+    """Commit the acknowledged offsets of partitions still assigned; keep them on failure so
+    the next batch (or the idle loop) retries. Failing is safe: records are redelivered and
+    the sink dedups by frame id."""
+    from kafka.errors import KafkaError
+    from kafka.structs import OffsetAndMetadata
+
+    try:
+        assigned = consumer.assignment()
+    except Exception:
+        assigned = set(uncommitted)
+    for tp in [tp for tp in uncommitted if tp not in assigned]:
+        del uncommitted[tp]  # its new owner starts from the last committed offset
+    if not uncommitted:
+        return True
+    try:
+        consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in uncommitted.items()})
+    except KafkaError as exc:
+        stats.commit_failures += 1
+        log.warning("worker %s: commit failed (%s); will retry, records may be redelivered", worker_id, exc)
+        return False
+    stats.commits += 1
+    uncommitted.clear()
+    return True
 
 
 def _collect(consumer: Any, revocations: _Revocations, max_batch: int, max_wait_ms: int,

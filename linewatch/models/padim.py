@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "sigma": 4.0,
     "seed": 0,
     "neighborhood": 1,  # k: each position's Gaussian is fitted on its k x k neighbourhood
+    "shared": False,  # one Gaussian for all positions (close-up textures whose pattern shifts)
     "storage": "float16",  # dtype of the Cholesky factors on disk and in the ONNX graph
     "backbone_weights": None,
     "backbone_sha256": None,
@@ -107,7 +108,11 @@ class PaDiMModule(nn.Module):
     def _score(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, d, h, w = emb.shape
         e = emb.reshape(n, d, h * w).permute(2, 0, 1)  # (P, N, d)
-        y = torch.matmul(e - self.mean, self.full_chol())  # (P, N, d)
+        chol = self.full_chol()
+        if chol.shape[0] == 1:  # one Gaussian shared by all positions: a single GEMM
+            y = torch.matmul((e - self.mean).reshape(-1, d), chol[0]).reshape(h * w, n, d)
+        else:
+            y = torch.matmul(e - self.mean, chol)  # (P, N, d): one small GEMM per position
         dist = y.pow(2).sum(dim=-1).sqrt()  # (P, N)
         grid_map = dist.permute(1, 0).reshape(n, 1, h, w)
         return self.head(grid_map)
@@ -226,7 +231,20 @@ class PaDiM(AnomalyModel):
         padded = F.pad(emb, (r, r, r, r), mode="replicate") if r else emb
         means, chols, shrinks = [], [], []
         rows = max(1, 256 // w)
-        for y0 in tqdm(range(0, h, rows), desc="padim gaussians", unit="band", disable=not progress, leave=False):
+        bands = range(0, h, rows)
+        if self.options["shared"]:
+            # one Gaussian for every position: for textures whose pattern shifts from part to part
+            x = emb.permute(0, 2, 3, 1).reshape(1, -1, d)
+            if x.shape[1] > 200_000:
+                pick = torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(int(self.options["seed"])))
+                x = x[:, pick[:200_000]]
+            mean, cov, shrink = ledoit_wolf(x.double())
+            prec = torch.linalg.inv(cov)
+            chols.append(torch.linalg.cholesky(0.5 * (prec + prec.transpose(1, 2))))
+            means.append(mean)
+            shrinks.append(shrink)
+            bands = range(0)
+        for y0 in tqdm(bands, desc="padim gaussians", unit="band", disable=not progress, leave=False):
             y1 = min(h, y0 + rows)
             band = padded[:, :, y0 : y1 + 2 * r, :]
             cols = F.unfold(band, kernel_size=k)  # (N, d*k*k, (y1-y0)*w)
@@ -243,7 +261,7 @@ class PaDiM(AnomalyModel):
         self._set_chol(chol)
         self._module = None
         sh = torch.cat(shrinks)
-        self.fit_info = {"n_images": int(len(images)), "positions": int(h * w), "d": int(d),
+        self.fit_info = {"n_images": int(len(images)), "positions": int(h * w), "gaussians": len(self.mean), "d": int(d),
                          "shrinkage_mean": float(sh.mean()), "feature_s": round(t_feat, 3),
                          "fit_s": round(time.perf_counter() - t0, 3)}
         return self
@@ -295,7 +313,7 @@ class PaDiM(AnomalyModel):
             raise ModelError(f"padim: weights lack {sorted(missing)}")
         mean, tri, idx = tensors["mean"], tensors["chol_tril"], tensors["channel_idx"]
         g = grid_size(self.input_size, self.options["grid_stride"])
-        p, d = g[0] * g[1], int(self.options["d"])
+        p, d = (1 if self.options["shared"] else g[0] * g[1]), int(self.options["d"])
         if tuple(mean.shape) != (p, d) or tuple(tri.shape) != (p, d * (d + 1) // 2) or tuple(idx.shape) != (d,):
             raise ModelError(f"padim: weights shapes mean {tuple(mean.shape)} chol_tril {tuple(tri.shape)} do not "
                              f"match the config (positions {p}, d {d})")

@@ -1,0 +1,265 @@
+"""Fit the product-agnostic defect categorizer with scikit-learn and store it as JSON arrays.
+
+Why: categories are learnt from the same few labelled validation images calibration uses, of
+all products together (a scratch is a scratch on a cap or on a carpet). Each region of a
+labelled anomalous image becomes one training row (features from
+``linewatch.categorize.region_features``); images labelled ``combined`` carry no per-region
+label, so they are used only to tune the frame rule (when two regions of different kinds make
+a frame ``combined``). The result is a plain dict (lists of floats) for
+``Profile.categorizer``; inference (``linewatch.categorize``) needs only numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from linewatch.categorize import (BASE_KINDS, FEATURES, PARAMS_VERSION, UNKNOWN, FramePlanes, _labels_of,
+                                  categorize_regions, frame_category, region_features)
+from linewatch.errors import UserError
+from linewatch.messages import CATEGORIES
+
+
+@dataclass
+class CategorySample:
+    """One labelled anomalous image and the regions to describe.
+
+    ``mask`` is where the regions are (ground truth, or a model's thresholded map at inference
+    size); ``gt_mask`` (optional) keeps training rows to regions that touch the true defect.
+    """
+
+    image: np.ndarray
+    category: str
+    mask: np.ndarray
+    amap: np.ndarray | None = None
+    threshold: float | None = None
+    background: bool | None = None
+    product: str = ""
+    gt_mask: np.ndarray | None = None
+
+
+@dataclass
+class SampleFeatures:
+    feats: np.ndarray  # (n_regions, F)
+    areas: np.ndarray  # (n_regions,)
+    overlap: np.ndarray  # (n_regions,) bool: touches the true defect (all True without gt_mask)
+
+
+def describe(sample: CategorySample, min_region_px: int = 16) -> SampleFeatures:
+    """Region features of one sample (components smaller than ``min_region_px`` dropped)."""
+    lab, n = _labels_of(sample.mask)
+    areas = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    keep = np.flatnonzero(areas >= max(1, min_region_px)) + 1
+    lut = np.zeros(n + 1, np.int32)
+    lut[keep] = np.arange(1, len(keep) + 1)
+    lab = lut[lab]
+    feats = region_features(sample.image, sample.amap, lab, sample.threshold, sample.background,
+                            FramePlanes.of(sample.image))
+    areas = areas[keep - 1].astype(float) if len(keep) else np.zeros(0)
+    if sample.gt_mask is not None and len(keep):
+        gt = np.asarray(sample.gt_mask) > 0
+        hit = np.bincount(lab[gt].ravel(), minlength=len(keep) + 1)[1:]
+        overlap = (hit >= np.minimum(10, 0.2 * areas)) & (hit > 0)
+    else:
+        overlap = np.ones(len(keep), bool)
+    return SampleFeatures(feats, areas, overlap)
+
+
+def _check_labels(samples: Sequence[CategorySample]) -> None:
+    for i, s in enumerate(samples):
+        if s.category not in CATEGORIES:
+            raise UserError(f"categorizer sample {i} ({s.product or 'product ?'}): category {s.category!r} "
+                            f"is not one of {', '.join(CATEGORIES)}")
+
+
+def _fit_classifier(x: np.ndarray, y: np.ndarray, kind: str, seed: int, weights: np.ndarray | None):
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+
+    if kind == "logreg":
+        clf = LogisticRegression(C=0.5, class_weight="balanced", max_iter=5000)
+    elif kind == "forest":
+        clf = RandomForestClassifier(n_estimators=60, max_depth=6, min_samples_leaf=2, class_weight="balanced",
+                                     random_state=seed, n_jobs=1)
+    else:
+        raise UserError(f"categorizer kind {kind!r} is not logreg or forest")
+    clf.fit(x, y, sample_weight=weights)
+    return clf
+
+
+def _export(clf: Any, kind: str) -> dict[str, Any]:
+    if kind == "logreg":
+        return {"kind": "logreg", "coef": clf.coef_.tolist(), "intercept": clf.intercept_.tolist()}
+    trees = []
+    for est in clf.estimators_:
+        t = est.tree_
+        value = t.value[:, 0, :]  # a forest's trees all see every class, in clf.classes_ order
+        full = value / np.maximum(value.sum(axis=1, keepdims=True), 1e-12)
+        trees.append({"left": t.children_left.tolist(), "right": t.children_right.tolist(),
+                      "feature": t.feature.tolist(), "threshold": [round(float(v), 6) for v in t.threshold],
+                      "value": np.round(full, 5).tolist(), "depth": int(t.max_depth)})
+    return {"kind": "forest", "trees": trees}
+
+
+def _rows(described: Sequence[SampleFeatures], samples: Sequence[CategorySample]):
+    xs, ys, groups, prods = [], [], [], []
+    for i, (d, s) in enumerate(zip(described, samples)):
+        if s.category not in BASE_KINDS:
+            continue
+        for f, ok in zip(d.feats, d.overlap):
+            if ok:
+                xs.append(f)
+                ys.append(s.category)
+                groups.append(i)
+                prods.append(s.product)
+    return (np.asarray(xs, np.float64).reshape(-1, len(FEATURES)), np.asarray(ys), np.asarray(groups),
+            np.asarray(prods))
+
+
+def train_categorizer(samples: Sequence[CategorySample], kind: str = "logreg", seed: int = 0,
+                      min_region_px: int = 16, product: str | None = None, product_weight: float = 2.0,
+                      features: Sequence[str] = FEATURES, region_source: str = "unspecified",
+                      progress: bool = False) -> dict[str, Any]:
+    """Train on labelled anomalous samples (any products); returns JSON-able parameters.
+
+    ``product`` with ``product_weight`` weighs that product's own examples up (its profile's
+    categorizer), while every product's examples still count. Needs at least two examples of
+    at least two of the base kinds.
+    """
+    from sklearn.model_selection import GroupKFold
+    from sklearn.preprocessing import StandardScaler
+    from tqdm.auto import tqdm
+
+    _check_labels(samples)
+    described = [describe(s, min_region_px) for s in tqdm(samples, desc="categorizer features", unit="img",
+                                                           disable=not progress, leave=False)]
+    x, y, groups, prods = _rows(described, samples)
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2 or counts.min() < 2:
+        raise UserError("categorizer: need at least 2 labelled regions of at least 2 of structural, surface, "
+                        f"contamination (got {dict(zip(classes.tolist(), counts.tolist()))})")
+    idx = [FEATURES.index(f) for f in features]
+    x = np.nan_to_num(x[:, idx], nan=0.0, posinf=10.0, neginf=-10.0)
+    scaler = StandardScaler().fit(x)
+    scale = np.where(scaler.scale_ > 1e-9, scaler.scale_, 1.0)
+    xs = (x - scaler.mean_) / scale
+    weights = None
+    if product:
+        weights = np.where(prods == product, float(product_weight), 1.0)
+    clf = _fit_classifier(xs, y, kind, seed, weights)
+    params: dict[str, Any] = {
+        "version": PARAMS_VERSION,
+        "features": list(features),
+        "classes": clf.classes_.tolist(),
+        "scaler_mean": scaler.mean_.tolist(),
+        "scaler_scale": scale.tolist(),
+        "classifier": _export(clf, kind),
+        "min_region_px": int(min_region_px),
+        "frame_rule": {"combined_min_conf": 0.5, "combined_min_rel_area": 0.0},
+    }
+    # out-of-fold region probabilities for the training frames (honest confidences), the full
+    # model for the combined frames; then tune the frame rule on every labelled frame
+    oof: dict[int, np.ndarray] = {}
+    n_groups = len(np.unique(groups))
+    if n_groups >= 3:
+        for tr, te in GroupKFold(n_splits=min(5, n_groups)).split(xs, y, groups):
+            if len(np.unique(y[tr])) < len(classes):
+                continue
+            sub = _fit_classifier(xs[tr], y[tr], kind, seed, None if weights is None else weights[tr])
+            p_sub = {**params, "classifier": _export(sub, kind), "classes": sub.classes_.tolist()}
+            for g in np.unique(groups[te]):
+                d = described[g]
+                oof[int(g)] = categorize_regions(p_sub, d.feats)[1]
+    frames = []
+    for i, (d, s) in enumerate(zip(described, samples)):
+        probs = oof.get(i)
+        if probs is None:
+            probs = categorize_regions(params, d.feats)[1]
+        frames.append((s.category, d.areas, probs))
+    params["frame_rule"] = _tune_rule(frames, params["classes"])
+    params["trained_on"] = {
+        "n_frames": len(samples), "n_regions": int(len(y)),
+        "regions_per_kind": dict(zip(classes.tolist(), counts.astype(int).tolist())),
+        "n_combined_frames": int(sum(s.category == "combined" for s in samples)),
+        "products": sorted({s.product for s in samples if s.product}),
+        "region_source": region_source, "kind": kind, "weighted_product": product,
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return params
+
+
+def _tune_rule(frames: Sequence[tuple[str, np.ndarray, np.ndarray]], classes: Sequence[str]) -> dict[str, float]:
+    best, best_rule = -1.0, {"combined_min_conf": 0.5, "combined_min_rel_area": 0.0}
+    truth = [c for c, _, _ in frames]
+    if "combined" not in truth:
+        return {**best_rule, "tuned": 0.0}
+    for conf in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        for rel in (0.0, 0.05, 0.1, 0.2, 0.35):
+            rule = {"combined_min_conf": conf, "combined_min_rel_area": rel}
+            pred = []
+            for _, areas, probs in frames:
+                per = [(classes[int(np.argmax(p))], float(np.max(p))) for p in probs]
+                pred.append(frame_category(per, areas, probs, classes, rule)[0])
+            f1 = macro_f1(truth, pred)
+            if f1 > best + 1e-9:
+                best, best_rule = f1, rule
+    return {**best_rule, "tuned": 1.0, "train_macro_f1": round(best, 4)}
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------------
+def macro_f1(truth: Sequence[str], pred: Sequence[str], labels: Sequence[str] = CATEGORIES) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(list(truth), list(pred), labels=list(labels), average="macro", zero_division=0))
+
+
+def predict_frames(params: dict[str, Any] | None, samples: Sequence[CategorySample],
+                   min_region_px: int | None = None) -> list[tuple[str, float]]:
+    """Frame (category, confidence) for each sample, exactly as the workers compute it."""
+    from linewatch.categorize import categorize_frame
+
+    out = []
+    for s in samples:
+        px = params.get("min_region_px", 16) if (params and min_region_px is None) else (min_region_px or 16)
+        lab, n = _labels_of(s.mask)
+        areas = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+        keep = np.flatnonzero(areas >= px) + 1
+        lut = np.zeros(n + 1, np.int32)
+        lut[keep] = np.arange(1, len(keep) + 1)
+        lab = lut[lab]
+        if not len(keep):
+            out.append((UNKNOWN, 0.0))
+            continue
+        r = categorize_frame(s.image, s.amap, labels=lab, params=params, threshold=s.threshold,
+                             background=s.background)
+        out.append((r.category, r.confidence))
+    return out
+
+
+def evaluate_categorizer(params: dict[str, Any] | None, samples: Sequence[CategorySample]) -> dict[str, Any]:
+    """Macro-F1 over the four categories, accuracy, and the confusion matrix (rows = truth,
+    columns = prediction, the last column "unknown" = no region found / no categorizer)."""
+    from sklearn.metrics import confusion_matrix
+
+    _check_labels(samples)
+    truth = [s.category for s in samples]
+    pred = [c for c, _ in predict_frames(params, samples)]
+    cols = [*CATEGORIES, UNKNOWN]
+    cm = confusion_matrix(truth, pred, labels=cols)[: len(CATEGORIES)]
+    return {"macro_f1": macro_f1(truth, pred), "accuracy": float(np.mean([a == b for a, b in zip(truth, pred)]))
+            if truth else 0.0, "n": len(truth), "labels": cols, "confusion": cm.tolist()}
+
+
+def format_confusion(result: dict[str, Any]) -> str:
+    cols = result["labels"]
+    short = [c[:6] for c in cols]
+    lines = ["truth \\ pred  " + " ".join(f"{c:>6s}" for c in short)]
+    for name, row in zip(CATEGORIES, result["confusion"]):
+        lines.append(f"{name[:13]:13s} " + " ".join(f"{v:6d}" for v in row))
+    return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""``linewatch bench models``: the model alone, per family and engine.
+
+For each model kind: fit time on synthetic normal images, profile size on disk (safetensors +
+ONNX), load time and resident memory of a loaded profile, and images/s at batch 1 and at the
+best batch for every engine present (median of ``rounds`` timed rounds of ``seconds`` each),
+plus optionally the memory of a process serving ``--products`` copies (the 20-products budget).
+Inputs are synthetic frames already at the model size: decode and post-processing are the
+worker benchmark's business.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def images_per_second(engine: Any, frames: np.ndarray, batch: int, seconds: float = 2.0, rounds: int = 3) -> float:
+    """Median over ``rounds`` of images/s running ``engine`` on batches of ``batch`` frames."""
+    x = np.ascontiguousarray(np.resize(frames, (batch, *frames.shape[1:])))
+    engine.run(x)  # warm-up (allocations, ORT first-run)
+    rates = []
+    for _ in range(rounds):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            engine.run(x)
+            n += batch
+            dt = time.perf_counter() - t0
+            if dt >= seconds:
+                break
+        rates.append(n / dt)
+    return float(statistics.median(rates))
+
+
+def _dir_mb(path: Path) -> dict[str, float]:
+    return {p.name: round(p.stat().st_size / 2**20, 2) for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def bench_models(kinds: list[str], input_size: int = 256, engines: list[str] | None = None,
+                 threads: int = 2, batch_sizes: tuple[int, ...] = (1, 4, 8, 16), seconds: float = 2.0,
+                 rounds: int = 3, fit_images: int = 60, product: str = "cap", products: int = 0,
+                 options: dict[str, dict[str, Any]] | None = None, workdir: Path | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Measure each model kind; returns a JSON-able dict (see module docstring)."""
+    import torch
+
+    from linewatch.models.base import AnomalyModel
+    from linewatch.models.export import export_onnx
+    from linewatch.models.registry import build_model
+    from linewatch.synth import SyntheticProduct
+    from workers.engines import ENGINE_NAMES, available_engines
+
+    torch.set_num_threads(threads)
+    synth = SyntheticProduct(product, size=input_size, seed=0)
+    train = np.stack([synth.normal(i).image for i in range(fit_images)])
+    frames = np.stack([synth.normal(10_000 + i).image for i in range(4)]
+                      + [synth.defective(i, "combined").image for i in range(4)])
+    out: dict[str, Any] = {"input_size": input_size, "threads": threads, "product": product,
+                           "fit_images": fit_images, "cpu": os.cpu_count(), "models": {}}
+    tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="lw-bench-"))
+    for kind in kinds:
+        rec: dict[str, Any] = {}
+        model = build_model(kind, input_size=input_size, **(options or {}).get(kind, {}))
+        t0 = time.perf_counter()
+        model.fit(train, progress=progress)
+        rec["fit_s"] = round(time.perf_counter() - t0, 2)
+        rec["fit_info"] = {k: v for k, v in getattr(model, "fit_info", {}).items() if k != "history"}
+        vdir = tmp / kind
+        model.save(vdir)
+        export_onnx(model, vdir / "model.onnx")
+        files = _dir_mb(vdir)
+        rec["disk_mb"] = {"total": round(sum(files.values()), 2), **files}
+        del model
+        gc.collect()
+        # load cost: the shared backbone cache is cleared so the first load pays for it
+        from linewatch.models import _common
+
+        _common._shared_backbone.cache_clear()
+        gc.collect()
+        before = rss_mb()
+        t0 = time.perf_counter()
+        model = AnomalyModel.load(vdir)
+        model.inference_module()
+        rec["load_s"] = round(time.perf_counter() - t0, 3)
+        rec["loaded_rss_mb"] = round(rss_mb() - before, 1)
+        engs, missing = available_engines(model, vdir / "model.onnx", threads=threads, max_batch=max(batch_sizes))
+        wanted = engines or list(ENGINE_NAMES)
+        rec["engines"] = {}
+        rec["missing_engines"] = {k: v for k, v in missing.items() if k in wanted}
+        for eng in engs:
+            if eng.name not in wanted:
+                continue
+            rates = {b: round(images_per_second(eng, frames, b, seconds, rounds), 1) for b in batch_sizes}
+            best = max(rates, key=rates.get)
+            rec["engines"][eng.name] = {"batch1": rates.get(1), "best": rates[best], "best_batch": best,
+                                        "by_batch": rates}
+            if progress:
+                print(f"{kind:6s} {eng.name:16s} batch1 {rates.get(1)} img/s, best {rates[best]} img/s "
+                      f"@ batch {best}", flush=True)
+        del engs
+        if products:
+            rec["serving"] = _serve_many(vdir, products, threads)
+        out["models"][kind] = rec
+    return out
+
+
+def _serve_many(vdir: Path, n: int, threads: int) -> dict[str, Any]:
+    """Memory of one process holding ``n`` loaded copies of a profile with an ORT engine each."""
+    from linewatch.models.base import AnomalyModel
+    from workers.engines import select_engine
+
+    gc.collect()
+    before = rss_mb()
+    t0 = time.perf_counter()
+    held = []
+    for _ in range(n):
+        m = AnomalyModel.load(vdir)
+        held.append((m, select_engine(m, vdir / "model.onnx", "onnxruntime-cpu", threads=threads)))
+    x = np.zeros((1, held[0][0].input_size, held[0][0].input_size, 3), np.uint8)
+    for _, eng in held:
+        eng.run(x)
+    return {"products": n, "rss_added_mb": round(rss_mb() - before, 1), "rss_total_mb": round(rss_mb(), 1),
+            "load_all_s": round(time.perf_counter() - t0, 2)}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"input {result['input_size']}px, {result['threads']} threads, product {result['product']}, "
+             f"fit on {result['fit_images']} normal images"]
+    lines.append(f"{'model':7s} {'engine':17s} {'batch1 img/s':>13s} {'best img/s':>11s} {'@batch':>7s}")
+    for kind, rec in result["models"].items():
+        for name, e in rec["engines"].items():
+            lines.append(f"{kind:7s} {name:17s} {e['batch1']!s:>13s} {e['best']!s:>11s} {e['best_batch']!s:>7s}")
+    lines.append("")
+    for kind, rec in result["models"].items():
+        lines.append(f"{kind}: fit {rec['fit_s']} s, profile {rec['disk_mb']['total']} MB on disk "
+                     f"({', '.join(f'{k} {v}' for k, v in rec['disk_mb'].items() if k != 'total')}), "
+                     f"load {rec['load_s']} s, +{rec['loaded_rss_mb']} MB resident")
+        if "serving" in rec:
+            s = rec["serving"]
+            lines.append(f"{kind}: {s['products']} products with an ORT engine each: +{s['rss_added_mb']} MB "
+                         f"(process {s['rss_total_mb']} MB), loaded in {s['load_all_s']} s")
+        for name, why in rec.get("missing_engines", {}).items():
+            lines.append(f"{kind}: {name} not measured: {why}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from linewatch.errors import UserError
+
+    opts: dict[str, dict[str, Any]] = {}
+    if args.options:
+        try:
+            opts = json.loads(args.options)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--options: not valid JSON ({exc.msg})") from None
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        raise UserError(f"--batches: expected comma-separated integers, got {args.batches!r}") from None
+    result = bench_models(args.model, args.size, args.engine, args.threads, batches, args.seconds, args.rounds,
+                          args.fit_images, args.product, args.products, opts, progress=not args.quiet)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def register_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="model alone: fit time, profile size/memory, images/s per engine",
+                       description=__doc__)
+    p.add_argument("--model", action="append", choices=["padim", "cflow"], help="repeatable (default: both)")
+    p.add_argument("--engine", action="append", help="engine name to measure (repeatable; default: all present)")
+    p.add_argument("--size", type=int, default=256, help="model input size (default 256)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch / ONNX Runtime (default 2)")
+    p.add_argument("--batches", default="1,4,8,16", help="batch sizes to time (default 1,4,8,16)")
+    p.add_argument("--seconds", type=float, default=2.0, help="seconds per timed round (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds, the median is reported (default 3)")
+    p.add_argument("--fit-images", type=int, default=60, help="synthetic normal images to fit on (default 60)")
+    p.add_argument("--product", default="cap", help="synthetic product (default cap)")
+    p.add_argument("--products", type=int, default=0, help="also load N copies + engines and report memory")
+    p.add_argument("--options", help='JSON model options per kind, e.g. \'{"padim": {"d": 64}}\'')
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=lambda a: _run(_defaults(a)))
+
+
+def _defaults(args: argparse.Namespace) -> argparse.Namespace:
+    args.model = args.model or ["padim", "cflow"]
+    return args

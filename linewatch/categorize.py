@@ -1,0 +1,376 @@
+"""Product-agnostic defect categories at inference time (structural, surface, contamination,
+combined), and the background flag of a product.
+
+Why this shape: the study's categories are defined by what a defect *looks like* relative to the
+normal appearance around it -- a hole shows what is behind the part and breaks its outline, a
+scratch or dent keeps the material but changes its finish, contamination is foreign material of
+another colour/texture -- and ``combined`` is several connected components of different kinds.
+So each detected region is described by features that mean the same on a bottle cap and on a
+carpet (shape, anomaly-map strength relative to the product's threshold, colour/texture change
+against a ring of normal material around the region), a small linear/tree classifier trained
+on the few labelled validation images of *all* products maps them to a kind, and a frame rule
+turns region kinds into the frame's category.
+
+The trained parameters are plain JSON (lists of floats) stored in ``Profile.categorizer``; the
+inference here is numpy only (no scikit-learn, no pickle). Training lives in
+``calibration/categorizer_fit.py``; :func:`train_categorizer` is re-exported from there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from linewatch.messages import CATEGORIES
+
+BASE_KINDS = ("structural", "surface", "contamination")
+UNKNOWN = "unknown"
+PARAMS_VERSION = 1
+
+FEATURES = (
+    "log_area_frac",  # size
+    "elongation",  # log(major / minor axis) from second moments
+    "eccentricity",
+    "solidity",  # area / convex hull area
+    "compactness",  # 4 pi A / P^2
+    "extent",  # area / bounding-box area
+    "log_width",  # mean width 2A/P relative to the frame side
+    "map_mean",  # log(mean map / threshold)
+    "map_max",  # log(max map / threshold)
+    "map_cv",  # std / mean of the map inside
+    "dL",  # lightness inside - ring (0..1 scale)
+    "dL_abs",
+    "dab",  # colour (a*, b*) shift magnitude vs ring
+    "dchroma",  # chroma inside - ring (saturation change)
+    "frac_dark",  # share of pixels much darker than the ring
+    "frac_bright",  # share much brighter
+    "frac_colour",  # share of pixels whose colour is far from the ring's
+    "tex_ratio",  # log(gradient energy inside / ring)
+    "std_ratio",  # log(lightness std inside / ring)
+    "background",  # 1 = object on backdrop, 0 = close-up texture, 0.5 unknown
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# features
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class FramePlanes:
+    """Per-frame planes computed once: Lab (L in 0..1, a/b in -0.5..0.5) and gradient energy."""
+
+    lab: np.ndarray
+    grad: np.ndarray
+
+    @classmethod
+    def of(cls, image: np.ndarray) -> "FramePlanes":
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be HxWx3 RGB, got shape {image.shape}")
+        f = image.astype(np.float32) / 255.0
+        lab = cv2.cvtColor(f, cv2.COLOR_RGB2Lab)
+        lab[..., 0] /= 100.0
+        lab[..., 1:] /= 255.0
+        gx = cv2.Sobel(lab[..., 0], cv2.CV_32F, 1, 0, ksize=3)
+        gy = cv2.Sobel(lab[..., 0], cv2.CV_32F, 0, 1, ksize=3)
+        return cls(lab, np.sqrt(gx * gx + gy * gy))
+
+
+def _labels_of(mask_or_labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Integer labels 1..n from a label image (int) or a binary mask (bool/uint8 0/255)."""
+    a = np.asarray(mask_or_labels)
+    if a.dtype == bool or (a.dtype == np.uint8 and a.max(initial=0) in (1, 255) and len(np.unique(a)) <= 2):
+        n, lab = cv2.connectedComponents((a > 0).astype(np.uint8), connectivity=8)
+        return lab.astype(np.int32), int(n - 1)
+    lab = a.astype(np.int32)
+    return lab, int(lab.max(initial=0))
+
+
+def region_features(image: np.ndarray, amap: np.ndarray | None, labels: np.ndarray, threshold: float | None = None,
+                    background: bool | None = None, planes: FramePlanes | None = None) -> np.ndarray:
+    """(n_regions, len(FEATURES)) float32 for the components of ``labels`` (1..n).
+
+    ``image`` HxWx3 uint8 RGB, ``amap`` HxW at the same size (None -> map features 0),
+    ``threshold`` the product's pixel threshold (map features are relative to it).
+    """
+    labels, n = _labels_of(labels)
+    h, w = labels.shape
+    if image.shape[:2] != (h, w):
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    if amap is not None and amap.shape != (h, w):
+        amap = cv2.resize(amap.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    planes = planes or FramePlanes.of(image)
+    lab, grad = planes.lab, planes.grad
+    any_defect = labels > 0
+    side = float(max(h, w))
+    thr = float(threshold) if threshold and threshold > 0 else None
+    bg = 0.5 if background is None else float(bool(background))
+    out = np.zeros((n, len(FEATURES)), np.float32)
+    if n == 0:
+        return out
+    for k in range(1, n + 1):
+        ys, xs = np.nonzero(labels == k)
+        if len(xs) == 0:
+            continue
+        area = float(len(xs))
+        rw = int(np.clip(0.35 * math.sqrt(area) + 4, 5, 24))
+        x0, x1 = max(0, xs.min() - rw), min(w, xs.max() + rw + 1)
+        y0, y1 = max(0, ys.min() - rw), min(h, ys.max() + rw + 1)
+        reg = labels[y0:y1, x0:x1] == k
+        reg_u8 = reg.astype(np.uint8)
+        ring = cv2.dilate(reg_u8, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * rw + 1, 2 * rw + 1))) > 0
+        ring &= ~any_defect[y0:y1, x0:x1]
+        if ring.sum() < 8:  # region fills its neighbourhood: compare with the whole frame's normal part
+            ring = ~any_defect[y0:y1, x0:x1]
+            if ring.sum() < 8:
+                ring = ~reg
+        # shape
+        cnts, _ = cv2.findContours(reg_u8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        perim = float(sum(cv2.arcLength(c, True) for c in cnts)) or 1.0
+        hull_area = float(sum(cv2.contourArea(cv2.convexHull(c)) for c in cnts)) or area
+        m = cv2.moments(reg_u8, binaryImage=True)
+        mu20, mu02, mu11 = m["mu20"] / area, m["mu02"] / area, m["mu11"] / area
+        common = math.sqrt(max(((mu20 - mu02) / 2) ** 2 + mu11 ** 2, 0.0))
+        l1 = (mu20 + mu02) / 2 + common + 1 / 12
+        l2 = max((mu20 + mu02) / 2 - common, 0.0) + 1 / 12
+        bw, bh = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+        f = out[k - 1]
+        f[0] = math.log(area / (h * w))
+        f[1] = 0.5 * math.log(l1 / l2)
+        f[2] = math.sqrt(max(0.0, 1 - l2 / l1))
+        f[3] = min(1.0, area / max(hull_area, 1.0))
+        f[4] = min(1.0, 4 * math.pi * area / perim ** 2)
+        f[5] = area / float(bw * bh)
+        f[6] = math.log(max(2 * area / perim, 0.5) / side)
+        # anomaly map
+        if amap is not None:
+            vals = amap[y0:y1, x0:x1][reg].astype(np.float64)
+            scale = thr if thr is not None else max(float(np.median(amap)), 1e-6)
+            mean = max(float(vals.mean()), 1e-9)
+            f[7] = math.log(max(mean / scale, 1e-3))
+            f[8] = math.log(max(float(vals.max()) / scale, 1e-3))
+            f[9] = float(vals.std()) / mean
+        # colour / texture against the ring of normal material around the region
+        lab_c = lab[y0:y1, x0:x1]
+        li, lr = lab_c[..., 0][reg], lab_c[..., 0][ring]
+        abi, abr = lab_c[..., 1:][reg], lab_c[..., 1:][ring]
+        mr_l, sr_l = float(lr.mean()), float(lr.std()) + 0.02
+        mab_r = abr.mean(0)
+        f[10] = float(li.mean()) - mr_l
+        f[11] = abs(f[10])
+        f[12] = float(np.linalg.norm(abi.mean(0) - mab_r))
+        f[13] = float(np.linalg.norm(abi, axis=1).mean() - np.linalg.norm(abr, axis=1).mean())
+        f[14] = float((li < mr_l - 2 * sr_l).mean())
+        f[15] = float((li > mr_l + 2 * sr_l).mean())
+        sab = float(np.linalg.norm(abr - mab_r, axis=1).mean()) + 0.01
+        f[16] = float((np.linalg.norm(abi - mab_r, axis=1) > 3 * sab).mean())
+        g = grad[y0:y1, x0:x1]
+        f[17] = math.log((float(g[reg].mean()) + 0.01) / (float(g[ring].mean()) + 0.01))
+        f[18] = math.log((float(li.std()) + 0.01) / (float(lr.std()) + 0.01))
+        f[19] = bg
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# classifier inference from stored parameters (numpy only)
+# ------------------------------------------------------------------------------------------------
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _tree_proba(x: np.ndarray, tree: dict[str, Any]) -> np.ndarray:
+    left = np.asarray(tree["left"], np.int64)
+    right = np.asarray(tree["right"], np.int64)
+    feat = np.asarray(tree["feature"], np.int64)
+    thr = np.asarray(tree["threshold"], np.float64)
+    value = np.asarray(tree["value"], np.float64)
+    node = np.zeros(len(x), np.int64)
+    for _ in range(int(tree.get("depth", 64)) + 1):
+        leaf = left[node] < 0
+        if leaf.all():
+            break
+        go_left = x[np.arange(len(x)), np.maximum(feat[node], 0)] <= thr[node]
+        node = np.where(leaf, node, np.where(go_left, left[node], right[node]))
+    v = value[node]
+    return v / np.maximum(v.sum(axis=1, keepdims=True), 1e-12)
+
+
+def predict_proba(params: dict[str, Any], feats: np.ndarray) -> np.ndarray:
+    """(n, len(classes)) probabilities from stored parameters ("logreg" or "forest")."""
+    clf = params["classifier"]
+    names = params.get("features", list(FEATURES))
+    idx = [FEATURES.index(nm) for nm in names]
+    x = np.asarray(feats, np.float64)[:, idx]
+    x = np.nan_to_num(x, nan=0.0, posinf=10.0, neginf=-10.0)
+    x = (x - np.asarray(params["scaler_mean"])) / np.asarray(params["scaler_scale"])
+    if clf["kind"] == "logreg":
+        z = x @ np.asarray(clf["coef"], np.float64).T + np.asarray(clf["intercept"], np.float64)
+        if z.shape[1] == 1:  # binary sklearn model
+            z = np.concatenate([-z, z], axis=1) / 2
+        return _softmax(z)
+    if clf["kind"] == "forest":
+        p = np.zeros((len(x), len(params["classes"])))
+        for t in clf["trees"]:
+            p += _tree_proba(x, t)
+        return p / len(clf["trees"])
+    raise ValueError(f"unknown categorizer classifier kind {clf['kind']!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# frame decision
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class FrameCategories:
+    """The frame's category and confidence, the per-region ``(category, confidence)`` list, and
+    the regions (``linewatch.messages.Region``) with their category filled when they were given.
+
+    Iterating yields ``(category, confidence, per_region)``.
+    """
+
+    category: str
+    confidence: float
+    per_region: list[tuple[str, float]] = field(default_factory=list)
+    regions: list[Any] = field(default_factory=list)
+    probabilities: list[list[float]] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.category, self.confidence, self.per_region))
+
+
+def frame_category(per_region: Sequence[tuple[str, float]], areas: Sequence[float], probs: np.ndarray,
+                   classes: Sequence[str], rule: dict[str, float] | None = None) -> tuple[str, float]:
+    """``combined`` when at least two regions of different kinds are each confident enough and
+    big enough (relative to the largest); otherwise the area-weighted most probable kind."""
+    rule = rule or {}
+    min_conf = float(rule.get("combined_min_conf", 0.5))
+    min_rel = float(rule.get("combined_min_rel_area", 0.0))
+    if not per_region:
+        return UNKNOWN, 0.0
+    areas_a = np.asarray(areas, np.float64)
+    big = areas_a >= min_rel * areas_a.max()
+    best: dict[str, float] = {}
+    for (cat, conf), ok in zip(per_region, big):
+        if ok and conf >= min_conf:
+            best[cat] = max(best.get(cat, 0.0), conf)
+    if len(best) >= 2:
+        top = sorted(best.values(), reverse=True)[:2]
+        return "combined", float(np.mean(top))
+    wts = areas_a / max(areas_a.sum(), 1e-12)
+    p = (np.asarray(probs) * wts[:, None]).sum(0)
+    j = int(np.argmax(p))
+    return str(classes[j]), float(p[j])
+
+
+def categorize_regions(params: dict[str, Any], feats: np.ndarray) -> tuple[list[tuple[str, float]], np.ndarray]:
+    classes = list(params["classes"])
+    probs = predict_proba(params, feats) if len(feats) else np.zeros((0, len(classes)))
+    per = [(classes[int(np.argmax(p))], float(np.max(p))) for p in probs]
+    return per, probs
+
+
+def categorize_frame(image: np.ndarray, anomaly_map: np.ndarray | None = None, mask: np.ndarray | None = None,
+                     regions: Sequence[Any] | None = None, params: dict[str, Any] | None = None, *,
+                     profile: Any = None, amap: np.ndarray | None = None, labels: np.ndarray | None = None,
+                     threshold: float | None = None, background: bool | None = None) -> FrameCategories:
+    """Category of a frame and of each of its defect regions.
+
+    ``image`` HxWx3 uint8 RGB and ``anomaly_map`` (alias ``amap``) HxW at model size; the
+    regions are the components of ``labels`` (int, 1..n, in the order of ``regions``) or of
+    ``mask``. ``params`` default to ``profile.categorizer``; without parameters everything is
+    ``"unknown"`` with confidence 0 (a profile without a categorizer still works).
+    ``regions`` (``messages.Region``) come back as copies with category/confidence set.
+    """
+    amap = anomaly_map if anomaly_map is not None else amap
+    if params is None and profile is not None:
+        params = getattr(profile, "categorizer", None)
+    if threshold is None and profile is not None:
+        threshold = getattr(profile, "threshold", None)
+    if background is None and profile is not None:
+        background = getattr(profile, "background", None)
+    src = labels if labels is not None else mask
+    n_given = len(regions) if regions is not None else None
+    if src is None or not params:
+        n = n_given if n_given is not None else (_labels_of(src)[1] if src is not None else 0)
+        per = [(UNKNOWN, 0.0)] * n
+        return FrameCategories(UNKNOWN, 0.0, per, _with_categories(regions, per))
+    lab, n = _labels_of(src)
+    feats = region_features(image, amap, lab, threshold, background)
+    per, probs = categorize_regions(params, feats)
+    areas = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(float)
+    cat, conf = frame_category(per, areas, probs, params["classes"], params.get("frame_rule"))
+    if cat not in CATEGORIES and cat != UNKNOWN:  # never outside the four
+        cat, conf = UNKNOWN, 0.0
+    return FrameCategories(cat, conf, per, _with_categories(regions, per), probs.tolist())
+
+
+def _with_categories(regions: Sequence[Any] | None, per: Sequence[tuple[str, float]]) -> list[Any]:
+    if regions is None:
+        return []
+    out = []
+    for i, r in enumerate(regions):
+        cat, conf = per[i] if i < len(per) else (UNKNOWN, 0.0)
+        conf = float(min(1.0, max(0.0, conf)))
+        out.append(r.model_copy(update={"category": cat, "confidence": conf}) if hasattr(r, "model_copy") else r)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# background flag
+# ------------------------------------------------------------------------------------------------
+def background_scores(normal_images: np.ndarray) -> dict[str, float]:
+    """Evidence that a product is an object on a backdrop rather than a close-up texture.
+
+    ``border_contrast``: how different the frame's border ring is from its centre (Lab distance
+    over the within-frame lightness spread), median over frames -- a backdrop around an object.
+    ``layout``: spatial structure of the mean normal image relative to the per-image spread --
+    an object sits in roughly the same place; a texture's mean is flat.
+    """
+    imgs = np.asarray(normal_images)
+    if imgs.ndim == 3:
+        imgs = imgs[None]
+    n = len(imgs)
+    if n == 0:
+        raise ValueError("background detection needs at least one normal image")
+    step = max(1, n // 32)
+    sel = imgs[::step][:32]
+    size = 96
+    small = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in sel]).astype(np.float32) / 255
+    labs = np.stack([cv2.cvtColor(im, cv2.COLOR_RGB2Lab) for im in small])  # L 0..100
+    yy, xx = np.mgrid[0:size, 0:size]
+    r = np.maximum(np.abs(xx - size / 2 + 0.5), np.abs(yy - size / 2 + 0.5)) / (size / 2)
+    border, centre = r > 0.85, r < 0.45
+    bc = []
+    for lab in labs:
+        d = np.linalg.norm(lab[border].mean(0) - lab[centre].mean(0))
+        spread = lab[..., 0].std() + 2.0
+        bc.append(d / spread)
+    mean_img = cv2.GaussianBlur(labs[..., 0].mean(0), (0, 0), 2)
+    per_std = float(np.mean([cv2.GaussianBlur(lab[..., 0], (0, 0), 2).std() for lab in labs])) + 1.0
+    layout = float(mean_img.std() / per_std) if len(labs) >= 4 else float("nan")
+    return {"border_contrast": float(np.median(bc)), "layout": layout, "n_images": float(len(labs))}
+
+
+BACKGROUND_RULE = {"border_contrast": 0.6, "layout": 0.4}
+
+
+def detect_background(normal_images: np.ndarray, rule: dict[str, float] | None = None) -> bool:
+    """True when the product is an object on a backdrop (with background), False for a
+    close-up texture. Either piece of evidence above its limit says "background"."""
+    rule = rule or BACKGROUND_RULE
+    s = background_scores(normal_images)
+    if s["border_contrast"] >= rule["border_contrast"]:
+        return True
+    return bool(not math.isnan(s["layout"]) and s["layout"] >= rule["layout"])
+
+
+def train_categorizer(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Fit a categorizer (scikit-learn) and return its JSON parameters; see
+    ``calibration.categorizer_fit.train_categorizer``."""
+    from calibration.categorizer_fit import train_categorizer as _train
+
+    return _train(*args, **kwargs)

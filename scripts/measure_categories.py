@@ -1,0 +1,149 @@
+"""Measure the product-agnostic categorizer on a dataset (the synthetic line by default).
+
+Protocol (issue 5): each product's test images are split into validation/test with
+``linewatch.datasets.split_validation_test`` (stratified by category, seeded). The categorizer
+is trained on validation images and scored on test images, frame level, macro-F1 over the
+four categories plus the confusion matrix:
+
+- within product: trained on the validation images of all products (the product's own
+  included, weighted up), tested on that product's test images;
+- leave-one-product-out: trained on the other products' validation images only.
+
+Regions come from the ground-truth masks (``--regions gt``) or from PaDiM's thresholded maps
+(``--regions padim``: fit on train/good, threshold maximising IoU on the validation split;
+PaDiM maps are cached as .npy in ``--cache``).
+
+    python scripts/measure_categories.py --root /tmp/lw_cat --generate --regions gt,padim
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from calibration.categorizer_fit import (CategorySample, evaluate_categorizer, format_confusion,
+                                         train_categorizer)
+from linewatch.datasets import load_mvtec, split_validation_test
+
+
+def iou_threshold(maps: np.ndarray, masks: np.ndarray, bins: int = 1024) -> float:
+    edges = np.linspace(float(maps.min()), float(maps.max()), bins + 1)
+    pos = np.histogram(maps[masks], edges)[0][::-1].cumsum()[::-1]
+    neg = np.histogram(maps[~masks], edges)[0][::-1].cumsum()[::-1]
+    iou = pos / np.maximum(masks.sum() + neg, 1)
+    return float(edges[int(np.argmax(iou))])
+
+
+def padim_maps(root: Path, product: str, size: int, items, cache: Path) -> np.ndarray:
+    path = cache / f"{root.name}_{product}_{size}_padim.npy"
+    if path.is_file():
+        return np.load(path).astype(np.float32)
+    import torch
+
+    from linewatch.models.registry import build_model
+
+    torch.set_num_threads(2)
+    ds = load_mvtec(root, product)
+    t0 = time.time()
+    model = build_model("padim", input_size=size).fit(ds.train_images(size), progress=False)
+    maps = model.anomaly_map(ds.load_images(items, size))
+    print(f"  padim {product}: fit+maps {time.time() - t0:.0f}s", flush=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, maps.astype(np.float16))
+    return maps
+
+
+def build_samples(root: Path, products: list[str], size: int, source: str, cache: Path, val_fraction: float,
+                  seed: int):
+    out = {}
+    for p in products:
+        ds = load_mvtec(root, p)
+        anomalous = [i for i in ds.test]
+        val, test = split_validation_test(anomalous, val_fraction=val_fraction, seed=seed)
+        items = val + test
+        imgs = ds.load_images(items, size)
+        gts = ds.load_masks(items, size)
+        bg = ds.background
+        if source == "gt":
+            maps, masks, thr = [None] * len(items), gts, None
+        else:
+            allmaps = padim_maps(root, p, size, ds.test, cache)
+            pos = {it.path: k for k, it in enumerate(ds.test)}
+            maps = allmaps[[pos[it.path] for it in items]]
+            nv = len(val)
+            thr = iou_threshold(maps[:nv], gts[:nv])
+            masks = maps >= thr
+        samples = [CategorySample(imgs[k], it.category, masks[k], maps[k], thr, bg, p, gts[k])
+                   for k, it in enumerate(items) if it.category != "good"]
+        nv_anom = sum(it.category != "good" for it in val)
+        out[p] = (samples[:nv_anom], samples[nv_anom:])
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="/tmp/lw_cat")
+    ap.add_argument("--generate", action="store_true", help="write the synthetic line to --root first if missing")
+    ap.add_argument("--products", default="cap,pcb,brick,turf")
+    ap.add_argument("--n-per-category", type=int, default=24)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--regions", default="gt", help="gt, padim or gt,padim")
+    ap.add_argument("--kind", default="logreg", help="logreg, forest or logreg,forest")
+    ap.add_argument("--val-fraction", type=float, default=1 / 3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default="/tmp/lw_maps")
+    ap.add_argument("--json", default=None, help="write all figures here")
+    args = ap.parse_args()
+    root = Path(args.root)
+    products = args.products.split(",")
+    if args.generate and not (root / "categories.csv").is_file():
+        from linewatch.synth import generate_dataset
+
+        generate_dataset(root, products, size=args.size, seed=args.seed, n_test_per_category=args.n_per_category)
+    report: dict = {}
+    for source in args.regions.split(","):
+        data = build_samples(root, products, args.size, source, Path(args.cache), args.val_fraction, args.seed)
+        for kind in args.kind.split(","):
+            key = f"{source}/{kind}"
+            report[key] = {}
+            print(f"\n=== regions from {source}, classifier {kind} ===")
+            pooled_within, pooled_lopo = [], []
+            for p in products:
+                all_val = [s for q in products for s in data[q][0]]
+                other_val = [s for q in products if q != p for s in data[q][0]]
+                test = data[p][1]
+                within = train_categorizer(all_val, kind=kind, product=p, seed=args.seed, region_source=source)
+                lopo = train_categorizer(other_val, kind=kind, seed=args.seed, region_source=source)
+                rw, rl = evaluate_categorizer(within, test), evaluate_categorizer(lopo, test)
+                pooled_within.append((within, test))
+                pooled_lopo.append((lopo, test))
+                report[key][p] = {"within": rw, "lopo": rl, "n_val": len(data[p][0]), "n_test": len(test)}
+                print(f"{p:6s} within macro-F1 {rw['macro_f1']:.3f} acc {rw['accuracy']:.3f} | "
+                      f"leave-one-product-out macro-F1 {rl['macro_f1']:.3f} acc {rl['accuracy']:.3f} "
+                      f"(val {len(data[p][0])}, test {len(test)})")
+            for name, pairs in (("within", pooled_within), ("lopo", pooled_lopo)):
+                from calibration.categorizer_fit import macro_f1, predict_frames
+
+                truth, pred = [], []
+                cm = None
+                for params, test in pairs:
+                    truth += [s.category for s in test]
+                    pred += [c for c, _ in predict_frames(params, test)]
+                    r = evaluate_categorizer(params, test)
+                    cm = np.asarray(r["confusion"]) if cm is None else cm + np.asarray(r["confusion"])
+                res = {"macro_f1": macro_f1(truth, pred), "accuracy": float(np.mean(np.array(truth) == np.array(pred))),
+                       "labels": r["labels"], "confusion": cm.tolist(), "n": len(truth)}
+                report[key][f"pooled_{name}"] = res
+                print(f"\npooled {name}: macro-F1 {res['macro_f1']:.3f} accuracy {res['accuracy']:.3f} (n={len(truth)})")
+                print(format_confusion(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
