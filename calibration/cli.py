@@ -221,6 +221,10 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     from calibration.fit import recalibrate
     from linewatch.profiles import Registry
 
+    from linewatch.errors import UserError
+
+    if not args.product:
+        raise UserError("recalibrate: --product is required (the published profile to recalibrate)")
     reg = Registry(_registry_dir(args))
     current = reg.read_profile(args.product)
     val = _load_set(args, "val", current.input_size, not args.quiet)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -55,14 +54,8 @@ def _main(args: argparse.Namespace) -> int:
     port = args.port or settings.dashboard.port
     cmd = streamlit_command(db, host, port, args.refresh or settings.dashboard.refresh_s)
     print(f"linewatch dashboard: http://{host}:{port}  (database {db}; Ctrl-C to stop)", flush=True)
-    env = dict(os.environ, STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
-    proc = subprocess.Popen(cmd, env=env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        return 130
+    os.environ["STREAMLIT_BROWSER_GATHER_USAGE_STATS"] = "false"
+    # exec, not a child: SIGTERM/SIGINT from the demo or a terminal reach streamlit itself,
+    # so stopping `linewatch dashboard` can never leave an orphaned server behind
+    os.execv(cmd[0], cmd)
+    return 0  # pragma: no cover - execv does not return

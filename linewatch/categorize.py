@@ -53,6 +53,10 @@ FEATURES = (
     "tex_ratio",  # log(gradient energy inside / ring)
     "std_ratio",  # log(lightness std inside / ring)
     "background",  # 1 = object on backdrop, 0 = close-up texture, 0.5 unknown
+    "zL",  # lightness shift in units of the ring's lightness spread
+    "zab",  # colour shift in units of the ring's colour spread
+    "z_p10",  # darkest tenth inside vs the ring's darkest tenth, in ring spreads
+    "z_p90",  # brightest tenth inside vs the ring's brightest tenth
 )
 
 
@@ -171,6 +175,10 @@ def region_features(image: np.ndarray, amap: np.ndarray | None, labels: np.ndarr
         f[17] = math.log((float(g[reg].mean()) + 0.01) / (float(g[ring].mean()) + 0.01))
         f[18] = math.log((float(li.std()) + 0.01) / (float(lr.std()) + 0.01))
         f[19] = bg
+        f[20] = f[10] / sr_l
+        f[21] = f[12] / sab
+        f[22] = (float(np.percentile(li, 10)) - float(np.percentile(lr, 10))) / sr_l
+        f[23] = (float(np.percentile(li, 90)) - float(np.percentile(lr, 90))) / sr_l
     return out
 
 

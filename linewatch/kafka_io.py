@@ -212,7 +212,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
 
 def ensure_topics(settings: Settings, timeout_s: float | None = None) -> list[str]:
     """Create the missing linewatch topics explicitly (never by auto-create); idempotent and
-    safe when several processes race. Returns the names it created. Existing topics with
+    safe when several processes race. Returns the names it created. Existing topics get
+    their max.message.bytes raised to the limit if lower (else big frames would be refused);
     fewer partitions than configured are logged, not changed."""
     from kafka.errors import TopicAlreadyExistsError, for_code
 
@@ -228,6 +229,7 @@ def ensure_topics(settings: Settings, timeout_s: float | None = None) -> list[st
                     "topic %s has %d partitions, settings ask for %d (not changed)",
                     s.name, len(existing[s.name]["partitions"]), s.partitions,
                 )
+        _raise_size_limits(admin, [s for s in specs if s.name in existing])
         created: list[str] = []
         if missing:
             request = {
@@ -248,6 +250,22 @@ def ensure_topics(settings: Settings, timeout_s: float | None = None) -> list[st
         return created
     finally:
         admin.close()
+
+
+def _raise_size_limits(admin, specs: list[TopicSpec]) -> None:
+    """Existing topics created elsewhere may carry a smaller max.message.bytes: raise it."""
+    if not specs:
+        return
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    key = "max.message.bytes"
+    current = admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, s.name, {key: None}) for s in specs], config_filter="all"
+    ).get("topic", {})
+    low = [s for s in specs if int(current.get(s.name, {}).get(key, {}).get("value") or 0) < int(s.configs[key])]
+    if low:
+        log.warning("raising %s of %s to %s", key, ", ".join(s.name for s in low), low[0].configs[key])
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, s.name, {key: s.configs[key]}) for s in low])
 
 
 def describe_topics(settings: Settings | KafkaSettings, names: Iterable[str] | None = None) -> dict[str, int]:

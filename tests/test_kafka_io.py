@@ -108,3 +108,22 @@ def test_large_record_round_trip_and_oversized_refused(kafka_settings):
         consumer.close()
     assert [r.headers for r in got] == [[("frame_id", b"f-9mb")], [("frame_id", b"f-after")]]
     assert got[0].value == big and got[0].key == b"cam-9"
+
+
+@pytest.mark.integration
+def test_ensure_topics_raises_a_small_size_limit_of_an_existing_topic(kafka_broker):
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    s = Settings(kafka={"bootstrap_servers": kafka_broker},
+                 topics={"frames": "small-frames", "results": "small-results", "dlq": "small-dlq",
+                         "alerts": "small-alerts", "profiles": "small-profiles"})
+    admin = kafka_io.make_admin(s)
+    try:
+        admin.create_topics({"small-frames": {"num_partitions": 2, "replication_factor": -1,
+                                              "configs": {"max.message.bytes": "1048576"}}})
+        kafka_io.ensure_topics(s)
+        cfg = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, "small-frames",
+                                                     {"max.message.bytes": None})], config_filter="all")
+    finally:
+        admin.close()
+    assert cfg["topic"]["small-frames"]["max.message.bytes"]["value"] == "10485760"

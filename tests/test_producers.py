@@ -330,3 +330,16 @@ def test_bench_producer_measures_real_deliveries(kafka_broker):
         assert p["frames"] == 24 and p["too_large"] == 0
         assert p["frames_per_s"] > 0 and p["mb_per_s"] > 0 and p["mean_frame_kb"] > 1
     assert "frames/s" in format_result(res)
+
+
+@pytest.mark.integration
+def test_fps_pacing_per_camera(kafka_settings, tmp_path):
+    write_images(tmp_path / "imgs", 3)
+    cams = [(CameraConfig(camera=f"cam-p{i}", product="p", fps=10, max_frames=12),
+             FolderSource(tmp_path / "imgs", loop=True)) for i in range(2)]
+    t0 = time.monotonic()
+    stats, _ = produce(kafka_settings, cams)
+    elapsed = time.monotonic() - t0
+    assert stats.sent == 24
+    assert elapsed >= 1.05  # 12 frames at 10 frames/s: paced, not a burst (cameras run in parallel)
+    assert elapsed < 20

@@ -372,3 +372,42 @@ def test_real_padim_profile_stream_matches_offline(kafka_settings, padim_frames)
         assert r.model_kind == "padim" and r.engine == "onnxruntime-cpu"
         verdicts.append(r.verdict)
     assert "ok" in verdicts and "defect" in verdicts  # the comparison is not vacuous
+
+
+def test_two_workers_share_the_group_and_lose_nothing(kafka_settings, registry):
+    """Scale-out: a second worker joins mid-stream, Kafka rebalances, every frame gets a
+    result (a rebalance may duplicate a few, never lose one) and both workers take part."""
+    from workers.pipeline import ModelEngine
+
+    class Slow(ModelEngine):
+        def run(self, images):
+            time.sleep(0.05)
+            return super().run(images)
+
+    def factory(model, onnx_path, profile):
+        return Slow(model, 4)
+
+    settings = _settings(kafka_settings, registry, max_batch=4)
+    base = plain_image(96, 128, seed=6)
+    frames = [_frame("widget", i, base, camera=f"cam{i % 8}") for i in range(80)]
+    ids = {dict(h)["frame_id"].decode() for _, h, _ in frames}
+    a = _run_in_thread(settings, worker_id="w-a", engine_factory=factory, create_topics=False)
+    _produce(settings, frames[:40])
+    time.sleep(1.0)
+    b = _run_in_thread(settings, worker_id="w-b", engine_factory=factory, create_topics=False)
+    for k in range(40, 80, 8):
+        _produce(settings, frames[k : k + 8])
+        time.sleep(0.3)
+    try:
+        deadline = time.monotonic() + 90
+        got: set[str] = set()
+        while time.monotonic() < deadline and got != ids:
+            recs = _read_all(settings, settings.topics.results, len(ids), timeout_s=3)
+            got = {InspectionResult.from_bytes(r.value).frame_id for r in recs}
+    finally:
+        sa, sb = _stop(*a), _stop(*b)
+    assert got == ids
+    assert sa.frames > 0 and sb.frames > 0, (sa.frames, sb.frames)
+    assert sa.frames + sb.frames >= len(ids)
+    committed, end = _committed_vs_end(settings)
+    assert committed == end

@@ -406,8 +406,40 @@ class ProfileSource(Protocol):
         """A loaded profile (``.profile``, ``.engine``) or ProfileError."""
 
 
+@dataclass
+class _Group:
+    """The frames of one batch that share a loaded profile (one engine call)."""
+
+    loaded: Any
+    members: list[tuple[int, FrameHeaders]]
+    images: np.ndarray | None = None  # uint8 NHWC, decoded frames only (a view of a reused buffer)
+    good: list[int] = field(default_factory=list)  # indices into members that decoded
+    dims: dict[int, tuple[int, int]] = field(default_factory=dict)  # member index -> (w, h)
+    maps: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    error: BaseException | None = None
+    infer_s: float = 0.0
+
+
+@dataclass
+class PreparedBatch:
+    """A batch after headers, profile lookup and decoding; ``infer`` then ``finish`` it."""
+
+    records: Sequence[RecordLike]
+    out: list[Outgoing | None]
+    groups: list[_Group]
+    times: StageTimes
+    slot: int
+
+
 class BatchProcessor:
-    """Turns a batch of consumed records into result/DLQ records. One per worker thread."""
+    """Turns a batch of consumed records into result/DLQ records. One per worker thread.
+
+    ``process`` = ``prepare`` (headers, profile, decode into a reused buffer) -> ``infer`` (the
+    engine; may run in another thread) -> ``finish`` (thresholds, regions, results). The worker
+    overlaps them across two batches, so ``prepare`` takes a buffer ``slot`` (0 or 1): the
+    images of the batch in the engine are never overwritten by the next batch's decoding.
+    """
 
     def __init__(self, profiles: ProfileSource, *, worker_id: str, results_topic: str, dlq_topic: str,
                  max_frame_pixels: int, thumbnail_size: int = 256, decode_threads: int = 2,
@@ -421,17 +453,17 @@ class BatchProcessor:
         self.clock_ms = clock_ms
         self._pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="decode") \
             if decode_threads > 1 else None
-        self._buffers: dict[int, np.ndarray] = {}
+        self._buffers: dict[tuple[int, int], np.ndarray] = {}
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
-    def _buffer(self, size: int, n: int) -> np.ndarray:
-        buf = self._buffers.get(size)
+    def _buffer(self, slot: int, size: int, n: int) -> np.ndarray:
+        buf = self._buffers.get((slot, size))
         if buf is None or buf.shape[0] < n:
             buf = np.empty((max(n, 16), size, size, 3), np.uint8)
-            self._buffers[size] = buf
+            self._buffers[(slot, size)] = buf
         return buf
 
     def dlq(self, rec: RecordLike, stage: Stage, reason: str, frame_id: str | None = None) -> Outgoing:
@@ -444,9 +476,15 @@ class BatchProcessor:
 
     def process(self, records: Sequence[RecordLike]) -> BatchOutput:
         """Every record gets exactly one Outgoing, in input order."""
+        prepared = self.prepare(records)
+        self.infer(prepared)
+        return self.finish(prepared)
+
+    # -- phase 1: headers, profiles, decoding ----------------------------------------------------
+    def prepare(self, records: Sequence[RecordLike], slot: int = 0) -> PreparedBatch:
         times = StageTimes()
         out: list[Outgoing | None] = [None] * len(records)
-        groups: dict[int, tuple[Any, list[tuple[int, FrameHeaders]]]] = {}
+        by_profile: dict[int, _Group] = {}
         t0 = time.perf_counter()
         for i, rec in enumerate(records):
             try:
@@ -466,19 +504,31 @@ class BatchProcessor:
                 log.exception("profile lookup for %s failed", hdr.product)
                 out[i] = self.dlq(rec, "profile", f"{type(exc).__name__}: {exc}", hdr.frame_id)
                 continue
-            groups.setdefault(id(loaded), (loaded, []))[1].append((i, hdr))
+            group = by_profile.get(id(loaded))
+            if group is None:
+                group = by_profile[id(loaded)] = _Group(loaded, [])
+            group.members.append((i, hdr))
         times.profile = time.perf_counter() - t0
-        summary = []
-        for loaded, members in groups.values():
-            summary.append(self._process_group(records, loaded, members, out, times))
-        assert all(o is not None for o in out)
-        return BatchOutput(out, times, summary)  # type: ignore[arg-type]
+        groups = list(by_profile.values())
+        t1 = time.perf_counter()
+        # one buffer per input size for the whole batch; each group gets its own slice
+        need: dict[int, int] = {}
+        for g in groups:
+            need[g.loaded.profile.input_size] = need.get(g.loaded.profile.input_size, 0) + len(g.members)
+        used: dict[int, int] = dict.fromkeys(need, 0)
+        for g in groups:
+            size = g.loaded.profile.input_size
+            buf = self._buffer(slot, size, need[size])
+            lo = used[size]
+            used[size] += len(g.members)
+            self._decode_group(records, g, buf[lo : lo + len(g.members)], out)
+        times.decode = time.perf_counter() - t1
+        return PreparedBatch(records, out, groups, times, slot)
 
-    def _process_group(self, records: Sequence[RecordLike], loaded: Any, members: list[tuple[int, FrameHeaders]],
-                       out: list[Outgoing | None], times: StageTimes) -> tuple[str, int, str, int, float]:
-        profile: Profile = loaded.profile
-        size = profile.input_size
-        buf = self._buffer(size, len(members))
+    def _decode_group(self, records: Sequence[RecordLike], g: _Group, buf: np.ndarray,
+                      out: list[Outgoing | None]) -> None:
+        size = g.loaded.profile.input_size
+        members = g.members
 
         def work(j: int) -> tuple[int, int] | FrameError:
             i, hdr = members[j]
@@ -490,50 +540,71 @@ class BatchProcessor:
             except Exception as exc:  # decoder bug or OOM on one frame: that frame only
                 return FrameError("decode", f"{type(exc).__name__}: {exc}")
 
-        t0 = time.perf_counter()
         if self._pool is not None and len(members) > 1:
             decoded = list(self._pool.map(work, range(len(members))))
         else:
             decoded = [work(j) for j in range(len(members))]
-        good = [j for j, d in enumerate(decoded) if not isinstance(d, FrameError)]
         for j, d in enumerate(decoded):
             if isinstance(d, FrameError):
                 i, hdr = members[j]
                 out[i] = self.dlq(records[i], d.stage, d.reason, hdr.frame_id)
-        times.decode += time.perf_counter() - t0
-        if not good:
-            return profile.product, profile.version, loaded.engine.name, 0, 0.0
-        images = buf[: len(members)] if len(good) == len(members) else buf[good]
-        t1 = time.perf_counter()
-        try:
-            maps, scores = loaded.engine.run(images)
-        except Exception as exc:  # the whole group goes to the DLQ with the reason; we go on
-            log.exception("engine %s failed on %d frames of %s", loaded.engine.name, len(good), profile.product)
-            for j in good:
-                i, hdr = members[j]
-                out[i] = self.dlq(records[i], "inference", f"{type(exc).__name__}: {exc}", hdr.frame_id)
-            times.inference += time.perf_counter() - t1
-            return profile.product, profile.version, loaded.engine.name, 0, 0.0
-        infer_s = time.perf_counter() - t1
-        times.inference += infer_s
-        t2 = time.perf_counter()
-        infer_ms = infer_s * 1000.0
-        for k, j in enumerate(good):
-            i, hdr = members[j]
-            w, h = decoded[j]  # type: ignore[misc]
-            score = float(scores[k])
-            if not np.isfinite(score):
-                out[i] = self.dlq(records[i], "inference", f"engine returned a non-finite score ({score})",
-                                  hdr.frame_id)
+            else:
+                g.good.append(j)
+                g.dims[j] = d
+        if g.good:
+            g.images = buf if len(g.good) == len(members) else buf[g.good]
+
+    # -- phase 2: the engine ---------------------------------------------------------------------
+    def infer(self, prepared: PreparedBatch) -> None:
+        """Run each group's engine (safe to call from another thread: touches only ``prepared``)."""
+        for g in prepared.groups:
+            if g.images is None:
                 continue
+            t = time.perf_counter()
             try:
-                out[i] = self._result(records[i], hdr, profile, loaded.engine.name, images[k], maps[k],
-                                      score, w, h, infer_ms)
-            except Exception as exc:  # never a poison pill: this frame to the DLQ, the rest go on
-                log.exception("post-processing failed for %s", hdr.frame_id)
-                out[i] = self.dlq(records[i], "other", f"post-processing: {type(exc).__name__}: {exc}", hdr.frame_id)
-        times.post += time.perf_counter() - t2
-        return profile.product, profile.version, loaded.engine.name, len(good), infer_s
+                g.maps, g.scores = g.loaded.engine.run(g.images)
+            except Exception as exc:  # the group goes to the DLQ with the reason; we go on
+                log.exception("engine %s failed on %d frames of %s", g.loaded.engine.name, len(g.good),
+                              g.loaded.profile.product)
+                g.error = exc
+            g.infer_s = time.perf_counter() - t
+            prepared.times.inference += g.infer_s
+
+    # -- phase 3: post-processing and results ----------------------------------------------------
+    def finish(self, prepared: PreparedBatch) -> BatchOutput:
+        records, out = prepared.records, prepared.out
+        t0 = time.perf_counter()
+        summary = []
+        for g in prepared.groups:
+            profile: Profile = g.loaded.profile
+            engine = g.loaded.engine.name
+            if g.images is None or g.error is not None or g.maps is None or g.scores is None:
+                exc = g.error
+                for j in g.good:
+                    i, hdr = g.members[j]
+                    out[i] = self.dlq(records[i], "inference", f"{type(exc).__name__}: {exc}", hdr.frame_id)
+                summary.append((profile.product, profile.version, engine, 0, g.infer_s))
+                continue
+            infer_ms = g.infer_s * 1000.0
+            for k, j in enumerate(g.good):
+                i, hdr = g.members[j]
+                w, h = g.dims[j]
+                score = float(g.scores[k])
+                if not np.isfinite(score):
+                    out[i] = self.dlq(records[i], "inference", f"engine returned a non-finite score ({score})",
+                                      hdr.frame_id)
+                    continue
+                try:
+                    out[i] = self._result(records[i], hdr, profile, engine, g.images[k], g.maps[k],
+                                          score, w, h, infer_ms)
+                except Exception as exc:  # never a poison pill: this frame to the DLQ, the rest go on
+                    log.exception("post-processing failed for %s", hdr.frame_id)
+                    out[i] = self.dlq(records[i], "other", f"post-processing: {type(exc).__name__}: {exc}",
+                                      hdr.frame_id)
+            summary.append((profile.product, profile.version, engine, len(g.good), g.infer_s))
+        prepared.times.post += time.perf_counter() - t0
+        assert all(o is not None for o in out)
+        return BatchOutput(out, prepared.times, summary)  # type: ignore[arg-type]
 
     def _result(self, rec: RecordLike, hdr: FrameHeaders, profile: Profile, engine: str, image: np.ndarray,
                 amap: np.ndarray, score: float, w: int, h: int, infer_ms: float) -> Outgoing:

@@ -268,6 +268,10 @@ def run_sink(
             [settings.topics.results, settings.topics.dlq],
             client_id=f"{settings.kafka.client_id}-sink",
             max_poll_records=settings.sink.max_batch,
+            # a SIGKILLed sink holds its partitions until its session expires: keep that short
+            # (the client default is 45 s) so a restarted sink resumes within ~10 s
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=3_000,
         )
     log.info("sink: %s + %s -> %s", settings.topics.results, settings.topics.dlq, settings.storage.db_path)
     last_data = time.monotonic()

@@ -4,7 +4,9 @@ Delivery is at-least-once: a micro-batch's offsets are committed only after ever
 DLQ record of that batch has been acknowledged by Kafka. When a delivery fails, the worker
 seeks back to the batch's first offsets and processes it again (the sink is idempotent by
 frame id, so a replay never makes a second row). Records of partitions revoked while a batch
-is being collected are dropped from it (their new owner reads them from the committed offset).
+is being collected are still processed (a partition may come straight back to this consumer
+with its fetch position kept), and only partitions still assigned are committed: one that
+moved is replayed by its new owner from the last commit (duplicates, never a loss).
 
 Library-first: ``run_worker`` is what ``linewatch work``, the demo, the bench and the tests
 call, in the main thread (SIGTERM/SIGINT finish the batch, commit and leave the group), in a
@@ -48,7 +50,7 @@ class WorkerStats:
     commits: int = 0
     commit_failures: int = 0
     replays: int = 0  # batches processed again after a failed delivery
-    dropped_revoked: int = 0  # records dropped from a forming batch by a rebalance
+    revoked_in_batch: int = 0  # records whose partition was revoked while their batch formed
     profile_loads: int = 0
     reloads: list[tuple[str, int | None, int | None, bool]] = field(default_factory=list)
     engines: dict[str, str] = field(default_factory=dict)  # product -> engine name
@@ -57,6 +59,11 @@ class WorkerStats:
     started_at: float = field(default_factory=time.time)
     elapsed_s: float = 0.0  # first record received -> last commit
     dlq_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dropped_revoked(self) -> int:
+        """Old name of ``revoked_in_batch`` (such records are no longer dropped)."""
+        return self.revoked_in_batch
 
     @property
     def frames_per_s(self) -> float:
@@ -87,7 +94,7 @@ def default_engine_factory(ws: WorkerSettings) -> EngineFactory:
 
 
 class _Revocations:
-    """Rebalance listener: remembers revoked partitions so the forming batch drops them."""
+    """Rebalance listener: remembers partitions revoked while a batch forms (for the stats)."""
 
     def __init__(self) -> None:
         from kafka import ConsumerRebalanceListener
@@ -308,11 +315,12 @@ def _collect(consumer: Any, revocations: _Revocations, max_batch: int, max_wait_
             for r in recs:
                 batch[(r.topic, r.partition, r.offset)] = r  # a re-fetch after reassignment dedups
         if revocations.revoked:
+            # Keep them: kafka-python keeps the fetch position of a partition that comes back to
+            # this consumer, so dropping them would lose them. Processing them is always safe:
+            # the commit skips partitions now owned by another worker, which replays them.
             gone = {(tp.topic, tp.partition) for tp in revocations.revoked}
             revocations.revoked.clear()
-            before = len(batch)
-            batch = {k: r for k, r in batch.items() if (k[0], k[1]) not in gone}
-            stats.dropped_revoked += before - len(batch)
+            stats.revoked_in_batch += sum(1 for k in batch if (k[0], k[1]) in gone)
         if not batch:
             return []
         if deadline is None:

@@ -179,7 +179,9 @@ class PaDiM(AnomalyModel):
         if opts["storage"] not in ("float16", "float32"):
             raise ModelError(f"padim: storage must be float16 or float32, got {opts['storage']!r}")
         self.mean: torch.Tensor | None = None  # (P, d)
-        self.chol: torch.Tensor | None = None  # (P, d, d) float32 working copy
+        # packed lower triangles (P, d(d+1)/2) in the storage dtype: a loaded model that is only
+        # served through ONNX Runtime never holds the full float32 factors in torch as well
+        self.tri: torch.Tensor | None = None
         self.channel_idx: torch.Tensor | None = None  # (d,) indices into the concatenated taps
         self._module: PaDiMModule | None = None
         self.fit_info: dict[str, Any] = {}
@@ -268,12 +270,16 @@ class PaDiM(AnomalyModel):
 
     def _set_chol(self, chol: torch.Tensor) -> None:
         # round through the storage dtype now, so the in-memory model equals the saved/exported one
-        dtype = torch.float16 if self.options["storage"] == "float16" else torch.float32
-        self.chol = torch.tril(chol.to(dtype).float())
+        self.tri = pack_tril(chol).to(self._storage_dtype())
+
+    @property
+    def chol(self) -> torch.Tensor | None:
+        """Full (P, d, d) float32 Cholesky factors of the precision matrices (unpacked on demand)."""
+        return None if self.tri is None else unpack_tril(self.tri.float(), int(self.options["d"]))
 
     # -- inference ---------------------------------------------------------------------------------
     def _require_fitted(self) -> None:
-        if self.mean is None or self.chol is None or self.channel_idx is None:
+        if self.mean is None or self.tri is None or self.channel_idx is None:
             raise ModelError("padim: model is not fitted")
 
     def inference_module(self) -> nn.Module:
@@ -295,7 +301,7 @@ class PaDiM(AnomalyModel):
                        grid_size(self.input_size, self.options["grid_stride"]))
         d = int(self.options["d"])
         if packed:
-            tri = pack_tril(self.chol).to(self._storage_dtype())
+            tri = self.tri
             chol = torch.cat([tri, torch.zeros(tri.shape[0], 1, dtype=tri.dtype)], 1)
         else:
             chol = self.chol.float().contiguous()
@@ -304,7 +310,7 @@ class PaDiM(AnomalyModel):
     # -- persistence ---------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         self._require_fitted()
-        return {"mean": self.mean, "chol_tril": pack_tril(self.chol).to(self._storage_dtype()),
+        return {"mean": self.mean, "chol_tril": self.tri,
                 "channel_idx": self.channel_idx.to(torch.int64)}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -318,6 +324,6 @@ class PaDiM(AnomalyModel):
             raise ModelError(f"padim: weights shapes mean {tuple(mean.shape)} chol_tril {tuple(tri.shape)} do not "
                              f"match the config (positions {p}, d {d})")
         self.mean = mean.float()
-        self.chol = unpack_tril(tri.float(), d)
+        self.tri = tri.to(self._storage_dtype())
         self.channel_idx = idx.long()
         self._module = None
