@@ -18,6 +18,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from dashboard import queries
@@ -169,26 +170,56 @@ def _categories(snap: queries.Snapshot) -> None:
             st.caption(f"{row.per_1000:.1f} per 1000 frames · {row.share:.0%} of defects")
 
 
+def _trend_frame(snap: queries.Snapshot) -> pd.DataFrame:
+    """Every bucket from the first to now (gaps are shown as gaps, not squeezed out), with
+    a short UTC label for the axis."""
+    df = snap.trend.copy()
+    step = pd.Timedelta(seconds=snap.bucket_s)
+    first = df["bucket"].min()
+    last = max(df["bucket"].max(), pd.Timestamp(snap.read_ts_ms, unit="ms").floor(step))
+    every = pd.DataFrame({"bucket": pd.date_range(first, last, freq=step)})
+    fmt = "%m-%d %H:%M" if (last - first) >= pd.Timedelta(days=1) else "%H:%M"
+    every["label"] = every["bucket"].dt.strftime(fmt)
+    return every.merge(df, on="bucket", how="left")
+
+
 def _trend(snap: queries.Snapshot) -> None:
+    import altair as alt
+
     bucket = snap.bucket_s
     unit = f"{bucket // 3600} h" if bucket >= 3600 else f"{bucket // 60} min" if bucket >= 60 else f"{bucket} s"
     st.subheader(f"Trend — defects per {unit}")
-    if snap.trend.empty:
+    if snap.trend.empty or snap.trend["defects"].sum() == 0:
         st.info("No defects in this time range.")
         return
-    wide = snap.trend.pivot_table(index="bucket", columns="category", values="defects", aggfunc="sum", fill_value=0)
-    order = [c for c in queries.ALL_CATEGORIES if c in wide.columns] + [c for c in wide.columns
-                                                                       if c not in queries.ALL_CATEGORIES]
-    wide = wide[order].rename(columns={c: queries.CATEGORY_LABELS.get(c, c).split(" —")[0] for c in order})
-    colors = [CATEGORY_COLORS.get(c, "#444") for c in order]
+    df = _trend_frame(snap)
+    labels = list(dict.fromkeys(df["label"]))
+    axis = alt.Axis(labelAngle=0, labelOverlap=True, title=None)
+    cats = [c for c in queries.ALL_CATEGORIES if c in set(df["category"].dropna())]
+    names = [queries.CATEGORY_LABELS[c].split(" —")[0] for c in cats]
+    bars_df = df[df["category"].isin(cats)].assign(
+        name=lambda d: d["category"].map(lambda c: queries.CATEGORY_LABELS[c].split(" —")[0]))
+    bars = alt.Chart(bars_df).mark_bar().encode(
+        x=alt.X("label:O", sort=labels, axis=axis, scale=alt.Scale(domain=labels)),
+        y=alt.Y("sum(defects):Q", title="defective frames"),
+        color=alt.Color("name:N", title=None, scale=alt.Scale(domain=names,
+                        range=[CATEGORY_COLORS[c] for c in cats]), legend=alt.Legend(orient="bottom")),
+        order=alt.Order("category:N"),
+        tooltip=[alt.Tooltip("label:O", title="from (UTC)"), alt.Tooltip("name:N", title="category"),
+                 alt.Tooltip("sum(defects):Q", title="defects")],
+    ).properties(height=260)
+    rate_df = (df.groupby("label", sort=False).agg(defects=("defects", "sum"), frames=("frames", "first"))
+               .reset_index())
+    rate_df["per_1000"] = 1000 * rate_df["defects"] / rate_df["frames"]
+    rate = alt.Chart(rate_df).mark_line(color="#d62728", point=alt.OverlayMarkDef(color="#d62728")).encode(
+        x=alt.X("label:O", sort=labels, axis=axis, scale=alt.Scale(domain=labels)),
+        y=alt.Y("per_1000:Q", title="defects per 1000 frames"),
+        tooltip=[alt.Tooltip("label:O", title="from (UTC)"), alt.Tooltip("per_1000:Q", format=".0f"),
+                 alt.Tooltip("frames:Q", title="frames")],
+    ).properties(height=260)
     left, right = st.columns([3, 2])
-    with left:
-        st.bar_chart(wide, color=colors, height=260, x_label="", y_label="defective frames", stack=True)
-    with right:
-        rate = (snap.trend.groupby("bucket").agg(defects=("defects", "sum"), frames=("frames", "first")))
-        rate["per 1000 frames"] = 1000 * rate["defects"] / rate["frames"]
-        st.line_chart(rate[["per 1000 frames"]], height=260, x_label="", y_label="defects per 1000 frames",
-                      color="#d62728")
+    left.altair_chart(bars, width="stretch")
+    right.altair_chart(rate, width="stretch")
 
 
 def _breakdowns(snap: queries.Snapshot) -> None:

@@ -81,7 +81,7 @@ class Snapshot:
     read_ts_ms: int
     kpis: dict[str, Any]
     categories: pd.DataFrame  # category, label, defects, per_1000, share
-    trend: pd.DataFrame  # bucket (datetime UTC), category, defects, frames
+    trend: pd.DataFrame  # bucket (naive UTC datetime), category ("" = no defect in it), defects, frames
     bucket_s: int
     by_product: pd.DataFrame
     by_camera: pd.DataFrame
@@ -93,7 +93,7 @@ class Snapshot:
     options: dict[str, list[str]] = field(default_factory=dict)
 
 
-def pick_bucket_s(span_ms: int, max_buckets: int = 60) -> int:
+def pick_bucket_s(span_ms: int, max_buckets: int = 30) -> int:
     """A round bucket width giving at most ``max_buckets`` bars for the span."""
     for b in _BUCKETS_S:
         if span_ms / (b * 1000) <= max_buckets:
@@ -158,7 +158,10 @@ def trend(con: duckdb.DuckDBPyConnection, f: Filters, bucket_s: int) -> pd.DataF
         return pd.DataFrame(columns=["bucket", "category", "defects", "frames"])
     frames = df.groupby("bucket")["n"].sum().rename("frames")
     defects = df[df["category"] != "ok"].rename(columns={"n": "defects"})
-    return defects.merge(frames, left_on="bucket", right_index=True, how="left").reset_index(drop=True)
+    quiet = frames.index.difference(defects["bucket"])  # frames but no defect: a row with 0
+    defects = pd.concat([defects, pd.DataFrame({"bucket": quiet, "category": "", "defects": 0})])
+    out = defects.merge(frames, left_on="bucket", right_index=True, how="left")
+    return out.sort_values(["bucket", "category"]).reset_index(drop=True)
 
 
 def breakdown(con: duckdb.DuckDBPyConnection, f: Filters, column: str) -> pd.DataFrame:

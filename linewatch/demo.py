@@ -38,12 +38,17 @@ class DemoConfig:
     model_kind: str = "padim"
     input_size: int = 256
     n_train: int = 60
+    n_test_good: int = 20
+    n_test_per_category: int = 12
+    model_options: dict | None = None
+    report: bool = True
     seed: int = 0
     kafka_port: int = 9092
     controller_port: int = 9093
     dashboard_port: int = 8501
     duration_s: float | None = None
     status_every_s: float = 10.0
+    drain_s: float = 20.0
     open_browser: bool = False
 
     @property
@@ -109,7 +114,8 @@ def prepare_profiles(cfg: DemoConfig, progress: bool = True) -> dict[str, int]:
     if missing:
         print(f"demo: generating the synthetic line for {', '.join(missing)} in {cfg.data_dir}", flush=True)
         generate_dataset(cfg.data_dir, products=missing, size=cfg.input_size, seed=cfg.seed,
-                         n_train=cfg.n_train)
+                         n_train=cfg.n_train, n_test_good=cfg.n_test_good,
+                         n_test_per_category=cfg.n_test_per_category, progress=progress)
     registry = Registry(cfg.registry_dir)
     versions: dict[str, int] = {}
     for product in cfg.products:
@@ -118,13 +124,14 @@ def prepare_profiles(cfg: DemoConfig, progress: bool = True) -> dict[str, int]:
             print(f"demo: fitting and calibrating {cfg.model_kind} for {product} "
                   "(normal images only; threshold from a few anomalous validation images)", flush=True)
             t0 = time.perf_counter()
+            report_dir = cfg.home / "reports" / product if cfg.report else None
             profile = calibrate_product(cfg.data_dir, product, cfg.registry_dir, cfg.model_kind,
                                         input_size=cfg.input_size, seed=cfg.seed, progress=progress,
-                                        report_dir=cfg.home / "reports" / product)
+                                        options=cfg.model_options, report_dir=report_dir)
             current = profile.version
             print(f"demo: {product} v{current}: threshold {profile.threshold:.4g} "
-                  f"({profile.threshold_method}) in {time.perf_counter() - t0:.0f} s; "
-                  f"report in {cfg.home / 'reports' / product}", flush=True)
+                  f"({profile.threshold_method}) in {time.perf_counter() - t0:.0f} s"
+                  + (f"; report in {report_dir}" if report_dir else ""), flush=True)
         versions[product] = current
     return versions
 
@@ -209,6 +216,22 @@ def summarize(db_path: Path, since_ms: int | None = None) -> DemoSummary:
     return summary
 
 
+def _drain(cfg: DemoConfig, since_ms: int) -> None:
+    """Wait (bounded by ``cfg.drain_s``) until the stored row count stops growing."""
+    deadline = time.monotonic() + cfg.drain_s
+    last, still_since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        try:
+            n = summarize(cfg.db_path, since_ms).frames_stored
+        except Exception:  # never let the drain wait stop the shutdown
+            return
+        if n != last:
+            last, still_since = n, time.monotonic()
+        elif time.monotonic() - still_since >= 3.0:
+            return
+        time.sleep(0.5)
+
+
 def run_demo(cfg: DemoConfig, stop_event: threading.Event | None = None) -> DemoSummary:
     """Run the whole line until Ctrl-C/SIGTERM, ``stop_event`` or ``cfg.duration_s``."""
     from linewatch.broker import broker_from_settings
@@ -223,8 +246,8 @@ def run_demo(cfg: DemoConfig, stop_event: threading.Event | None = None) -> Demo
     was_running = broker.status().running
     print(f"demo: starting Kafka {settings.broker.kafka_version} on 127.0.0.1:{cfg.kafka_port} "
           f"(log: {broker.log_file})", flush=True)
-    broker.start()
-    ensure_topics(settings)
+    # die_with_parent: a demo that is killed outright (not Ctrl-C) leaves no JVM behind
+    broker.start(die_with_parent=not was_running)
 
     procs = _Procs(cfg)
     summary = DemoSummary(dashboard_url=f"http://127.0.0.1:{cfg.dashboard_port}")
@@ -234,6 +257,7 @@ def run_demo(cfg: DemoConfig, stop_event: threading.Event | None = None) -> Demo
         for sig in (signal.SIGINT, signal.SIGTERM):
             old_handlers[sig] = signal.signal(sig, lambda *_: stop_event.set())
     try:
+        ensure_topics(settings)
         procs.start("sink", ["sink"])
         for i in range(cfg.workers):
             procs.start(f"worker-{i + 1}", ["work", "--worker-id", f"demo-worker-{i + 1}"])
@@ -275,7 +299,7 @@ def run_demo(cfg: DemoConfig, stop_event: threading.Event | None = None) -> Demo
     finally:
         print("demo: stopping producers, workers, sink, dashboard ...", flush=True)
         procs.stop(("producer",))
-        time.sleep(min(5.0, 1.0 + cfg.fps))  # let workers and sink drain in-flight frames
+        _drain(cfg, started_ms)  # let workers and sink store the frames already sent
         procs.stop()
         if not was_running:
             broker.stop()

@@ -389,15 +389,27 @@ def test_two_workers_share_the_group_and_lose_nothing(kafka_settings, registry):
 
     settings = _settings(kafka_settings, registry, max_batch=4)
     base = plain_image(96, 128, seed=6)
-    frames = [_frame("widget", i, base, camera=f"cam{i % 8}") for i in range(80)]
-    ids = {dict(h)["frame_id"].decode() for _, h, _ in frames}
-    a = _run_in_thread(settings, worker_id="w-a", engine_factory=factory, create_topics=False)
+    frames = [_frame("widget", i, base, camera=f"cam{i % 8}") for i in range(400)]
+    handled: dict[str, int] = {}
+
+    def counter(name):
+        def on_batch(stats: WorkerStats) -> None:
+            handled[name] = stats.frames
+        return on_batch
+
+    a = _run_in_thread(settings, worker_id="w-a", engine_factory=factory, create_topics=False,
+                       on_batch=counter("a"))
     _produce(settings, frames[:40])
     time.sleep(1.0)
-    b = _run_in_thread(settings, worker_id="w-b", engine_factory=factory, create_topics=False)
-    for k in range(40, 80, 8):
-        _produce(settings, frames[k : k + 8])
+    b = _run_in_thread(settings, worker_id="w-b", engine_factory=factory, create_topics=False,
+                       on_batch=counter("b"))
+    sent = 40
+    # keep the stream going until the rebalance has given the newcomer work (bounded)
+    while sent < len(frames) and not (handled.get("a") and handled.get("b")):
+        _produce(settings, frames[sent : sent + 8])
+        sent += 8
         time.sleep(0.3)
+    ids = {dict(h)["frame_id"].decode() for _, h, _ in frames[:sent]}
     try:
         deadline = time.monotonic() + 90
         got: set[str] = set()

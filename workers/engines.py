@@ -261,16 +261,20 @@ class TensorRTEngine(_BaseEngine):
             raise EngineUnavailable(f"tensorrt: ONNX parse failed: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 1 << 30)
-        if builder.platform_has_fast_fp16:
+        if getattr(builder, "platform_has_fast_fp16", True):
             config.set_flag(trt.BuilderFlag.FP16)
             config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+            # ONNX node names carry the torch module path ("/features/backbone/blocks.3/..."):
+            # only the backbone runs in FP16; float layers after it stay FP32
             for i in range(network.num_layers):
                 layer = network.get_layer(i)
-                if "/backbone/" not in layer.name and "/pre/" not in layer.name:
+                if "/backbone/" in layer.name:
+                    continue
+                outs = [layer.get_output(j) for j in range(layer.num_outputs)]
+                if outs and all(o.dtype in (trt.float32, trt.float16) for o in outs):
                     layer.precision = trt.float32
                     for j in range(layer.num_outputs):
-                        if layer.get_output(j).dtype in (trt.float32, trt.float16):
-                            layer.set_output_type(j, trt.float32)
+                        layer.set_output_type(j, trt.float32)
         inp = network.get_input(0)
         c, h, w = inp.shape[1:]
         profile = builder.create_optimization_profile()

@@ -23,13 +23,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from linewatch.profiles import Registry
 from linewatch.settings import Settings, WorkerSettings
 from workers.metrics import WorkerMetrics
-from workers.pipeline import BatchProcessor, ModelEngine, Outgoing
+from workers.pipeline import BatchProcessor, ModelEngine, Outgoing, PreparedBatch
 from workers.profile_cache import EngineFactory, ProfileCache, ReloadEvent
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,13 @@ class _Revocations:
 def run_worker(settings: Settings, stop_event: threading.Event | None = None, worker_id: str | None = None,
                max_frames: int | None = None, *, engine_factory: EngineFactory | None = None,
                create_topics: bool = True, install_signals: bool | None = None,
-               on_batch: Callable[[WorkerStats], None] | None = None) -> WorkerStats:
+               on_batch: Callable[[WorkerStats], None] | None = None, overlap: bool = True) -> WorkerStats:
     """Consume ``frames`` until ``stop_event`` is set, SIGTERM/SIGINT arrives (main thread
     only) or ``max_frames`` records have been handled; always finishes and commits the
-    current batch, then leaves the group. Returns the stats."""
+    current batch, then leaves the group. Returns the stats.
+
+    ``overlap`` runs the engine on one batch while the next is polled and decoded and the
+    previous one is published (False: strictly one batch at a time)."""
     from kafka import TopicPartition
     from kafka.errors import KafkaError
 
@@ -161,6 +165,7 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
                                decode_threads=min(4, ws.threads or os.cpu_count() or 1))
     consumer = producer = None
     uncommitted: dict[Any, int] = {}  # acknowledged but not yet committed (a commit failed)
+    cleanup: list[Callable[[], Any]] = []
     try:
         if create_topics:
             ensure_topics(settings)
@@ -177,22 +182,12 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
         first_at: float | None = None
         next_offsets: dict[Any, int] = {}
         last_lag = 0.0
+        engine_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine") if overlap else None
+        cleanup.append(lambda: engine_pool.shutdown(wait=True) if engine_pool else None)
 
-        while not stop.is_set() and (max_frames is None or stats.frames < max_frames):
-            cache.refresh()
-            t0 = time.perf_counter()
-            batch = _collect(consumer, revocations, ws.max_batch, ws.max_wait_ms, stop, stats)
-            stats.stage_s["poll"] += time.perf_counter() - t0
-            if time.monotonic() - last_lag > 1.0:
-                metrics.set_lag(_lags(consumer, next_offsets))
-                last_lag = time.monotonic()
-            if not batch:
-                if uncommitted:  # a commit failed earlier (broker restart): retry while idle
-                    _commit(consumer, uncommitted, stats, worker_id)
-                continue
-            if first_at is None:
-                first_at = time.perf_counter()
-            result = processor.process(batch)
+        def finish(prepared: PreparedBatch) -> bool:
+            """Results of one inferred batch -> Kafka -> commit. False if delivery failed."""
+            result = processor.finish(prepared)
             for k in ("profile", "decode", "inference", "post"):
                 v = getattr(result.times, k)
                 stats.stage_s[k] += v
@@ -200,17 +195,13 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
             for _product, _version, engine, n, secs in result.groups:
                 if n:
                     metrics.inference.labels(engine).observe(secs)
-
             t1 = time.perf_counter()
             try:
                 _publish(producer, result.out, send_nowait, RecordTooLarge)
             except (DeliveryError, KafkaError) as exc:
-                # Nothing of this batch is committed: go back and process it again.
                 stats.replays += 1
                 log.warning("worker %s: delivery failed (%s); replaying the batch", worker_id, exc)
-                _rewind(consumer, batch)
-                stop.wait(1.0)
-                continue
+                return False
             acked_ms = time.time() * 1000.0
             publish_s = time.perf_counter() - t1
             stats.stage_s["publish"] += publish_s
@@ -218,7 +209,7 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
 
             t2 = time.perf_counter()
             offsets: dict[Any, int] = {}
-            for rec in batch:
+            for rec in prepared.records:
                 tp = TopicPartition(rec.topic, rec.partition)
                 offsets[tp] = max(offsets.get(tp, -1), rec.offset + 1)
             for tp, off in offsets.items():
@@ -243,16 +234,76 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
                         ok += 1
                     if o.capture_ts_ms is not None:
                         metrics.e2e.observe(max(0.0, acked_ms - o.capture_ts_ms) / 1000.0)
-            metrics.observe_batch(len(batch), ok, defect, dlq_stages)
-            stats.frames += len(batch)
+            n = len(prepared.records)
+            metrics.observe_batch(n, ok, defect, dlq_stages)
+            stats.frames += n
             stats.results += ok + defect
             stats.defects += defect
             stats.dlq += len(dlq_stages)
             stats.batches += 1
-            stats.elapsed_s = time.perf_counter() - first_at
+            if first_at is not None:
+                stats.elapsed_s = time.perf_counter() - first_at
             if on_batch is not None:
                 on_batch(stats)
+            return True
+
+        # Two batches in flight at most: while the engine runs batch k (its own thread; ONNX
+        # Runtime and torch release the GIL), this thread polls and decodes batch k+1, then
+        # post-processes, publishes and commits batch k.
+        inflight: tuple[PreparedBatch, Future | None] | None = None
+        slot = 0
+        while True:
+            pending = len(inflight[0].records) if inflight else 0
+            room = ws.max_batch if max_frames is None else min(ws.max_batch, max_frames - stats.frames - pending)
+            more = not stop.is_set() and room > 0
+            if not more and inflight is None:
+                break
+            cache.refresh()
+            batch: list[Any] = []
+            if more:
+                t0 = time.perf_counter()
+                batch = _collect(consumer, revocations, room, ws.max_wait_ms, stop, stats,
+                                 first_wait_ms=0 if inflight else IDLE_POLL_MS)
+                stats.stage_s["poll"] += time.perf_counter() - t0
+            if time.monotonic() - last_lag > 1.0:
+                metrics.set_lag(_lags(consumer, next_offsets))
+                last_lag = time.monotonic()
+            prepared = None
+            if batch:
+                if first_at is None:
+                    first_at = time.perf_counter()
+                prepared = processor.prepare(batch, slot)
+                slot ^= 1
+            if inflight is not None and inflight[1] is not None:
+                inflight[1].result()  # the engine finished batch k (infer() keeps its own errors)
+            nxt: tuple[PreparedBatch, Future | None] | None = None
+            if prepared is not None:
+                if engine_pool is not None:
+                    nxt = (prepared, engine_pool.submit(processor.infer, prepared))
+                else:
+                    processor.infer(prepared)
+                    nxt = (prepared, None)
+            if inflight is not None and not finish(inflight[0]):
+                # nothing of batch k (nor k+1) is committed: go back and process them again
+                replay = list(inflight[0].records)
+                if nxt is not None:
+                    if nxt[1] is not None:
+                        nxt[1].result()
+                    replay += list(nxt[0].records)
+                    nxt = None
+                _rewind(consumer, replay)
+                stop.wait(1.0)
+            inflight = nxt
+            if inflight is not None and engine_pool is None:
+                if not finish(inflight[0]):
+                    _rewind(consumer, list(inflight[0].records))
+                    stop.wait(1.0)
+                inflight = None
+            if not batch and inflight is None and uncommitted:
+                _commit(consumer, uncommitted, stats, worker_id)  # retry a failed commit while idle
     finally:
+        for fn in cleanup:
+            fn()
         processor.close()
         if producer is not None:
             try:
@@ -301,13 +352,14 @@ def _commit(consumer: Any, uncommitted: dict[Any, int], stats: WorkerStats, work
 
 
 def _collect(consumer: Any, revocations: _Revocations, max_batch: int, max_wait_ms: int,
-             stop: threading.Event, stats: WorkerStats) -> list[Any]:
-    """Up to ``max_batch`` records, waiting at most ``max_wait_ms`` after the first one."""
+             stop: threading.Event, stats: WorkerStats, first_wait_ms: int = IDLE_POLL_MS) -> list[Any]:
+    """Up to ``max_batch`` records, waiting at most ``first_wait_ms`` for the first one and
+    ``max_wait_ms`` after it."""
     batch: dict[tuple[str, int, int], Any] = {}
     deadline: float | None = None
     while len(batch) < max_batch:
         if deadline is None:
-            timeout_ms = IDLE_POLL_MS
+            timeout_ms = first_wait_ms
         else:
             timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
         polled = consumer.poll(timeout_ms=timeout_ms, max_records=max_batch - len(batch))

@@ -5,6 +5,8 @@ export to ONNX (Pad, Conv, Resize, ReduceMax) so the whole inference graph is on
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -122,6 +124,19 @@ def shared_backbone(name: str, weights_path: str | None, layers: Sequence[str], 
             raise ModelError(f"{weights_path}: backbone weights changed since the model was fitted "
                              f"(sha256 {actual[:12]}..., expected {weights_sha256[:12]}...)")
     return _shared_backbone(name, str(weights_path) if weights_path else None, tuple(layers), int(input_size))
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch threads. Many small ops (batched 64x64 linear algebra, the
+    flow's training steps) gain nothing from a second thread on a quiet machine and lose a lot
+    on a shared one, where OpenMP barriers wait for a descheduled thread."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def check_images(images: np.ndarray, input_size: int, what: str = "images") -> np.ndarray:

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from linewatch.models._common import (MapHead, Preprocess, align_to_grid, check_images, grid_size,
-                                      shared_backbone, to_tensor, weights_path_or_none)
+                                      shared_backbone, to_tensor, torch_threads, weights_path_or_none)
 from linewatch.models.base import AnomalyModel, ModelError
 
 DEFAULTS: dict[str, Any] = {
@@ -240,12 +240,8 @@ class CFlow(AnomalyModel):
 
         # the flow steps are many small ops: one thread is as fast as two on a quiet machine and
         # far faster on a shared one (no OpenMP barrier waiting for a descheduled thread)
-        prev_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             best, best_state, history = self._train(flows, opt, data, pos, val, tr, gen, m, progress)
-        finally:
-            torch.set_num_threads(prev_threads)
         if best_state is not None:
             flows.load_state_dict(best_state)
         flows.eval()

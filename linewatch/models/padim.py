@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from linewatch.models._common import (MapHead, Preprocess, align_to_grid, check_images, grid_size,
-                                      shared_backbone, to_tensor, weights_path_or_none)
+                                      shared_backbone, to_tensor, torch_threads, weights_path_or_none)
 from linewatch.models.base import AnomalyModel, ModelError
 
 DEFAULTS: dict[str, Any] = {
@@ -226,10 +226,26 @@ class PaDiM(AnomalyModel):
         del embs
         t_feat = time.perf_counter() - t0
         n, d, h, w = emb.shape
+        with torch_threads(1):
+            means, chols, shrinks = self._gaussians(emb, progress)
+        self.channel_idx = idx
+        self.mean = torch.cat(means).float()
+        chol = torch.cat(chols)
+        self._set_chol(chol)
+        self._module = None
+        sh = torch.cat(shrinks)
+        self.fit_info = {"n_images": int(len(images)), "positions": int(h * w), "gaussians": len(self.mean),
+                         "d": int(d),
+                         "shrinkage_mean": float(sh.mean()), "feature_s": round(t_feat, 3),
+                         "fit_s": round(time.perf_counter() - t0, 3)}
+        return self
+
+    def _gaussians(self, emb: torch.Tensor, progress: bool):
+        n, d, h, w = emb.shape
         k = int(self.options["neighborhood"])
         r = k // 2
-        # each position's Gaussian sees its k x k neighbours too: k^2 more samples per estimate,
-        # and tolerance to the part's position jitter (the map's noise floor on normal parts drops)
+        # each position's Gaussian may also see its k x k neighbours: k^2 more samples per
+        # estimate and tolerance to position jitter (measured: no IoU gain on the synthetic line)
         padded = F.pad(emb, (r, r, r, r), mode="replicate") if r else emb
         means, chols, shrinks = [], [], []
         rows = max(1, 256 // w)
@@ -257,16 +273,7 @@ class PaDiM(AnomalyModel):
             chols.append(torch.linalg.cholesky(prec))
             means.append(mean)
             shrinks.append(shrink)
-        self.channel_idx = idx
-        self.mean = torch.cat(means).float()
-        chol = torch.cat(chols)
-        self._set_chol(chol)
-        self._module = None
-        sh = torch.cat(shrinks)
-        self.fit_info = {"n_images": int(len(images)), "positions": int(h * w), "gaussians": len(self.mean), "d": int(d),
-                         "shrinkage_mean": float(sh.mean()), "feature_s": round(t_feat, 3),
-                         "fit_s": round(time.perf_counter() - t0, 3)}
-        return self
+        return means, chols, shrinks
 
     def _set_chol(self, chol: torch.Tensor) -> None:
         # round through the storage dtype now, so the in-memory model equals the saved/exported one
