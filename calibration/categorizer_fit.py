@@ -80,18 +80,26 @@ def _fit_classifier(x: np.ndarray, y: np.ndarray, kind: str, seed: int, weights:
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
 
+    if kind == "ensemble":
+        return [_fit_classifier(x, y, "logreg", seed, weights), _fit_classifier(x, y, "forest", seed, weights)]
     if kind == "logreg":
         clf = LogisticRegression(C=0.5, class_weight="balanced", max_iter=5000)
     elif kind == "forest":
-        clf = RandomForestClassifier(n_estimators=60, max_depth=6, min_samples_leaf=2, class_weight="balanced",
+        clf = RandomForestClassifier(n_estimators=100, max_depth=6, min_samples_leaf=2, class_weight="balanced",
                                      random_state=seed, n_jobs=1)
     else:
-        raise UserError(f"categorizer kind {kind!r} is not logreg or forest")
+        raise UserError(f"categorizer kind {kind!r} is not logreg, forest or ensemble")
     clf.fit(x, y, sample_weight=weights)
     return clf
 
 
+def _classes(clf: Any) -> np.ndarray:
+    return clf[0].classes_ if isinstance(clf, list) else clf.classes_
+
+
 def _export(clf: Any, kind: str) -> dict[str, Any]:
+    if kind == "ensemble":
+        return {"kind": "ensemble", "members": [_export(clf[0], "logreg"), _export(clf[1], "forest")]}
     if kind == "logreg":
         return {"kind": "logreg", "coef": clf.coef_.tolist(), "intercept": clf.intercept_.tolist()}
     trees = []
@@ -154,7 +162,7 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "logreg", s
     params: dict[str, Any] = {
         "version": PARAMS_VERSION,
         "features": list(features),
-        "classes": clf.classes_.tolist(),
+        "classes": _classes(clf).tolist(),
         "scaler_mean": scaler.mean_.tolist(),
         "scaler_scale": scale.tolist(),
         "classifier": _export(clf, kind),
@@ -170,7 +178,7 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "logreg", s
             if len(np.unique(y[tr])) < len(classes):
                 continue
             sub = _fit_classifier(xs[tr], y[tr], kind, seed, None if weights is None else weights[tr])
-            p_sub = {**params, "classifier": _export(sub, kind), "classes": sub.classes_.tolist()}
+            p_sub = {**params, "classifier": _export(sub, kind), "classes": _classes(sub).tolist()}
             for g in np.unique(groups[te]):
                 d = described[g]
                 oof[int(g)] = categorize_regions(p_sub, d.feats)[1]

@@ -209,8 +209,10 @@ def _tree_proba(x: np.ndarray, tree: dict[str, Any]) -> np.ndarray:
 
 
 def predict_proba(params: dict[str, Any], feats: np.ndarray) -> np.ndarray:
-    """(n, len(classes)) probabilities from stored parameters ("logreg" or "forest")."""
+    """(n, len(classes)) probabilities from stored parameters ("logreg", "forest" or "ensemble")."""
     clf = params["classifier"]
+    if clf["kind"] == "ensemble":  # the mean of its members' probabilities
+        return np.mean([predict_proba({**params, "classifier": m}, feats) for m in clf["members"]], axis=0)
     names = params.get("features", list(FEATURES))
     idx = [FEATURES.index(nm) for nm in names]
     x = np.asarray(feats, np.float64)[:, idx]
