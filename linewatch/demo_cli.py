@@ -20,8 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--products", default="cap,brick",
                    help="synthetic products, comma-separated (default cap,brick: one object on a backdrop, one texture)")
     p.add_argument("--cameras", type=int, default=2, help="cameras per product (default 2)")
-    p.add_argument("--fps", type=float, default=4.0, help="frames per second per camera (default 4)")
-    p.add_argument("--frame-size", type=int, default=512, help="camera frame size in pixels (default 512)")
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second per camera (default 2)")
+    p.add_argument("--frame-size", type=int, default=256, help="camera frame size in pixels (default 256)")
+    p.add_argument("--input-size", type=int, default=128,
+                   help="model input size for newly fitted profiles (default 128)")
+    p.add_argument("--train-images", type=int, default=60,
+                   help="defect-free training images per product for newly fitted profiles (default 60)")
     p.add_argument("--defect-rate", type=float, default=0.25, help="share of defective frames (default 0.25)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--model", default="padim", help="model family for new profiles (default padim)")
@@ -42,6 +46,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError("--products: give at least one product")
     cfg = DemoConfig(home=args.home.expanduser(), products=products, cameras_per_product=args.cameras,
                      fps=args.fps, frame_size=args.frame_size, defect_rate=args.defect_rate,
+                     input_size=args.input_size, n_train=args.train_images,
                      workers=args.workers, model_kind=args.model, dashboard_port=args.port,
                      kafka_port=args.kafka_port, controller_port=args.controller_port,
                      duration_s=args.duration, seed=args.seed)

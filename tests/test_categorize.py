@@ -119,16 +119,18 @@ def test_trained_parameters_are_json_and_never_leave_the_four(synth_samples):
     assert np.asarray(res["confusion"]).sum() == len(synth_samples)
 
 
-@pytest.mark.parametrize("kind", ["logreg", "forest"])
+@pytest.mark.parametrize("kind", ["logreg", "forest", "ensemble"])
 def test_numpy_inference_equals_sklearn(kind):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(90, len(FEATURES)))
     y = np.array(["structural", "surface", "contamination"])[(x[:, 0] > 0).astype(int) + (x[:, 1] > 1)]
     clf = _fit_classifier(x, y, kind, 0, None)
-    params = {"features": list(FEATURES), "classes": clf.classes_.tolist(),
+    models = clf if isinstance(clf, list) else [clf]
+    params = {"features": list(FEATURES), "classes": models[0].classes_.tolist(),
               "scaler_mean": [0.0] * len(FEATURES), "scaler_scale": [1.0] * len(FEATURES),
               "classifier": json.loads(json.dumps(_export(clf, kind)))}
-    np.testing.assert_allclose(predict_proba(params, x), clf.predict_proba(x), atol=1e-4)
+    expected = np.mean([m.predict_proba(x) for m in models], axis=0)
+    np.testing.assert_allclose(predict_proba(params, x), expected, atol=1e-4)
 
 
 def test_region_features_shape_and_meaning():

@@ -58,10 +58,11 @@ def test_demo_runs_the_whole_line_and_stops_cleanly(tmp_path: Path, capsys):
     kafka_port, controller_port, dash_port = sorted(ports)
     cfg = DemoConfig(home=tmp_path / "demo", products=("brick",), cameras_per_product=1, fps=3.0,
                      frame_size=128, input_size=96, n_train=16, n_test_good=4, n_test_per_category=2,
-                     model_options={"d": 16}, kafka_port=kafka_port, controller_port=controller_port,
+                     model_options={"d": 16, "neighborhood": 3}, kafka_port=kafka_port, controller_port=controller_port,
                      dashboard_port=dash_port, duration_s=None, status_every_s=5.0, report=False)
     stop = threading.Event()
     box: dict = {}
+    children_before = set(_children(os.getpid()))  # e.g. a session broker of other tests
 
     def target():
         try:
@@ -105,7 +106,7 @@ def test_demo_runs_the_whole_line_and_stops_cleanly(tmp_path: Path, capsys):
     assert not _port_answers("127.0.0.1", kafka_port) and not _port_answers("127.0.0.1", dash_port)
     assert not (cfg.home / "broker" / "broker.pid").exists() or not any(
         _alive(int(p)) for p in (cfg.home / "broker" / "broker.pid").read_text().split())
-    assert _children(os.getpid()) == []
+    assert set(_children(os.getpid())) <= children_before
 
     # the figures it printed are the database's
     final = summarize(cfg.db_path)

@@ -131,3 +131,14 @@ def test_load_refuses_mismatched_weights(fitted, tmp_path):
     (tmp_path / "m" / "weights.safetensors").write_bytes(b"\x80\x04garbage")
     with pytest.raises(ModelError, match="weights.safetensors"):
         AnomalyModel.load(tmp_path / "m")
+
+
+def test_wrong_architecture_backbone_weights_name_the_file():
+    from linewatch.backbones import _effnet_weights_file
+
+    effnet = _effnet_weights_file()
+    with pytest.raises(ModelError, match=rf"{effnet.name}: not resnet18 weights"):
+        PaDiM(input_size=SIZE, backbone="resnet18", backbone_weights=str(effnet), d=8).fit(
+            np.zeros((2, SIZE, SIZE, 3), np.uint8), progress=False)
+    with pytest.raises(ModelError, match="missing.pth: cannot read backbone weights"):
+        PaDiM(input_size=SIZE, backbone="resnet18", backbone_weights="/nonexistent/missing.pth")

@@ -423,3 +423,20 @@ def test_two_workers_share_the_group_and_lose_nothing(kafka_settings, registry):
     assert sa.frames + sb.frames >= len(ids)
     committed, end = _committed_vs_end(settings)
     assert committed == end
+
+
+@pytest.mark.timeout(120)
+def test_cli_work_help_and_unreachable_broker(tmp_path):
+    linewatch = [sys.executable, "-m", "linewatch.cli"]
+    env = {**os.environ, "LINEWATCH_HOME": str(tmp_path), "LINEWATCH_KAFKA__CONNECT_TIMEOUT_S": "2"}
+    out = subprocess.run([*linewatch, "work", "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and "--max-batch" in out.stdout and "--metrics-port" in out.stdout
+    from linewatch.broker import free_port as _free
+
+    out = subprocess.run([*linewatch, "work", "--bootstrap-servers", f"127.0.0.1:{_free()}"],
+                         capture_output=True, text=True, env=env, timeout=90)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("linewatch: error: Kafka broker not reachable at 127.0.0.1:")
+    bad = subprocess.run([*linewatch, "work", "--max-batch", "0"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "max_batch" in bad.stderr

@@ -34,8 +34,13 @@ EngineFactory = Callable[[AnomalyModel, Path | None, Profile], Any]
 
 @dataclass(frozen=True)
 class LoadedProfile:
+    """A profile ready to serve. ``model`` is kept only when the engine runs the torch model
+    itself; an ONNX Runtime / TensorRT engine owns its own copy of the weights, and dropping
+    the torch one (tens of MB of float32 factors for a 256-px PaDiM) lets one worker hold
+    many products."""
+
     profile: Profile
-    model: AnomalyModel
+    model: AnomalyModel | None
     engine: Any  # workers.pipeline.Engine
     load_s: float
     loaded_at: float = field(default_factory=time.time)
@@ -111,7 +116,8 @@ class ProfileCache:
         except Exception as exc:
             raise ProfileError(f"{vdir}: no engine could run this profile: {type(exc).__name__}: {exc}") from None
         self.loads += 1
-        return LoadedProfile(profile, model, engine, time.perf_counter() - t0)
+        keep = model if str(getattr(engine, "name", "torch")).startswith("torch") else None
+        return LoadedProfile(profile, keep, engine, time.perf_counter() - t0)
 
     def _current(self, product: str) -> int | None:
         try:

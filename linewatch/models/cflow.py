@@ -32,7 +32,7 @@ from linewatch.models._common import (MapHead, Preprocess, align_to_grid, check_
 from linewatch.models.base import AnomalyModel, ModelError
 
 DEFAULTS: dict[str, Any] = {
-    "layers": ["block2", "block4", "block10"],
+    "layers": None,  # default: the backbone's (EfficientNet-Lite0: block2, block4, block10)
     "coupling_blocks": 4,
     "hidden": 128,
     "cond_dim": 32,
@@ -154,6 +154,12 @@ class CFlow(AnomalyModel):
         if unknown:
             raise ModelError(f"cflow: unknown option(s) {sorted(unknown)} (known: {sorted(DEFAULTS)})")
         opts = {**DEFAULTS, **options}
+        if opts["layers"] is None:
+            from linewatch.backbones import DEFAULT_LAYERS
+
+            if backbone not in DEFAULT_LAYERS:
+                raise ModelError(f"cflow: unknown backbone {backbone!r} (known: {', '.join(DEFAULT_LAYERS)})")
+            opts["layers"] = DEFAULT_LAYERS[backbone]
         opts["layers"] = list(opts["layers"])
         if opts["backbone_weights"] and not opts["backbone_sha256"]:
             from linewatch.backbones import file_sha256

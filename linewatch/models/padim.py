@@ -30,7 +30,7 @@ from linewatch.models._common import (MapHead, Preprocess, align_to_grid, check_
 from linewatch.models.base import AnomalyModel, ModelError
 
 DEFAULTS: dict[str, Any] = {
-    "layers": ["block2", "block4", "block10"],
+    "layers": None,  # default: the backbone's (EfficientNet-Lite0: block2, block4, block10)
     "d": 64,
     "grid_stride": 4,
     "upsample": "bilinear",
@@ -166,6 +166,12 @@ class PaDiM(AnomalyModel):
         if unknown:
             raise ModelError(f"padim: unknown option(s) {sorted(unknown)} (known: {sorted(DEFAULTS)})")
         opts = {**DEFAULTS, **options}
+        if opts["layers"] is None:
+            from linewatch.backbones import DEFAULT_LAYERS
+
+            if backbone not in DEFAULT_LAYERS:
+                raise ModelError(f"padim: unknown backbone {backbone!r} (known: {', '.join(DEFAULT_LAYERS)})")
+            opts["layers"] = DEFAULT_LAYERS[backbone]
         opts["layers"] = list(opts["layers"])
         super().__init__(input_size, backbone, **opts)
         if opts["backbone_weights"] and not opts["backbone_sha256"]:
@@ -178,6 +184,13 @@ class PaDiM(AnomalyModel):
             self.options["backbone_sha256"] = opts["backbone_sha256"]
         if opts["storage"] not in ("float16", "float32"):
             raise ModelError(f"padim: storage must be float16 or float32, got {opts['storage']!r}")
+        k = opts["neighborhood"]
+        if not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ModelError(f"padim: neighborhood must be an odd integer >= 1, got {k!r}")
+        if opts["grid_stride"] not in (4, 8, 16):
+            raise ModelError(f"padim: grid_stride must be 4, 8 or 16, got {opts['grid_stride']!r}")
+        if float(opts["sigma"]) < 0:
+            raise ModelError(f"padim: sigma must be >= 0, got {opts['sigma']!r}")
         self.mean: torch.Tensor | None = None  # (P, d)
         # packed lower triangles (P, d(d+1)/2) in the storage dtype: a loaded model that is only
         # served through ONNX Runtime never holds the full float32 factors in torch as well

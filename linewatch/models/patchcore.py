@@ -10,7 +10,9 @@ nearest-neighbour distance as the anomaly score.
   keeps the greedy loop cheap (one matrix-vector product per pick); the bank itself keeps the
   full features. The bank size is
   ``coreset_ratio`` of the patches, capped at ``max_bank``: scoring cost and profile size are
-  bounded whatever the training set.
+  bounded whatever the training set. (Measured on the synthetic cap and brick at 256 px, 60
+  training images: pixel AUROC / AUPRO are flat from a 2048-row bank to 6144 rows --
+  0.974/0.952 vs 0.967/0.949 on cap -- while scoring time grows with the bank; hence 4096.)
 - Scoring: for every query patch, the Euclidean distance to its nearest bank entry, computed as
   ``torch.cdist`` against bank chunks of ``chunk`` rows (one GEMM each; peak memory
   batch x positions x chunk floats) and a running minimum. On a CPU, an exact brute-force
@@ -42,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     **COMMON_DEFAULTS,
     "neighbourhood": 3,
     "coreset_ratio": 0.1,
-    "max_bank": 16384,
+    "max_bank": 4096,
     "projection_dim": 128,
     "chunk": 1024,
     "storage": "float16",

@@ -12,7 +12,7 @@ from .harness import LoadProducer, camera_ids, good_frames, kill_while_writing, 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(360)]
 
 KILLS = 2
-GAP_S = 50
+GAP_S = 40
 RATE = 12
 
 

@@ -17,10 +17,10 @@ from .harness import LoadProducer, assigned_partitions, camera_ids, good_frames,
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(360)]
 
-RUN_FRACTION = 0.2  # the slow worker gets the CPU 20 % of the time
+RUN_FRACTION = 0.12  # the slow worker gets the CPU 12 % of the time
 PERIOD_S = 0.1
 RATE = 24
-PRODUCE_S = 25
+PRODUCE_S = 20
 MAX_POLL_MS = 10_000
 
 
