@@ -275,7 +275,12 @@ def run_demo(cfg: DemoConfig, stop_event: threading.Event | None = None) -> Demo
     from linewatch.broker import broker_from_settings
     from linewatch.kafka_io import ensure_topics
 
+    from linewatch.broker import port_is_free
+    from linewatch.errors import UserError
+
     stop_event = stop_event or threading.Event()
+    if not port_is_free("127.0.0.1", cfg.dashboard_port):
+        raise UserError(f"dashboard port 127.0.0.1:{cfg.dashboard_port} is already in use; choose another with --port")
     cfg.home.mkdir(parents=True, exist_ok=True)
     settings = settings_for(cfg)
     prepare_profiles(cfg)

@@ -44,6 +44,19 @@ def _run(args: argparse.Namespace) -> int:
     products = tuple(p.strip() for p in args.products.split(",") if p.strip())
     if not products:
         raise UserError("--products: give at least one product")
+    checks = [("--cameras", args.cameras >= 1, "must be at least 1"),
+              ("--workers", args.workers >= 1, "must be at least 1"),
+              ("--fps", args.fps > 0, "must be greater than 0"),
+              ("--defect-rate", 0.0 <= args.defect_rate <= 1.0, "must be within 0..1"),
+              ("--frame-size", 64 <= args.frame_size <= 2048, "must be within 64..2048"),
+              ("--input-size", 32 <= args.input_size <= 1024, "must be within 32..1024"),
+              ("--train-images", args.train_images >= 2, "must be at least 2"),
+              ("--duration", args.duration is None or args.duration > 0, "must be greater than 0"),
+              ("--port", len({args.port, args.kafka_port, args.controller_port}) == 3,
+               "--port, --kafka-port and --controller-port must differ")]
+    for flag, ok, why in checks:
+        if not ok:
+            raise UserError(f"{flag}: {why}")
     cfg = DemoConfig(home=args.home.expanduser(), products=products, cameras_per_product=args.cameras,
                      fps=args.fps, frame_size=args.frame_size, defect_rate=args.defect_rate,
                      input_size=args.input_size, n_train=args.train_images,
