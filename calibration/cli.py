@@ -277,6 +277,18 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from calibration.benchmark import run_benchmark
+    from linewatch.models.registry import FAMILIES
+
+    families = args.family or sorted(FAMILIES)
+    table = run_benchmark(args.dataset, args.product, families, args.out, args.input_size,
+                          progress=not args.quiet)
+    print(table.markdown())
+    print("written: " + ", ".join(str(p) for p in table.paths.values()))
+    return 0
+
+
 # -- registration -------------------------------------------------------------------------------
 def register(subparsers: argparse._SubParsersAction) -> None:
     cal = subparsers.add_parser("calibrate", help="fit, threshold, evaluate and publish product profiles",
@@ -375,3 +387,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--to", type=int, help="version to roll back to (default: the one before)")
     common(p, registry=True)
     p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("benchmark", help="every model family x every threshold method: the study's table",
+                       description="Fit every family on each product, apply all five threshold methods, and "
+                       "write the study's table (rows model x method, columns per category and with/without "
+                       "background; IoU, pixel AUROC, AUPRO; fit/inference time, profile size) as Markdown, "
+                       "CSV and a plot.")
+    p.add_argument("--dataset", type=Path, required=True, help="dataset root (MVTec AD layout)")
+    p.add_argument("--product", action="append", required=True, help="product (repeatable)")
+    p.add_argument("--family", action="append", help="model family (repeatable; default: all registered)")
+    p.add_argument("--out", type=Path, default=Path("reports/benchmark"), help="output folder")
+    p.add_argument("--input-size", type=int, default=256)
+    common(p)
+    p.set_defaults(func=cmd_benchmark)

@@ -236,6 +236,12 @@ def fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, pr
     try:
         return train_categorizer(samples, product=product, region_source="predicted")
     except UserError as exc:
+        log.info("categorizer on predicted regions failed for %s (%s); using the true masks", product, exc)
+    for smp in samples:  # too few predicted regions: learn from the labelled masks themselves
+        smp.mask = smp.gt_mask
+    try:
+        return train_categorizer(samples, product=product, region_source="ground_truth")
+    except UserError as exc:
         log.warning("categorizer not trained for %s: %s", product, exc)
         return None
 

@@ -191,12 +191,25 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+_TREE_CACHE: dict[int, tuple[dict[str, Any], tuple[np.ndarray, ...]]] = {}
+
+
+def _tree_arrays(tree: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    """The tree's lists as arrays, converted once per parameter dict (workers call this per frame)."""
+    hit = _TREE_CACHE.get(id(tree))
+    if hit is not None and hit[0] is tree:
+        return hit[1]
+    arrays = (np.asarray(tree["left"], np.int64), np.asarray(tree["right"], np.int64),
+              np.asarray(tree["feature"], np.int64), np.asarray(tree["threshold"], np.float64),
+              np.asarray(tree["value"], np.float64))
+    if len(_TREE_CACHE) > 4096:
+        _TREE_CACHE.clear()
+    _TREE_CACHE[id(tree)] = (tree, arrays)
+    return arrays
+
+
 def _tree_proba(x: np.ndarray, tree: dict[str, Any]) -> np.ndarray:
-    left = np.asarray(tree["left"], np.int64)
-    right = np.asarray(tree["right"], np.int64)
-    feat = np.asarray(tree["feature"], np.int64)
-    thr = np.asarray(tree["threshold"], np.float64)
-    value = np.asarray(tree["value"], np.float64)
+    left, right, feat, thr, value = _tree_arrays(tree)
     node = np.zeros(len(x), np.int64)
     for _ in range(int(tree.get("depth", 64)) + 1):
         leaf = left[node] < 0
@@ -206,6 +219,46 @@ def _tree_proba(x: np.ndarray, tree: dict[str, Any]) -> np.ndarray:
         node = np.where(leaf, node, np.where(go_left, left[node], right[node]))
     v = value[node]
     return v / np.maximum(v.sum(axis=1, keepdims=True), 1e-12)
+
+
+def _forest_arrays(clf: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    """All trees padded into (n_trees, max_nodes) arrays, built once per parameter dict."""
+    hit = _TREE_CACHE.get(id(clf))
+    if hit is not None and hit[0] is clf:
+        return hit[1]
+    trees = [_tree_arrays(t) for t in clf["trees"]]
+    n_nodes = max(len(t[0]) for t in trees)
+    n_cls = trees[0][4].shape[1]
+    left = np.full((len(trees), n_nodes), -1, np.int64)
+    right = np.full((len(trees), n_nodes), -1, np.int64)
+    feat = np.zeros((len(trees), n_nodes), np.int64)
+    thr = np.zeros((len(trees), n_nodes), np.float64)
+    value = np.zeros((len(trees), n_nodes, n_cls), np.float64)
+    for i, (lf, rt, ft, th, va) in enumerate(trees):
+        k = len(lf)
+        left[i, :k], right[i, :k], feat[i, :k], thr[i, :k] = lf, rt, np.maximum(ft, 0), th
+        value[i, :k] = va / np.maximum(va.sum(axis=1, keepdims=True), 1e-12)
+    depth = max(int(t.get("depth", 64)) for t in clf["trees"])
+    arrays = (left, right, feat, thr, value, np.int64(depth))
+    _TREE_CACHE[id(clf)] = (clf, arrays)
+    return arrays
+
+
+def _forest_proba(x: np.ndarray, clf: dict[str, Any]) -> np.ndarray:
+    """Walk every tree at once: node indices (n_samples, n_trees), one step per depth level."""
+    left, right, feat, thr, value, depth = _forest_arrays(clf)
+    n_trees = left.shape[0]
+    t_idx = np.arange(n_trees)[None, :]
+    node = np.zeros((len(x), n_trees), np.int64)
+    rows = np.arange(len(x))[:, None]
+    for _ in range(int(depth) + 1):
+        lf = left[t_idx, node]
+        leaf = lf < 0
+        if leaf.all():
+            break
+        go_left = x[rows, feat[t_idx, node]] <= thr[t_idx, node]
+        node = np.where(leaf, node, np.where(go_left, lf, right[t_idx, node]))
+    return value[t_idx, node].mean(axis=1)
 
 
 def predict_proba(params: dict[str, Any], feats: np.ndarray) -> np.ndarray:
@@ -224,10 +277,7 @@ def predict_proba(params: dict[str, Any], feats: np.ndarray) -> np.ndarray:
             z = np.concatenate([-z, z], axis=1) / 2
         return _softmax(z)
     if clf["kind"] == "forest":
-        p = np.zeros((len(x), len(params["classes"])))
-        for t in clf["trees"]:
-            p += _tree_proba(x, t)
-        return p / len(clf["trees"])
+        return _forest_proba(x, clf)
     raise ValueError(f"unknown categorizer classifier kind {clf['kind']!r}")
 
 

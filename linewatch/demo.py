@@ -185,9 +185,9 @@ class _Procs:
             logf.close()
 
 
-def _wait_http(url: str, timeout_s: float) -> bool:
+def _wait_http(url: str, timeout_s: float, should_stop=lambda: False) -> bool:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not should_stop():
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
@@ -214,7 +214,8 @@ def summarize(db_path: Path, since_ms: int | None = None) -> DemoSummary:
                        min(stored_ts_ms), max(stored_ts_ms)
                 FROM inspections {where}""", params).fetchone()
         try:
-            summary.dlq = int(con.execute("SELECT count(*) FROM dlq_events").fetchone()[0])
+            dlq_where = "WHERE stored_ts_ms >= ?" if since_ms else ""
+            summary.dlq = int(con.execute(f"SELECT count(*) FROM dlq_events {dlq_where}", params).fetchone()[0])
         except Exception:  # older schema without DLQ table
             summary.dlq = 0
     n, defects, p50, p99, t0, t1 = row
@@ -226,7 +227,8 @@ def summarize(db_path: Path, since_ms: int | None = None) -> DemoSummary:
     return summary
 
 
-def _wait_group(settings: Settings, group_id: str, members: int, timeout_s: float) -> bool:
+def _wait_group(settings: Settings, group_id: str, members: int, timeout_s: float,
+                should_stop=lambda: False) -> bool:
     """Wait until the consumer group ``group_id`` is Stable with ``members`` members, so the
     cameras start once inspection is ready (the first frames would otherwise queue while the
     workers load their profiles, and the latency figures would measure start-up)."""
@@ -235,7 +237,7 @@ def _wait_group(settings: Settings, group_id: str, members: int, timeout_s: floa
     deadline = time.monotonic() + timeout_s
     admin = None
     try:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not should_stop():
             try:
                 admin = admin or make_admin(settings, timeout_s=10)
                 info = admin.describe_groups([group_id]).get(group_id) or {}
@@ -272,11 +274,9 @@ def _drain(cfg: DemoConfig, since_ms: int) -> None:
 
 def run_demo(cfg: DemoConfig, stop_event: threading.Event | None = None) -> DemoSummary:
     """Run the whole line until Ctrl-C/SIGTERM, ``stop_event`` or ``cfg.duration_s``."""
-    from linewatch.broker import broker_from_settings
-    from linewatch.kafka_io import ensure_topics
-
-    from linewatch.broker import port_is_free
+    from linewatch.broker import broker_from_settings, port_is_free
     from linewatch.errors import UserError
+    from linewatch.kafka_io import ensure_topics
 
     stop_event = stop_event or threading.Event()
     if not port_is_free("127.0.0.1", cfg.dashboard_port):
@@ -305,7 +305,11 @@ def run_demo(cfg: DemoConfig, stop_event: threading.Event | None = None) -> Demo
         for i in range(cfg.workers):
             procs.start(f"worker-{i + 1}", ["work", "--worker-id", f"demo-worker-{i + 1}"])
         procs.start("dashboard", ["dashboard"])
-        if not _wait_group(settings, settings.worker.group_id, cfg.workers, 120):
+
+        def should_stop() -> bool:  # Ctrl-C, or a service died while we wait for it
+            return stop_event.is_set() or bool(procs.dead())
+
+        if not _wait_group(settings, settings.worker.group_id, cfg.workers, 120, should_stop):
             print(f"demo: the workers have not joined their consumer group yet; see {cfg.logs_dir}", flush=True)
         for product in cfg.products:
             cams = [f"{product}-cam-{j + 1}" for j in range(cfg.cameras_per_product)]
@@ -315,7 +319,7 @@ def run_demo(cfg: DemoConfig, stop_event: threading.Event | None = None) -> Demo
             for cam in cams:
                 args += ["--camera", cam]
             procs.start(f"producer-{product}", args)
-        if _wait_http(f"{summary.dashboard_url}/_stcore/health", 60):
+        if _wait_http(f"{summary.dashboard_url}/_stcore/health", 60, should_stop):
             print(f"demo: dashboard at {summary.dashboard_url}  (Ctrl-C stops everything)", flush=True)
         else:
             print(f"demo: the dashboard did not come up; see {cfg.logs_dir / 'dashboard.log'}", flush=True)
@@ -338,7 +342,8 @@ def run_demo(cfg: DemoConfig, stop_event: threading.Event | None = None) -> Demo
                 try:
                     s = summarize(cfg.db_path, started_ms)
                     print(f"demo: {s.frames_stored} frames stored, {s.defects} defects, {s.dlq} in DLQ, "
-                          f"latency p50 {s.latency_p50_ms or 0:.0f} ms", flush=True)
+                          f"{s.frames_per_s or 0:.1f} frames/s, latency p50 {s.latency_p50_ms or 0:.0f} ms "
+                          f"p99 {s.latency_p99_ms or 0:.0f} ms", flush=True)
                 except Exception as exc:  # the status line must never stop the demo
                     log.debug("status read failed: %s", exc)
     finally:

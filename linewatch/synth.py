@@ -629,7 +629,7 @@ class SyntheticProduct:
         sc = self._scene(rng)
         if category == "combined":
             n = 3 if rng.random() < 0.3 else 2
-            kinds = list(rng.choice(BASE_CATEGORIES, size=n, replace=False))
+            kinds = [str(k) for k in rng.choice(BASE_CATEGORIES, size=n, replace=False)]
         else:
             kinds = [category]
         for _attempt in range(6):

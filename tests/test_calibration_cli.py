@@ -56,6 +56,7 @@ def test_calibrate_product_one_shot(line, tmp_path):
                                                                        "normal_quantile"}
     assert prof.threshold == prof.thresholds["iou"]
     assert prof.background is True
+    assert prof.categorizer is not None and set(prof.categorizer["classes"]) <= {"structural", "surface", "contamination"}
     assert 0.5 < prof.calibration_metrics["test"]["pixel_auroc"] <= 1.0
     stored, model = Registry(reg).load("pcb")
     assert stored.threshold == prof.threshold and model.kind == "meandiff"

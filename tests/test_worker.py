@@ -440,3 +440,17 @@ def test_cli_work_help_and_unreachable_broker(tmp_path):
     assert last.startswith("linewatch: error: Kafka broker not reachable at 127.0.0.1:")
     bad = subprocess.run([*linewatch, "work", "--max-batch", "0"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "max_batch" in bad.stderr
+
+
+def test_serial_mode_without_overlap(kafka_settings, registry):
+    settings = _settings(kafka_settings, registry, max_batch=3)
+    base = plain_image(128, 128, seed=8)
+    frames = [_frame("widget", i, with_square(base, 10, 10, 40, 250) if i % 2 else base) for i in range(10)]
+    frames.insert(4, (b"junk", frame_headers("widget", 99).to_kafka(), b"cam1"))
+    _produce(settings, frames)
+    stats = run_worker(settings, worker_id="w-serial", max_frames=len(frames), overlap=False, create_topics=False)
+    assert (stats.frames, stats.results, stats.defects, stats.dlq) == (11, 10, 5, 1)
+    results = [InspectionResult.from_bytes(r.value) for r in _read_all(settings, settings.topics.results, 10)]
+    assert len({r.frame_id for r in results}) == len(results) == 10
+    committed, end = _committed_vs_end(settings)
+    assert committed == end

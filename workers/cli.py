@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-id", help="id reported in results and the DLQ (default host-pid-random)")
     p.add_argument("--max-frames", type=int, help="stop after this many frames (for benchmarks)")
     p.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="one batch at a time (default: the engine runs batch k while k+1 is decoded)")
     p.add_argument("--json", action="store_true", help="print the final stats as JSON")
     p.set_defaults(func=_run)
 
@@ -45,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides["storage"] = {"registry_dir": args.registry}
     settings = load_settings(**overrides)
     stats = run_worker(settings, worker_id=args.worker_id, max_frames=args.max_frames,
-                       create_topics=not args.no_create_topics)
+                       create_topics=not args.no_create_topics, overlap=not args.no_overlap)
     summary = {
         "worker_id": stats.worker_id, "frames": stats.frames, "results": stats.results,
         "defects": stats.defects, "dlq": stats.dlq, "batches": stats.batches, "replays": stats.replays,
