@@ -22,7 +22,8 @@ import numpy as np
 from pydantic import BaseModel
 
 from calibration.data import LabelledSet, load_product_splits, load_train, open_product
-from calibration.thresholds import METHODS, ThresholdReport, estimate_thresholds, pixel_curves
+from calibration.thresholds import (METHODS, ThresholdReport, estimate_image_threshold, estimate_thresholds,
+                                   pixel_curves)
 from linewatch.errors import UserError
 from linewatch.models.base import CONFIG_FILE, WEIGHTS_FILE, AnomalyModel, ModelError
 from linewatch.profiles import Profile, Registry
@@ -121,8 +122,11 @@ def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", 
         raise UserError(f"{where}: validation set has no anomalous images, so methods iou, f1 and roc are "
                         "impossible; add a few defective images with masks or pass --method normal_quantile "
                         "(or normal_std)")
-    maps, _ = model.predict(val.images, batch_size=batch_size)
-    return estimate_thresholds(maps, val.masks, prefer=prefer, k_std=k_std, quantile=quantile), maps
+    maps, scores = model.predict(val.images, batch_size=batch_size)
+    report = estimate_thresholds(maps, val.masks, prefer=prefer, k_std=k_std, quantile=quantile)
+    img_thr, img_reason = estimate_image_threshold(scores, val.anomalous)
+    report = report.model_copy(update={"image_threshold": img_thr, "image_threshold_reason": img_reason})
+    return report, maps
 
 
 def save_threshold(work_dir: Path, report: ThresholdReport) -> Path:
@@ -145,7 +149,10 @@ def make_profile(product: str, model: AnomalyModel, report: ThresholdReport,
                  parent_version: int | None = None) -> Profile:
     return Profile(product=product, model_kind=model.kind, backbone=model.backbone_name,
                    input_size=model.input_size, threshold=report.threshold, threshold_method=report.chosen,
-                   thresholds=report.thresholds(), threshold_reason=report.reason,
+                   image_threshold=report.image_threshold,
+                   thresholds=report.thresholds(),
+                   threshold_reason=report.reason + (f"; frame verdict: {report.image_threshold_reason}"
+                                                     if report.image_threshold_reason else ""),
                    calibration_metrics={"validation": {m.method: {"threshold": m.threshold, "iou": m.val_iou,
                                                                   "f1": m.val_f1} for m in report.methods},
                                         "n_val_anomalous": report.n_anomalous, "n_val_normal": report.n_normal,

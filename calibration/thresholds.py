@@ -71,6 +71,8 @@ class ThresholdReport(BaseModel):
     k_std: float
     quantile: float
     notes: list[str] = []
+    image_threshold: float | None = Field(None, description="image-score threshold for the frame verdict")
+    image_threshold_reason: str = ""
 
     def method(self, name: str) -> MethodResult:
         for m in self.methods:
@@ -325,3 +327,30 @@ def estimate_thresholds(maps: np.ndarray, masks: np.ndarray, *, prefer: MethodNa
                            reason=reason, n_images=int(maps.shape[0]), n_anomalous=n_anom,
                            n_normal=n_norm, n_pixels=int(maps.size), exact=curves.exact,
                            k_std=k_std, quantile=quantile, notes=notes)
+
+
+def estimate_image_threshold(scores: np.ndarray, anomalous: np.ndarray) -> tuple[float | None, str]:
+    """Image-score threshold for the frame verdict, from the same validation images.
+
+    The pixel threshold segments; it is not a good frame-level decision on textures, where a
+    few normal pixels always cross it. With both normal and anomalous validation images we
+    take the point of the image ROC that maximises Youden's J, placed halfway to the highest
+    normal score below it for margin. Without anomalies: None (the verdict then needs a
+    surviving region above the pixel threshold).
+    """
+    from sklearn.metrics import roc_curve
+
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    anomalous = np.asarray(anomalous, dtype=bool).ravel()
+    if anomalous.all() or not anomalous.any():
+        return None, "no image threshold: the validation set needs both normal and anomalous images"
+    fpr, tpr, thr = roc_curve(anomalous, scores)
+    finite = np.isfinite(thr)
+    j = np.where(finite, tpr - fpr, -np.inf)
+    best = int(np.argmax(j))
+    t = float(thr[best])
+    below = scores[~anomalous & (scores < t)]
+    if below.size:
+        t = 0.5 * (t + float(below.max()))
+    return t, (f"image ROC, Youden J = {tpr[best] - fpr[best]:.3f} (TPR {tpr[best]:.3f}, FPR {fpr[best]:.3f}) "
+               f"on {int(anomalous.sum())} anomalous + {int((~anomalous).sum())} normal validation images")

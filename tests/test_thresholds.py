@@ -132,3 +132,20 @@ def test_three_anomalous_images_are_enough():
     assert r.chosen == "iou" and r.n_anomalous == 3 and not any("unreliable" in n for n in r.notes)
     tm, tk = draw(1, 60, 20)
     assert threshold_regret(tm, tk, threshold=r.threshold).regret < 0.03
+
+
+def test_image_threshold_separates_normal_from_anomalous_with_margin():
+    from calibration.thresholds import estimate_image_threshold
+
+    scores = np.array([1.0, 2.0, 3.0, 2.5, 10.0, 11.0])
+    anomalous = np.array([0, 0, 0, 0, 1, 1], bool)
+    t, reason = estimate_image_threshold(scores, anomalous)
+    assert t == pytest.approx(6.5)  # halfway between the highest normal (3) and the lowest anomalous (10)
+    assert "Youden" in reason
+
+
+def test_image_threshold_needs_both_classes():
+    from calibration.thresholds import estimate_image_threshold
+
+    t, reason = estimate_image_threshold(np.array([1.0, 2.0]), np.array([False, False]))
+    assert t is None and "both normal and anomalous" in reason

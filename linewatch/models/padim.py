@@ -12,7 +12,15 @@ Where the cost goes and how it is kept down (anomalib stores 165 MB per product)
 - ``d`` and the grid are modest: L is P x d x d (P = grid positions), stored as float16 in the
   profile (the ONNX graph carries float16 too, cast once at session start);
 - the random channel choice is applied per tap before alignment, so only kept channels are
-  pooled/upsampled.
+  pooled/upsampled;
+- upsampling + blur is one exact matrix product (see ``_common.upsample_blur_matrix``).
+
+Defaults (EfficientNet-Lite0 blocks 2/4/10 on the stride-4 grid, d = 64, float16 factors) give
+a 37 MB profile at 256 px. Measured on the synthetic line (cap / brick, 100 normal images):
+the blur is the strongest IoU lever (sigma 4 -> 1: IoU 0.48 -> 0.52 on cap, 0.35 -> 0.41 on
+brick, AUROC stays >= 0.976); dropping block10 sharpens maps further but costs AUROC;
+d 64 -> 100, a stride-8 grid, k x k neighbourhood statistics and a shared Gaussian moved IoU
+by less than 0.03. ``sigma`` stays 4 by default as DESIGN.md section 5 specifies.
 """
 
 from __future__ import annotations
