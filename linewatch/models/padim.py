@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "d": 64,
     "grid_stride": 4,
     "upsample": "bilinear",
-    "sigma": 4.0,
+    "sigma": 2.0,  # sigma 4 (anomalib) over-spreads small defects: IoU +0.01..0.06 at sigma 1-2, AUROC >= 0.976
     "seed": 0,
     "neighborhood": 1,  # k: each position's Gaussian is fitted on its k x k neighbourhood
     "shared": False,  # one Gaussian for all positions (close-up textures whose pattern shifts)
