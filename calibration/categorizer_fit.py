@@ -128,7 +128,7 @@ def _rows(described: Sequence[SampleFeatures], samples: Sequence[CategorySample]
             np.asarray(prods))
 
 
-def train_categorizer(samples: Sequence[CategorySample], kind: str = "ensemble", seed: int = 0,
+def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", seed: int = 0,
                       min_region_px: int = 16, product: str | None = None, product_weight: float = 2.0,
                       features: Sequence[str] = FEATURES, region_source: str = "unspecified",
                       progress: bool = False) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import importlib
 BENCHES: list[tuple[str, str]] = [
     ("producer", "producers.bench"),
     ("models", "linewatch.bench_models"),
+    ("worker", "linewatch.bench_worker"),
 ]
 
 

@@ -57,6 +57,14 @@ FEATURES = (
     "zab",  # colour shift in units of the ring's colour spread
     "z_p10",  # darkest tenth inside vs the ring's darkest tenth, in ring spreads
     "z_p90",  # brightest tenth inside vs the ring's brightest tenth
+    # the region's "core": its pixels that really differ from the ring (a detector's region is a
+    # blurred blob around the defect; the core recovers the defect's own shape and colour)
+    "core_frac",
+    "core_elongation",
+    "core_compactness",
+    "core_log_width",
+    "core_dL",
+    "core_dab",
 )
 
 
@@ -179,6 +187,26 @@ def region_features(image: np.ndarray, amap: np.ndarray | None, labels: np.ndarr
         f[21] = f[12] / sab
         f[22] = (float(np.percentile(li, 10)) - float(np.percentile(lr, 10))) / sr_l
         f[23] = (float(np.percentile(li, 90)) - float(np.percentile(lr, 90))) / sr_l
+        dev = np.sqrt(((lab_c[..., 0] - mr_l) / sr_l) ** 2
+                      + (np.linalg.norm(lab_c[..., 1:] - mab_r, axis=2) / sab) ** 2)
+        core = reg & (dev > 2.5)
+        if core.sum() >= max(6, 0.03 * area):
+            core_u8 = core.astype(np.uint8)
+            c_area = float(core.sum())
+            c_cnts, _ = cv2.findContours(core_u8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            c_perim = float(sum(cv2.arcLength(c, True) for c in c_cnts)) or 1.0
+            cm = cv2.moments(core_u8, binaryImage=True)
+            c20, c02, c11 = cm["mu20"] / c_area, cm["mu02"] / c_area, cm["mu11"] / c_area
+            cc = math.sqrt(max(((c20 - c02) / 2) ** 2 + c11 ** 2, 0.0))
+            cl1, cl2 = (c20 + c02) / 2 + cc + 1 / 12, max((c20 + c02) / 2 - cc, 0.0) + 1 / 12
+            f[24] = c_area / area
+            f[25] = 0.5 * math.log(cl1 / cl2)
+            f[26] = min(1.0, 4 * math.pi * c_area / c_perim ** 2)
+            f[27] = math.log(max(2 * c_area / c_perim, 0.5) / side)
+            f[28] = float(lab_c[..., 0][core].mean()) - mr_l
+            f[29] = float(np.linalg.norm(lab_c[..., 1:][core].mean(0) - mab_r))
+        else:
+            f[27] = math.log(0.5 / side)
     return out
 
 

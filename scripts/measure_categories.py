@@ -92,7 +92,7 @@ def main() -> int:
     ap.add_argument("--n-per-category", type=int, default=24)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--regions", default="gt", help="gt, padim or gt,padim")
-    ap.add_argument("--kind", default="ensemble", help="ensemble, logreg, forest (comma-separated to compare)")
+    ap.add_argument("--kind", default="forest", help="ensemble, logreg, forest (comma-separated to compare)")
     ap.add_argument("--val-fraction", type=float, default=1 / 3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default="/tmp/lw_maps")
