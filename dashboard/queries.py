@@ -26,14 +26,14 @@ CATEGORY_LABELS = {
     "surface": "Surface",
     "contamination": "Contamination",
     "combined": "Combined",
-    "unknown": "uncategorised — profile has no categorizer",
+    "unknown": "uncategorised — no categorizer in the profile, or no region to classify",
 }
 CATEGORY_HELP = {
     "structural": "holes, bends, missing parts",
     "surface": "scratches, dents, rust",
     "contamination": "glue, dust, dirt",
     "combined": "several kinds of defect on one frame",
-    "unknown": "defects on products whose profile has no category classifier",
+    "unknown": "defects the worker could not name: the profile has no category classifier, or the frame score crossed the image threshold without a region above the pixel threshold",
 }
 HEALTH_LAST_N = 1000
 _BUCKETS_S = (10, 30, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 86400)

@@ -138,7 +138,7 @@ def test_dashboard_in_headless_chromium(server, artifacts_dir):
             hour = _expected(db, "capture_ts_ms >= ?", [now - 3600_000])
             assert _shown(page) == hour
             body = page.inner_text("body")
-            assert "Line quality" in body and "uncategorised — profile has no categorizer" in body
+            assert "Line quality" in body and "uncategorised — no categorizer in the profile" in body
             assert "ALERT" in body and "bottle" in body
             assert not re.search(r"lock|Traceback|Exception", body, re.IGNORECASE)
             page.screenshot(path=str(artifacts_dir / "dashboard.png"))
