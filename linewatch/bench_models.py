@@ -215,7 +215,13 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--batches: expected comma-separated integers, got {args.batches!r}") from None
     result = bench_models(args.model, args.size, args.engine, args.threads, batches, args.seconds, args.rounds,
                           args.fit_images, args.product, args.products, opts, progress=not args.quiet)
-    print(format_table(result))
+    text = format_table(result)
+    if args.compare_anomalib:  # optional: measured only where anomalib is importable
+        from linewatch.bench_anomalib import compare_anomalib, format_anomalib
+
+        result["anomalib"] = compare_anomalib(input_size=args.size, threads=args.threads)
+        text += "\n\n" + format_anomalib(result["anomalib"])
+    print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
@@ -224,7 +230,8 @@ def _run(args: argparse.Namespace) -> int:
 def register_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="model alone: fit time, profile size/memory, images/s per engine",
                        description=__doc__)
-    p.add_argument("--model", action="append", choices=["padim", "cflow"], help="repeatable (default: both)")
+    p.add_argument("--model", action="append", choices=["padim", "cflow", "patchcore"],
+                   help="repeatable (default: padim and cflow)")
     p.add_argument("--engine", action="append", help="engine name to measure (repeatable; default: all present)")
     p.add_argument("--size", type=int, default=256, help="model input size (default 256)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch / ONNX Runtime (default 2)")
@@ -237,6 +244,8 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--options", help='JSON model options per kind, e.g. \'{"padim": {"d": 64}}\'')
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--compare-anomalib", action="store_true",
+                   help="also time anomalib's PaDiM (same size/threads) when anomalib is importable")
     p.set_defaults(func=lambda a: _run(_defaults(a)))
 
 

@@ -52,7 +52,10 @@ def load_average() -> list[float]:
         return []
 
 
-def cache_dir() -> Path:
+def cache_dir(root: Path | None = None) -> Path:
+    """Where fitted bench profiles are kept (``~/.cache/linewatch/bench`` by default)."""
+    if root is not None:
+        return Path(root)
     from linewatch.broker import cache_root
 
     return cache_root() / "bench"
@@ -66,16 +69,15 @@ def _profile_key(kind: str, input_size: int, product: str, fit_images: int, opti
 
 def fitted_profile_dir(kind: str = "padim", input_size: int = 256, product: str = "cap", fit_images: int = 60,
                        options: dict[str, Any] | None = None, refit: bool = False,
-                       progress: bool = True) -> tuple[Path, bool]:
+                       progress: bool = True, cache: Path | None = None) -> tuple[Path, bool]:
     """A cached model folder (model.json, weights, model.onnx, bench.json with the threshold);
     fitted on the synthetic ``product`` the first time. Returns (folder, reused)."""
-    from linewatch.models.base import AnomalyModel
     from linewatch.models.export import export_onnx
     from linewatch.models.registry import build_model
     from linewatch.synth import SyntheticProduct
 
     options = dict(options or {})
-    folder = cache_dir() / _profile_key(kind, input_size, product, fit_images, options)
+    folder = cache_dir(cache) / _profile_key(kind, input_size, product, fit_images, options)
     meta = folder / "bench.json"
     if meta.is_file() and (folder / "model.onnx").is_file() and not refit:
         return folder, True
@@ -103,7 +105,6 @@ def fitted_profile_dir(kind: str = "padim", input_size: int = 256, product: str 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     del model
-    AnomalyModel  # noqa: B018 - imported for the type only
     return folder, False
 
 
@@ -430,7 +431,8 @@ def bench_worker(bootstrap_servers: str | None = None, *, frames: int = 600, siz
                  defect_share: float = 0.25, partitions: int = 4, in_process: bool = False,
                  refit: bool = False, split: bool = True, options: dict[str, Any] | None = None,
                  worker_env: dict[str, str] | None = None, profile_with: str | None = None,
-                 profile_out: Path | None = None, progress: bool = True) -> dict[str, Any]:
+                 profile_out: Path | None = None, progress: bool = True,
+                 cache: Path | None = None) -> dict[str, Any]:
     """Run the benchmark (see the module docstring); returns a JSON-able dict."""
     from linewatch.kafka_io import ensure_topics
     from linewatch.settings import Settings
@@ -441,7 +443,8 @@ def bench_worker(bootstrap_servers: str | None = None, *, frames: int = 600, siz
                            "cpus": os.cpu_count(), "machine": f"{platform.machine()} {platform.processor()}".strip(),
                            "load_average_start": load_average()}
     t0 = time.perf_counter()
-    folder, reused = fitted_profile_dir(kind, input_size, product, fit_images, options, refit, progress)
+    folder, reused = fitted_profile_dir(kind, input_size, product, fit_images, options, refit, progress,
+                                        cache)
     out["profile"] = {"cache": str(folder), "reused": reused, "prepare_s": round(time.perf_counter() - t0, 2),
                       "disk_mb": round(sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 2**20, 2),
                       **json.loads((folder / "bench.json").read_text())}
@@ -606,7 +609,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.compare_anomalib:
         from linewatch.bench_anomalib import compare_anomalib
 
-        res["anomalib"] = compare_anomalib(input_size=args.input_size, threads=res["threads"], frames_jpeg=None)
+        res["anomalib"] = compare_anomalib(input_size=args.input_size, threads=res["threads"],
+                                           ours_onnx=Path(res["profile"]["cache"]) / "model.onnx")
     text = format_table(res)
     if "anomalib" in res:
         from linewatch.bench_anomalib import format_anomalib

@@ -90,15 +90,29 @@ class AnomalyModel(ABC):
         directory = Path(directory)
         cfg_path = directory / CONFIG_FILE
         try:
-            cfg = json.loads(cfg_path.read_text())
+            cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise ModelError(f"{cfg_path}: missing model config") from None
+        except UnicodeDecodeError:
+            raise ModelError(f"{cfg_path}: not a JSON text file (binary content refused, never unpickled)") from None
         except json.JSONDecodeError as exc:
             raise ModelError(f"{cfg_path}: not valid JSON ({exc.msg})") from None
+        if not isinstance(cfg, dict):
+            raise ModelError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+        missing = [k for k in ("kind", "input_size", "backbone") if k not in cfg]
+        if missing:
+            raise ModelError(f"{cfg_path}: missing field(s) {', '.join(missing)}")
+        if not isinstance(cfg.get("options", {}), dict):
+            raise ModelError(f"{cfg_path}: 'options' must be a JSON object")
         from linewatch.models.registry import model_class
 
         klass = model_class(cfg.get("kind", ""))
-        model = klass(input_size=cfg["input_size"], backbone=cfg["backbone"], **cfg.get("options", {}))
+        try:
+            model = klass(input_size=int(cfg["input_size"]), backbone=str(cfg["backbone"]), **cfg.get("options", {}))
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ModelError):
+                raise ModelError(f"{cfg_path}: {exc}") from None
+            raise ModelError(f"{cfg_path}: invalid model config ({exc})") from None
         weights = directory / WEIGHTS_FILE
         try:
             tensors = load_file(str(weights))
@@ -106,5 +120,10 @@ class AnomalyModel(ABC):
             raise ModelError(f"{weights}: missing weights") from None
         except Exception as exc:  # safetensors raises on a corrupt header
             raise ModelError(f"{weights}: not a valid safetensors file ({exc})") from None
-        model.load_state_tensors(tensors)
+        try:
+            model.load_state_tensors(tensors)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            if isinstance(exc, ModelError):
+                raise
+            raise ModelError(f"{weights}: tensors do not match the model config ({exc})") from None
         return model
