@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kafka-python logs every reconnect attempt; our services report outages themselves.
+    logging.getLogger("kafka").setLevel(logging.DEBUG if args.verbose >= 2 else logging.ERROR)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()
