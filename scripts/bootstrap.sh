@@ -22,6 +22,10 @@ done
 
 log() { echo "[bootstrap] $*" >&2; }
 mkdir -p "$CACHE"
+PIPLOG="$CACHE/bootstrap-pip.log"
+# pip and setuptools are chatty; keep their output in a log and show it only on failure.
+quiet() { if ! "$@" >>"$PIPLOG" 2>&1; then echo "[bootstrap] failed: $* (last lines of $PIPLOG):" >&2; tail -n 30 "$PIPLOG" >&2; exit 1; fi; }
+: >"$PIPLOG"
 
 # ---- system packages (Java + Maven for Kafka; Chromium for browser tests) -------------
 need_apt=()
@@ -53,12 +57,12 @@ if [[ ! -f "$VENV/.deps-ok" ]]; then
   log "creating $VENV (first install downloads torch and friends: ~5-10 minutes)"
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel >&2
-  "$VENV/bin/python" -m pip install -q -e "$HERE[$EXTRAS]" >&2
+  quiet "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+  quiet "$VENV/bin/python" -m pip install -q -e "$HERE[$EXTRAS]"
   touch "$VENV/.deps-ok"
 else
   # Re-point the editable install at this clone (seconds; no dependency resolution).
-  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$HERE" >&2
+  quiet "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$HERE"
 fi
 
 # ---- Kafka jars from Maven Central -------------------------------------------------------
