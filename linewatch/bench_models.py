@@ -220,6 +220,10 @@ def _run(args: argparse.Namespace) -> int:
         from linewatch.bench_anomalib import compare_anomalib, format_anomalib
 
         result["anomalib"] = compare_anomalib(input_size=args.size, threads=args.threads)
+        ours = result["models"].get("padim", {}).get("engines", {}).get("onnxruntime-cpu")
+        theirs = result["anomalib"].get("anomalib_onnxruntime_batch1")
+        if ours and theirs:
+            result["anomalib"]["ratio_padim_ort_batch1_vs_anomalib"] = round(ours["batch1"] / theirs[0], 2)
         text += "\n\n" + format_anomalib(result["anomalib"])
     print(text)
     if args.json:

@@ -402,13 +402,6 @@ def offline_split(registry_dir: Path, jpegs: list[bytes], batch: int, threads: i
         split["preprocess"] = cpu_split["preprocess"] = 0.0
         split["model"] = per_frame_ms(lambda: engine.run(imgs), "model")
 
-    def post_all() -> None:
-        for k in range(batch):
-            fv = judge(maps[k], float(scores[k]), profile, 1024, 1024)
-            if fv.verdict == "defect":
-                proc._result(recs[k], FrameHeaders.from_kafka(hdrs[k]), profile, engine.name, imgs[k], maps[k],
-                             float(scores[k]), 1024, 1024, 1.0)
-
     def post_results() -> None:  # what the worker really does per frame (result JSON for all)
         for k in range(batch):
             proc._result(recs[k], FrameHeaders.from_kafka(hdrs[k]), profile, engine.name, imgs[k], maps[k],
@@ -418,7 +411,6 @@ def offline_split(registry_dir: Path, jpegs: list[bytes], batch: int, threads: i
     split["pipeline"] = per_frame_ms(lambda: proc.process(recs), "pipeline")
     defects = sum(1 for k in range(batch) if judge(maps[k], float(scores[k]), profile, 1024, 1024).verdict == "defect")
     proc.close()
-    del post_all
     return {"batch": batch, "engine": engine.name, "ms_per_frame": split, "cpu_ms_per_frame": cpu_split,
             "defects_in_batch": defects,
             "note": "one stage at a time in the bench process after the worker stopped; decode on one thread"}
