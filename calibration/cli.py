@@ -93,7 +93,10 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     path = save_threshold(args.model, report)
     from calibration.fit import fit_categorizer
 
-    cat = fit_categorizer(val, val_maps, report.threshold, args.product or "product")
+    from calibration.fit import Refinement, apply_refinement
+
+    cat = fit_categorizer(val, apply_refinement(val_maps, Refinement.of(report), val.images),
+                          report.threshold, args.product or "product")
     cat_path = Path(args.model) / "categorizer.json"
     if cat is not None:
         cat_path.write_text(json.dumps(cat))
@@ -133,7 +136,9 @@ def _eval_models(args: argparse.Namespace):
         rep = ThresholdReport(methods=methods, chosen=chosen, threshold=prof.threshold, reason=prof.threshold_reason,
                               n_images=0, n_anomalous=int(prof.calibration_metrics.get("n_val_anomalous", 0)),
                               n_normal=int(prof.calibration_metrics.get("n_val_normal", 0)), n_pixels=0, exact=False,
-                              k_std=3.0, quantile=0.999)
+                              k_std=3.0, quantile=0.999, refine_fraction=prof.refine_fraction,
+                              refine_window=prof.refine_window, guide_radius=prof.guide_radius,
+                              guide_eps=prof.guide_eps)
         out.append([prof.model_kind, model, rep, prof.product, f"{prof.product}-v{prof.version}", prof.categorizer])
     if not out:
         raise UserError("evaluate: pass at least one --model DIR or --profile PRODUCT[@VERSION]")

@@ -77,9 +77,15 @@ def _r(x: float | None, nd: int = 4) -> float | None:
 
 def evaluate_maps(name: str, product: str, test: LabelledSet, maps: np.ndarray, scores: np.ndarray,
                   thresholds: dict[str, float | None], chosen: str, val_report: ThresholdReport | None = None,
-                  val_curves: PixelCurves | None = None) -> ModelEvaluation:
-    """All metrics for one model's test maps; ``thresholds`` maps method -> pixel threshold."""
+                  val_curves: PixelCurves | None = None, raw_maps: np.ndarray | None = None) -> ModelEvaluation:
+    """All metrics for one model's test maps; ``thresholds`` maps method -> pixel threshold.
+
+    ``maps`` are what gets thresholded (after any region refinement); ``raw_maps``, when given,
+    are the model's own maps, used for the threshold-free pixel AUROC and AUPRO (refinement
+    drops pixels to the map floor, which would understate the model's ranking quality).
+    """
     masks = test.masks
+    raw = maps if raw_maps is None else raw_maps
     usable = {m: t for m, t in thresholds.items() if t is not None}
     curves = pixel_curves(maps, masks, extra=list(usable.values()))
     counts = {m: image_counts(maps, masks, t) for m, t in usable.items()}
@@ -87,7 +93,7 @@ def evaluate_maps(name: str, product: str, test: LabelledSet, maps: np.ndarray, 
     rows: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
     for group, sel in groups_of(test):
-        g_maps, g_masks = maps[sel], masks[sel]
+        g_maps, g_masks = raw[sel], masks[sel]
         wide: dict[str, Any] = {"model": name, "product": product, "group": group,
                                 "n_images": int(sel.sum()), "n_anomalous": int((labels & sel).sum()),
                                 "pixel_auroc": _r(pixel_auroc(g_maps, g_masks)),

@@ -104,11 +104,103 @@ def read_fit_info(work_dir: Path) -> FitInfo | None:
     return FitInfo.model_validate_json(p.read_text()) if p.is_file() else None
 
 
+# -- region refinement -----------------------------------------------------------------------------
+REFINE_FRACTIONS: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
+REFINE_WINDOWS: tuple[int, ...] = (17, 33, 49)
+GUIDES: tuple[tuple[int, float], ...] = ((8, 1e-3), (16, 1e-3), (16, 1e-4))  # (radius, eps) of the guided filter
+REFINE_MIN_GAIN = 0.005  # validation IoU a refinement must add to be switched on
+_SEARCH_BINS = 1024  # threshold grid while searching settings (the final thresholds use the default)
+
+
+class Refinement(BaseModel):
+    """How maps become the map that is thresholded (``workers.pipeline.segmentation_map``)."""
+
+    fraction: float = 0.0
+    window: int = 33
+    guide_radius: int = 0
+    guide_eps: float = 1e-3
+    reason: str = "refinement off"
+
+    @classmethod
+    def of(cls, obj: Any) -> "Refinement":
+        """From a ThresholdReport or a Profile (their refine_*/guide_* fields)."""
+        return cls(fraction=obj.refine_fraction, window=obj.refine_window, guide_radius=obj.guide_radius,
+                   guide_eps=obj.guide_eps, reason=getattr(obj, "refine_reason", ""))
+
+
+def refine_maps(maps: np.ndarray, fraction: float, window: int, images: np.ndarray | None = None,
+                guide_radius: int = 0, guide_eps: float = 1e-3) -> np.ndarray:
+    """``workers.pipeline.segmentation_map`` on each map: the worker's own function, so offline
+    masks and stream masks are the same. ``images``: the model-size RGB frames (guided filter)."""
+    from workers.pipeline import segmentation_map
+
+    if fraction <= 0 and (guide_radius <= 0 or images is None):
+        return maps
+    return np.stack([segmentation_map(m, None if images is None else images[i], refine_fraction=fraction,
+                                      refine_window=window, guide_radius=guide_radius, guide_eps=guide_eps)
+                     for i, m in enumerate(maps)])
+
+
+def apply_refinement(maps: np.ndarray, r: "Refinement", images: np.ndarray | None) -> np.ndarray:
+    return refine_maps(maps, r.fraction, r.window, images, r.guide_radius, r.guide_eps)
+
+
+def calibrate_refinement(maps: np.ndarray, masks: np.ndarray, images: np.ndarray | None = None, *,
+                         k_std: float = 3.0, quantile: float = 0.999,
+                         fractions: tuple[float, ...] = REFINE_FRACTIONS,
+                         windows: tuple[int, ...] = REFINE_WINDOWS,
+                         guides: tuple[tuple[int, float], ...] = GUIDES) -> Refinement:
+    """The guided filter (when ``images`` are given) and peak-relative refinement that
+    maximise the mean per-image IoU at the IoU-curve threshold on the *validation* maps.
+
+    Off when there are too few anomalous images to judge it, when maps can be negative (the
+    rule is a fraction of a non-negative peak), or when it adds < REFINE_MIN_GAIN IoU.
+    """
+    from calibration.thresholds import MIN_ANOMALOUS
+
+    n_anom = int(masks.reshape(len(masks), -1).any(1).sum())
+    if n_anom < MIN_ANOMALOUS:
+        return Refinement(reason=f"refinement off: {n_anom} anomalous validation image(s), need {MIN_ANOMALOUS}")
+    if float(maps.min()) < 0:
+        return Refinement(reason="refinement off: the maps have negative values (the rule needs non-negative maps)")
+
+    def val_iou(m: np.ndarray) -> float:
+        return estimate_thresholds(m, masks, k_std=k_std, quantile=quantile,
+                                   bins=_SEARCH_BINS).method("iou").val_iou or 0.0
+
+    base = val_iou(maps)
+    best = (base, 0.0, 33, 0, 1e-3)
+    for radius, eps in ((0, 1e-3), *(guides if images is not None else ())):
+        guided = refine_maps(maps, 0.0, 33, images, radius, eps)
+        iou = val_iou(guided)
+        if iou > best[0] + 1e-9:
+            best = (iou, 0.0, 33, radius, eps)
+        for w in windows:
+            for f in fractions:
+                iou = val_iou(refine_maps(guided, f, w))
+                if iou > best[0] + 1e-9:
+                    best = (iou, f, w, radius, eps)
+    iou, f, w, radius, eps = best
+    if (f == 0.0 and radius == 0) or iou - base < REFINE_MIN_GAIN:
+        return Refinement(reason=f"refinement off: no setting beat the plain map's validation IoU {base:.4f} "
+                                 f"by {REFINE_MIN_GAIN}")
+    parts = ([f"guided filter radius {radius}, eps {eps:g}"] if radius else []) + \
+            ([f"peak-relative refinement fraction {f:g}, window {w}"] if f > 0 else [])
+    return Refinement(fraction=f, window=w, guide_radius=radius, guide_eps=eps,
+                      reason=f"{' + '.join(parts)}: validation IoU {base:.4f} -> {iou:.4f} "
+                             f"({n_anom} anomalous validation images)")
+
+
 # -- thresholds ----------------------------------------------------------------------------------
 def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", k_std: float = 3.0,
                     quantile: float = 0.999, require_anomalies: bool = True,
-                    batch_size: int = 16) -> tuple[ThresholdReport, np.ndarray]:
-    """All five methods on the validation set; one chosen. Returns (report, validation maps).
+                    batch_size: int = 16, refine: bool = True) -> tuple[ThresholdReport, np.ndarray]:
+    """All five methods on the validation set; one chosen. Returns (report, raw validation maps).
+
+    ``refine``: also calibrate the map refinement (guided filter by the frame + peak-relative
+    rule, ``calibrate_refinement``) on the validation set; the thresholds are then estimated on
+    the refined maps and the report carries the refinement (the profile and the worker's
+    ``judge`` apply it the same way). Off when it does not raise validation IoU.
 
     ``require_anomalies``: when ``prefer`` needs anomalous images and there are none, refuse
     (UserError) rather than fall back -- the CLI passes True, a caller that accepts the
@@ -123,9 +215,15 @@ def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", 
                         "impossible; add a few defective images with masks or pass --method normal_quantile "
                         "(or normal_std)")
     maps, scores = model.predict(val.images, batch_size=batch_size)
-    report = estimate_thresholds(maps, val.masks, prefer=prefer, k_std=k_std, quantile=quantile)
+    ref = (calibrate_refinement(maps, val.masks, val.images, k_std=k_std, quantile=quantile) if refine
+           else Refinement(reason="refinement off (not requested)"))
+    report = estimate_thresholds(apply_refinement(maps, ref, val.images), val.masks, prefer=prefer, k_std=k_std,
+                                 quantile=quantile)
     img_thr, img_reason = estimate_image_threshold(scores, val.anomalous)
-    report = report.model_copy(update={"image_threshold": img_thr, "image_threshold_reason": img_reason})
+    report = report.model_copy(update={"image_threshold": img_thr, "image_threshold_reason": img_reason,
+                                       "refine_fraction": ref.fraction, "refine_window": ref.window,
+                                       "guide_radius": ref.guide_radius, "guide_eps": ref.guide_eps,
+                                       "refine_reason": ref.reason, "notes": [*report.notes, ref.reason]})
     return report, maps
 
 
@@ -157,6 +255,8 @@ def make_profile(product: str, model: AnomalyModel, report: ThresholdReport,
                                                                   "f1": m.val_f1} for m in report.methods},
                                         "n_val_anomalous": report.n_anomalous, "n_val_normal": report.n_normal,
                                         "notes": report.notes, **(metrics or {})},
+                   refine_fraction=report.refine_fraction, refine_window=report.refine_window,
+                   guide_radius=report.guide_radius, guide_eps=report.guide_eps,
                    categorizer=categorizer, background=background,
                    background_source="override" if background is not None else "unknown",
                    notes=notes, parent_version=parent_version)
@@ -209,13 +309,18 @@ def evaluate_model(name: str, product: str, model: AnomalyModel, test: LabelledS
     """Maps on test, every metric, and the category evaluation when a categorizer is given."""
     from calibration.evaluate import evaluate_maps
 
-    maps, scores = model.predict(test.images, batch_size=batch_size)
+    raw, scores = model.predict(test.images, batch_size=batch_size)
+    ref = Refinement.of(report)
+    maps = apply_refinement(raw, ref, test.images)  # what the worker thresholds (workers.pipeline.judge)
     val_curves = None
     if val is not None:
         if val_maps is None:
             val_maps, _ = model.predict(val.images, batch_size=batch_size)
-        val_curves = pixel_curves(val_maps, val.masks, extra=[t for t in report.thresholds().values() if t is not None])
-    ev = evaluate_maps(name, product, test, maps, scores, report.thresholds(), report.chosen, report, val_curves)
+        val_curves = pixel_curves(apply_refinement(val_maps, ref, val.images), val.masks,
+                                  extra=[t for t in report.thresholds().values() if t is not None])
+    ev = evaluate_maps(name, product, test, maps, scores, report.thresholds(), report.chosen, report, val_curves,
+                       raw_maps=raw)
+    ev.extra["refinement"] = ref.model_dump()
     ev.category_eval = categorizer_evaluation(categorizer, test, maps, report.threshold, product)
     return ev
 
@@ -284,7 +389,8 @@ def calibrate_product(dataset_root: str | Path, product: str, registry_dir: str 
     val, test = load_product_splits(root, product, input_size, val_fraction, seed, progress=progress)
     model, secs = fit_model(train, model_kind, input_size, options, progress)
     report, val_maps = threshold_model(model, val, method, k_std, quantile)
-    categorizer = fit_categorizer(val, val_maps, report.threshold, product)
+    categorizer = fit_categorizer(val, apply_refinement(val_maps, Refinement.of(report), val.images),
+                                  report.threshold, product)
     ev = evaluate_model(model_kind, product, model, test, report, val, val_maps, categorizer)
     metrics = {"test": ev.headline(), "fit_seconds": round(secs, 2), "n_train": int(len(train)),
                "n_val": len(val), "n_test": len(test)}

@@ -73,6 +73,12 @@ class ThresholdReport(BaseModel):
     notes: list[str] = []
     image_threshold: float | None = Field(None, description="image-score threshold for the frame verdict")
     image_threshold_reason: str = ""
+    refine_fraction: float = Field(0.0, description="peak-relative refinement applied to the maps before "
+                                                    "thresholding (workers.pipeline.refine_map); 0 = off")
+    refine_window: int = 33
+    guide_radius: int = Field(0, description="guided filter of the maps by the image (0 = off)")
+    guide_eps: float = 1e-3
+    refine_reason: str = ""
 
     def method(self, name: str) -> MethodResult:
         for m in self.methods:

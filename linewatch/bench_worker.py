@@ -409,7 +409,7 @@ def offline_split(registry_dir: Path, jpegs: list[bytes], batch: int, threads: i
 
     split["post"] = per_frame_ms(post_results, "post")
     split["pipeline"] = per_frame_ms(lambda: proc.process(recs), "pipeline")
-    defects = sum(1 for k in range(batch) if judge(maps[k], float(scores[k]), profile, 1024, 1024).verdict == "defect")
+    defects = sum(1 for k in range(batch) if judge(maps[k], float(scores[k]), profile, 1024, 1024, imgs[k]).verdict == "defect")
     proc.close()
     return {"batch": batch, "engine": engine.name, "ms_per_frame": split, "cpu_ms_per_frame": cpu_split,
             "defects_in_batch": defects,

@@ -53,6 +53,14 @@ class Profile(BaseModel):
     threshold_method: ThresholdMethod
     image_threshold: float | None = Field(None, description="image-score threshold; default = pixel threshold")
     min_region_px: int = Field(16, ge=0, description="regions smaller than this (at model size) are ignored")
+    refine_fraction: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "peak-relative region refinement: a map pixel counts only if it is >= this fraction of the "
+        "map's maximum in its refine_window neighbourhood (calibrated on validation; 0 = off)"))
+    refine_window: int = Field(33, ge=3, le=255, description="odd side (model-size pixels) of the refinement window")
+    guide_radius: int = Field(0, ge=0, le=64, description=(
+        "edge-aware guided filter of the map by the frame's grey image before thresholding "
+        "(box radius in model-size pixels; 0 = off)"))
+    guide_eps: float = Field(1e-3, gt=0.0, description="guided-filter regulariser (grey levels in 0..1)")
     thresholds: dict[str, float | None] = {}
     threshold_reason: str = ""
     calibration_metrics: dict[str, Any] = {}

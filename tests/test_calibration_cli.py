@@ -204,10 +204,10 @@ def test_bad_weights_wrong_architecture(data, tmp_path, capsys):
     (work / "model.json").write_text(json.dumps(cfg))
     rc = run("threshold", "--model", work, "--dataset", data, "--publish", "--registry", reg, "-q")
     _assert_failed(rc, capsys, reg, "weights.safetensors", "expected (3, 128, 128)")
-    cfg.update(kind="padim", input_size=SIZE, options={})  # another family's weights entirely
+    cfg.update(kind="padim", input_size=SIZE, options={})  # a config that does not fit these weights at all
     (work / "model.json").write_text(json.dumps(cfg))
     rc = run("threshold", "--model", work, "--dataset", data, "--publish", "--registry", reg, "-q")
-    _assert_failed(rc, capsys, reg, "weights.safetensors", "padim")
+    _assert_failed(rc, capsys, reg, "model.json", "padim")
 
 
 def test_cli_recommend_measure(line, capsys):

@@ -182,7 +182,7 @@ def test_frames_flow_end_to_end_and_match_offline(kafka_settings, e2e_registry, 
         decoded = [decode_frame(sent[f], profile.input_size, 10**8) for f in fids]
         maps, scores = engine.run(np.stack([d[0] for d in decoded]))
         for k, f in enumerate(fids):
-            fv = judge(maps[k], float(scores[k]), profile, FRAME_SIZE, FRAME_SIZE)
+            fv = judge(maps[k], float(scores[k]), profile, FRAME_SIZE, FRAME_SIZE, decoded[k][0])
             offline[f] = (fv.verdict, float(scores[k]), len(fv.regions))
         # the stored rows name the profile that judged them, and its background flag
         for f in fids:

@@ -211,6 +211,62 @@ class FrameVerdict:
     labels: np.ndarray | None = None  # int32 component labels at model size (kept ones > 0)
 
 
+def refine_map(amap: np.ndarray, fraction: float, window: int) -> np.ndarray:
+    """Peak-relative refinement of one non-negative anomaly map (the same function offline).
+
+    Why: PaDiM's stride-4..16 features spread a defect's response well beyond the defect, so a
+    single global threshold cuts a strong defect's blob far too wide. A pixel is kept only when
+    it reaches ``fraction`` x the map's maximum within its ``window`` x ``window``
+    neighbourhood (a local "fraction of peak" rule, like full-width-at-half-maximum); others
+    drop to the map's minimum, so ``refined >= threshold`` is the refined mask for any
+    threshold above that minimum. Each local peak -- and so the image score -- is unchanged.
+    ``fraction <= 0`` returns ``amap`` itself.
+    """
+    if fraction <= 0:
+        return amap
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (int(window), int(window)))
+    local_max = cv2.dilate(amap, kernel, borderType=cv2.BORDER_REPLICATE)
+    return np.where(amap >= np.float32(fraction) * local_max, amap, amap.min()).astype(amap.dtype, copy=False)
+
+
+def guide_map(amap: np.ndarray, image_rgb: np.ndarray, radius: int, eps: float) -> np.ndarray:
+    """Guided filter (He, Sun & Tang 2010) of the map, guided by the frame's grey image.
+
+    Why: the map is made on a stride-4..16 feature grid and upsampled, so its edges are soft
+    and misplaced; the filter makes it locally linear in the image, so region edges snap to
+    the image's edges (a defect is usually a change in colour or texture). Written with
+    ``cv2.boxFilter`` because this OpenCV build has no ``cv2.ximgproc``. The result never
+    goes below the map's minimum. ``radius <= 0`` returns ``amap`` itself.
+    """
+    if radius <= 0:
+        return amap
+    grey = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2GRAY)
+    if grey.shape != amap.shape:
+        grey = cv2.resize(grey, (amap.shape[1], amap.shape[0]), interpolation=cv2.INTER_AREA)
+    guide = grey.astype(np.float32) * np.float32(1 / 255)
+    p = amap.astype(np.float32, copy=False)
+    k = (2 * int(radius) + 1, 2 * int(radius) + 1)
+
+    def box(x: np.ndarray) -> np.ndarray:
+        return cv2.boxFilter(x, cv2.CV_32F, k, borderType=cv2.BORDER_REFLECT)
+
+    mean_i, mean_p = box(guide), box(p)
+    cov_ip = box(guide * p) - mean_i * mean_p
+    var_i = box(guide * guide) - mean_i * mean_i
+    a = cov_ip / (var_i + np.float32(eps))
+    b = mean_p - a * mean_i
+    return np.maximum(box(a) * guide + box(b), p.min())
+
+
+def segmentation_map(amap: np.ndarray, image_rgb: np.ndarray | None, *, refine_fraction: float = 0.0,
+                     refine_window: int = 33, guide_radius: int = 0, guide_eps: float = 1e-3) -> np.ndarray:
+    """The map that is thresholded into regions: ``guide_map`` (when on and the frame is
+    given) then ``refine_map``. Offline calibration/evaluation call this very function."""
+    if guide_radius > 0 and image_rgb is not None:
+        amap = guide_map(amap, image_rgb, guide_radius, guide_eps)
+    return refine_map(amap, refine_fraction, refine_window)
+
+
 def find_regions(amap: np.ndarray, threshold: float, min_region_px: int, width: int, height: int,
                  ) -> tuple[list[Region], np.ndarray, np.ndarray]:
     """Connected regions of ``amap >= threshold`` (8-connectivity) with at least
@@ -248,21 +304,39 @@ def find_regions(amap: np.ndarray, threshold: float, min_region_px: int, width: 
     return regions, mask, kept_labels
 
 
-def judge(amap: np.ndarray, score: float, profile: Profile, width: int, height: int) -> FrameVerdict:
+def judge(amap: np.ndarray, score: float, profile: Profile, width: int, height: int,
+          image: np.ndarray | None = None) -> FrameVerdict:
     """Threshold one map and decide the verdict.
 
     Rule (the same offline and in the stream): a frame is a defect when its image score
     reaches the image threshold and, unless an explicit ``image_threshold`` is set, at least
     one region of ``min_region_px`` map pixels survives. With an explicit image threshold the
     image score alone decides (regions are still reported when there are any).
+    Regions come from ``segmentation_map`` with the profile's guided filter (needs ``image``,
+    the model-size RGB frame) and peak-relative refinement -- both off by default -- exactly
+    as the offline evaluation does. The image score stays the raw map's max.
     """
     thr = float(profile.threshold)
     img_thr = float(profile.effective_image_threshold)
     score = float(score)
-    if score < thr and score < img_thr:  # the score is the map's max: nothing to segment
+    seg = None
+    top = score  # the raw map's max; refinement keeps it, the guided filter may move it
+    if profile.guide_radius > 0:
+        if image is None:
+            _warn_once(f"guide:{profile.product}:{profile.version}", "profile %s v%s asks for the guided "
+                       "filter but no frame was given: regions from the unguided map", profile.product,
+                       profile.version)
+        else:
+            seg = segmentation_map(amap, image, refine_fraction=profile.refine_fraction,
+                                   refine_window=profile.refine_window, guide_radius=profile.guide_radius,
+                                   guide_eps=profile.guide_eps)
+            top = float(seg.max())
+    if top < thr and score < img_thr:  # nothing reaches either threshold: nothing to segment
         return FrameVerdict(score, "ok", [], 0.0)
-    if score >= thr:
-        regions, mask, labels = find_regions(amap, thr, profile.min_region_px, width, height)
+    if top >= thr:
+        if seg is None:
+            seg = refine_map(amap, profile.refine_fraction, profile.refine_window)
+        regions, mask, labels = find_regions(seg, thr, profile.min_region_px, width, height)
     else:
         regions, mask, labels = [], None, None
     if profile.image_threshold is None:
@@ -608,7 +682,7 @@ class BatchProcessor:
 
     def _result(self, rec: RecordLike, hdr: FrameHeaders, profile: Profile, engine: str, image: np.ndarray,
                 amap: np.ndarray, score: float, w: int, h: int, infer_ms: float) -> Outgoing:
-        fv = judge(amap, score, profile, w, h)
+        fv = judge(amap, score, profile, w, h, image)
         category, confidence = "unknown", 0.0
         mask_b = thumb_b = heat_b = None
         if fv.verdict == "defect":
@@ -641,4 +715,4 @@ def inspect_images(images_rgb: np.ndarray, engine: Engine, profile: Profile, wid
     maps, scores = engine.run(images_rgb)
     w = width or profile.input_size
     h = height or profile.input_size
-    return [judge(maps[k], float(scores[k]), profile, w, h) for k in range(len(images_rgb))]
+    return [judge(maps[k], float(scores[k]), profile, w, h, images_rgb[k]) for k in range(len(images_rgb))]

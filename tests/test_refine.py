@@ -1,0 +1,178 @@
+"""Peak-relative region refinement: calibrated on validation, the same masks offline and in the worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from calibration.data import LabelledSet
+from calibration.evaluate import evaluate_maps
+from calibration.fit import calibrate_refinement, evaluate_model, make_profile, refine_maps, threshold_model
+from calibration.metrics import image_counts, pixel_auroc, segmentation_metrics
+from calibration.thresholds import estimate_thresholds
+from linewatch.profiles import Profile
+from workers.pipeline import guide_map, judge, refine_map
+
+S = 64
+
+
+def strong_and_weak(shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A strong defect whose response spreads 4 px beyond it, and a weak one far away.
+
+    Strong: 8x8 square scored 10, a 4-px ring around it scored 3 (the spread). Weak: 8x8 square
+    scored 2. A single threshold low enough for the weak defect (1.5) also takes the whole ring:
+    IoU = 128 / 320 = 0.4. Keeping pixels >= 0.5 x their 17x17 local maximum drops the ring
+    (3 < 5) and keeps both squares: IoU = 1.
+    """
+    amap = np.zeros((S, S), np.float32)
+    mask = np.zeros((S, S), bool)
+    a, b = 10 + shift, 40 - shift
+    amap[a - 4 : a + 12, a - 4 : a + 12] = 3.0
+    amap[a : a + 8, a : a + 8] = 10.0
+    mask[a : a + 8, a : a + 8] = True
+    amap[b : b + 8, b : b + 8] = 2.0
+    mask[b : b + 8, b : b + 8] = True
+    return amap, mask
+
+
+def test_refinement_provably_improves_iou_on_a_hand_made_map():
+    amap, mask = strong_and_weak()
+    plain = segmentation_metrics(amap, mask, 1.5)
+    assert plain.iou == 128 / 320
+    refined = refine_map(amap, 0.5, 17)
+    assert refined.max() == amap.max()  # the peak (image score) is unchanged
+    assert ((refined >= 1.5) == mask).all()
+    assert segmentation_metrics(refined, mask, 1.5).iou == 1.0
+    assert refine_map(amap, 0.0, 17) is amap  # off = the map itself
+
+
+def _val_set(n_anom: int = 4, n_norm: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [strong_and_weak(k) for k in range(n_anom)]
+    maps = np.stack([p[0] for p in pairs] + [np.full((S, S), 0.1, np.float32)] * n_norm)
+    masks = np.stack([p[1] for p in pairs] + [np.zeros((S, S), bool)] * n_norm)
+    return maps, masks
+
+
+def test_calibration_switches_refinement_on_from_validation_iou():
+    maps, masks = _val_set()
+    r = calibrate_refinement(maps, masks)
+    assert r.fraction > 0 and "validation IoU" in r.reason
+    rep = estimate_thresholds(refine_maps(maps, r.fraction, r.window), masks)
+    assert rep.method("iou").val_iou == 1.0
+    assert estimate_thresholds(maps, masks).method("iou").val_iou <= 0.5  # best plain: the strong one only
+
+
+def test_refinement_stays_off_when_it_cannot_be_judged():
+    maps, masks = _val_set(n_anom=2)
+    assert calibrate_refinement(maps, masks).fraction == 0.0  # too few anomalous images
+    maps, masks = _val_set()
+    assert calibrate_refinement(maps - 5.0, masks).fraction == 0.0  # negative maps
+    flat = (masks * 5.0).astype(np.float32)  # already perfect maps: nothing to gain
+    r = calibrate_refinement(flat, masks, images=np.zeros((len(flat), S, S, 3), np.uint8))
+    assert r.fraction == 0.0 and r.guide_radius == 0 and "off" in r.reason
+
+
+def test_old_profile_json_loads_with_refinement_off():
+    p = Profile(product="w", model_kind="padim", backbone="none", input_size=64, threshold=1.0,
+                threshold_method="manual")
+    data = p.model_dump(mode="json")
+    del data["refine_fraction"], data["refine_window"]
+    old = Profile.model_validate(data)
+    assert old.refine_fraction == 0.0
+    amap, _ = strong_and_weak()
+    fv = judge(amap, float(amap.max()), old.model_copy(update={"threshold": 1.5, "min_region_px": 0}), S, S)
+    assert ((fv.mask > 0) == (amap >= 1.5)).all()  # plain thresholding, as before
+
+
+class MapModel:
+    """A stand-in model: image k (pixel [0, 0, 0] = k) gets the k-th stored map."""
+
+    kind = "padim"
+    backbone_name = "none"
+    input_size = S
+
+    def __init__(self, maps: np.ndarray):
+        self.maps = maps
+
+    def predict(self, images: np.ndarray, batch_size: int = 16):
+        m = self.maps[images[:, 0, 0, 0].astype(int)]
+        return m, m.reshape(len(m), -1).max(1)
+
+
+def _labelled(maps: np.ndarray, masks: np.ndarray, offset: int) -> LabelledSet:
+    n = len(maps)
+    images = np.zeros((n, S, S, 3), np.uint8)
+    images[:, 0, 0, 0] = np.arange(offset, offset + n)
+    anom = masks.reshape(n, -1).any(1)
+    return LabelledSet([Path(f"/x/{offset + i}.png") for i in range(n)], images, masks,
+                       ["surface" if a else "good" for a in anom], [True] * n, ["d" if a else "good" for a in anom])
+
+
+def test_worker_judge_and_offline_evaluation_give_identical_masks():
+    vmaps, vmasks = _val_set()
+    tmaps, tmasks = _val_set(n_anom=3, n_norm=2)
+    tmaps = tmaps * np.float32(1.1)  # not the validation maps themselves
+    model = MapModel(np.concatenate([vmaps, tmaps]))
+    val, test = _labelled(vmaps, vmasks, 0), _labelled(tmaps, tmasks, len(vmaps))
+    report, _ = threshold_model(model, val)  # type: ignore[arg-type]
+    assert report.refine_fraction > 0
+    ev = evaluate_model("padim", "w", model, test, report, val)  # type: ignore[arg-type]
+    profile = make_profile("w", model, report)  # type: ignore[arg-type]
+    assert (profile.refine_fraction, profile.refine_window) == (report.refine_fraction, report.refine_window)
+    profile = profile.model_copy(update={"min_region_px": 0})
+    offline = ev.maps >= report.threshold
+    verdicts = [judge(m, float(m.max()), profile, S, S) for m in tmaps]
+    assert [v.verdict for v in verdicts] == ["defect"] * 3 + ["ok"] * 2
+    stream = np.stack([np.zeros((S, S), bool) if v.mask is None else v.mask > 0 for v in verdicts])
+    assert (offline == stream).all()
+    counts = image_counts(ev.maps, tmasks, report.threshold)
+    assert (counts["tp"] == (stream & tmasks).sum((1, 2))).all()
+    overall = next(r for r in ev.summary if r["group"] == "all")
+    assert overall["iou_iou"] == 1.0
+    # threshold-free metrics stay on the model's own maps
+    assert overall["pixel_auroc"] == round(pixel_auroc(tmaps, tmasks), 4)
+    assert ev.extra["refinement"]["fraction"] == report.refine_fraction
+
+
+def test_evaluate_maps_without_raw_maps_is_unchanged():
+    maps, masks = _val_set()
+    test = _labelled(maps, masks, 0)
+    a = evaluate_maps("m", "w", test, maps, maps.reshape(len(maps), -1).max(1), {"iou": 1.5}, "iou")
+    b = evaluate_maps("m", "w", test, maps, maps.reshape(len(maps), -1).max(1), {"iou": 1.5}, "iou", raw_maps=maps)
+    assert a.summary == b.summary
+
+
+def soft_square() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A dark square on a bright frame, and a map that is the square 3 px off (the feature
+    grid's misplacement) and blurred (sigma 4)."""
+    import cv2
+
+    mask = np.zeros((S, S), bool)
+    mask[20:36, 24:40] = True
+    image = np.full((S, S, 3), 200, np.uint8)
+    image[mask] = 60
+    amap = cv2.GaussianBlur(np.roll(mask, 3, axis=1).astype(np.float32) * 10, (0, 0), 4) + np.float32(1.0)
+    return image, amap, mask
+
+
+def test_guided_filter_snaps_a_blurred_map_to_the_image_edges():
+    image, amap, mask = soft_square()
+    guided = guide_map(amap, image, 8, 1e-3)
+    assert guided.min() >= amap.min()
+    best = lambda m: max(segmentation_metrics(m, mask, t).iou for t in np.quantile(m, np.linspace(0.5, 1, 200)))
+    assert best(amap) < 0.7  # measured 0.671
+    assert best(guided) > 0.95  # measured 0.992
+    assert guide_map(amap, image, 0, 1e-3) is amap
+
+
+def test_worker_and_offline_agree_with_the_guided_filter_on():
+    image, amap, mask = soft_square()
+    maps, images = amap[None], image[None]
+    prof = Profile(product="w", model_kind="padim", backbone="none", input_size=S, threshold=4.0,
+                   threshold_method="manual", min_region_px=0, guide_radius=8, guide_eps=1e-3,
+                   refine_fraction=0.5, refine_window=17)
+    offline = refine_maps(maps, 0.5, 17, images, 8, 1e-3)[0] >= 4.0
+    fv = judge(amap, float(amap.max()), prof, S, S, image)
+    assert fv.verdict == "defect" and ((fv.mask > 0) == offline).all()
+    assert segmentation_metrics(offline, mask, 0.5).iou > segmentation_metrics(amap, mask, 4.0).iou
