@@ -17,7 +17,7 @@ from .harness import LoadProducer, assigned_partitions, camera_ids, good_frames,
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(360)]
 
-RUN_FRACTION = 0.12  # the slow worker gets the CPU 12 % of the time
+RUN_FRACTION = 0.06  # the slow worker gets the CPU 6 % of the time (12 % stopped biting once ORT got faster)
 PERIOD_S = 0.1
 RATE = 24
 PRODUCE_S = 20
