@@ -75,6 +75,12 @@ def build_samples(root: Path, products: list[str], size: int, source: str, cache
             pos = {it.path: k for k, it in enumerate(ds.test)}
             maps = allmaps[[pos[it.path] for it in items]]
             nv = len(val)
+            if source == "padim-refined":  # the mask refinement calibrate_product uses (validation only)
+                from calibration.fit import apply_refinement, calibrate_refinement
+
+                r = calibrate_refinement(maps[:nv], gts[:nv], imgs[:nv])
+                print(f"  {p}: {r.reason}", flush=True)
+                maps = apply_refinement(maps, r, imgs).astype(np.float32)
             thr = iou_threshold(maps[:nv], gts[:nv])
             masks = maps >= thr
         samples = [CategorySample(imgs[k], it.category, masks[k], maps[k], thr, bg, p, gts[k])
@@ -91,7 +97,7 @@ def main() -> int:
     ap.add_argument("--products", default="cap,pcb,brick,turf")
     ap.add_argument("--n-per-category", type=int, default=24)
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--regions", default="gt", help="gt, padim or gt,padim")
+    ap.add_argument("--regions", default="gt", help="comma-separated: gt (true masks), padim (thresholded maps), padim-refined (maps after the calibrated refinement)")
     ap.add_argument("--kind", default="forest", help="ensemble, logreg, forest (comma-separated to compare)")
     ap.add_argument("--val-fraction", type=float, default=1 / 3)
     ap.add_argument("--seed", type=int, default=0)
