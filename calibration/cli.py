@@ -96,7 +96,7 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     from calibration.fit import Refinement, apply_refinement
 
     cat = fit_categorizer(val, apply_refinement(val_maps, Refinement.of(report), val.images),
-                          report.threshold, args.product or "product")
+                          report.threshold, args.product or "product", raw_maps=val_maps)
     cat_path = Path(args.model) / "categorizer.json"
     if cat is not None:
         cat_path.write_text(json.dumps(cat))

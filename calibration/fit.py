@@ -321,30 +321,34 @@ def evaluate_model(name: str, product: str, model: AnomalyModel, test: LabelledS
     ev = evaluate_maps(name, product, test, maps, scores, report.thresholds(), report.chosen, report, val_curves,
                        raw_maps=raw)
     ev.extra["refinement"] = ref.model_dump()
-    ev.category_eval = categorizer_evaluation(categorizer, test, maps, report.threshold, product)
+    ev.category_eval = categorizer_evaluation(categorizer, test, maps, report.threshold, product, raw)
     return ev
 
 
-def _category_samples(data: LabelledSet, maps: np.ndarray, threshold: float, product: str):
+def _category_samples(data: LabelledSet, maps: np.ndarray, threshold: float, product: str,
+                      raw_maps: np.ndarray | None = None):
     """Labelled anomalous images as the categorizer sees them at inference: regions from the
-    model's thresholded map, the true mask kept to tell which regions are real."""
+    (refined) thresholded map, map features from the RAW map -- exactly what the worker passes
+    to categorize_frame -- and the true mask kept to tell which regions are real."""
     from calibration.categorizer_fit import CategorySample
     from linewatch.messages import CATEGORIES
 
-    return [CategorySample(image=data.images[i], category=c, mask=maps[i] >= threshold, amap=maps[i],
+    feats = maps if raw_maps is None else raw_maps
+    return [CategorySample(image=data.images[i], category=c, mask=maps[i] >= threshold, amap=feats[i],
                            threshold=threshold, background=data.background[i], product=product,
                            gt_mask=data.masks[i])
             for i, c in enumerate(data.categories) if c in CATEGORIES]
 
 
-def fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, product: str) -> dict[str, Any] | None:
+def fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, product: str,
+                    raw_maps: np.ndarray | None = None) -> dict[str, Any] | None:
     """Categorizer parameters (JSON) trained on the validation images, or None (said in the log)
     when linewatch.categorize is absent or the labels are too few."""
     try:
         from calibration.categorizer_fit import train_categorizer
     except ImportError:
         return None
-    samples = _category_samples(val, val_maps, threshold, product)
+    samples = _category_samples(val, val_maps, threshold, product, raw_maps)
     try:
         return train_categorizer(samples, product=product, region_source="predicted")
     except UserError as exc:
@@ -359,12 +363,13 @@ def fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, pr
 
 
 def categorizer_evaluation(params: dict[str, Any] | None, test: LabelledSet, maps: np.ndarray,
-                           threshold: float, product: str) -> dict[str, Any] | None:
+                           threshold: float, product: str, raw_maps: np.ndarray | None = None,
+                           ) -> dict[str, Any] | None:
     if not params:
         return None
     from calibration.categorizer_fit import evaluate_categorizer
 
-    samples = _category_samples(test, maps, threshold, product)
+    samples = _category_samples(test, maps, threshold, product, raw_maps)
     if not samples:
         return None
     try:
@@ -390,7 +395,7 @@ def calibrate_product(dataset_root: str | Path, product: str, registry_dir: str 
     model, secs = fit_model(train, model_kind, input_size, options, progress)
     report, val_maps = threshold_model(model, val, method, k_std, quantile)
     categorizer = fit_categorizer(val, apply_refinement(val_maps, Refinement.of(report), val.images),
-                                  report.threshold, product)
+                                  report.threshold, product, raw_maps=val_maps)
     ev = evaluate_model(model_kind, product, model, test, report, val, val_maps, categorizer)
     metrics = {"test": ev.headline(), "fit_seconds": round(secs, 2), "n_train": int(len(train)),
                "n_val": len(val), "n_test": len(test)}

@@ -75,6 +75,7 @@ def build_samples(root: Path, products: list[str], size: int, source: str, cache
             pos = {it.path: k for k, it in enumerate(ds.test)}
             maps = allmaps[[pos[it.path] for it in items]]
             nv = len(val)
+            raw = maps
             if source == "padim-refined":  # the mask refinement calibrate_product uses (validation only)
                 from calibration.fit import apply_refinement, calibrate_refinement
 
@@ -83,6 +84,7 @@ def build_samples(root: Path, products: list[str], size: int, source: str, cache
                 maps = apply_refinement(maps, r, imgs).astype(np.float32)
             thr = iou_threshold(maps[:nv], gts[:nv])
             masks = maps >= thr
+            maps = raw  # map features from the raw map, as the worker computes them
         samples = [CategorySample(imgs[k], it.category, masks[k], maps[k], thr, bg, p, gts[k])
                    for k, it in enumerate(items) if it.category != "good"]
         nv_anom = sum(it.category != "good" for it in val)
