@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -426,6 +427,9 @@ def test_healthcheck_process_and_kafka(monkeypatch):
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "linewatch", sub])
     listener = socket.create_server(("127.0.0.1", 0))
     try:
+        deadline = time.monotonic() + 10  # right after fork the child still shows the parent's cmdline
+        while healthcheck.find_process(sub) != proc.pid and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert healthcheck.find_process(sub) == proc.pid
         monkeypatch.setenv("LINEWATCH_KAFKA__BOOTSTRAP_SERVERS",
                            f"127.0.0.1:{_free_port()},127.0.0.1:{listener.getsockname()[1]}")
