@@ -103,11 +103,15 @@ def pick_bucket_s(span_ms: int, max_buckets: int = 30) -> int:
 
 def filter_options(con: duckdb.DuckDBPyConnection) -> dict[str, list[str]]:
     """Distinct products, cameras and lines (unfiltered) for the filter widgets."""
-    out = {}
-    for col in ("product", "camera", "line"):
-        # column names come from the fixed tuple above, never from the user
-        out[col] = [r[0] for r in con.execute(f"SELECT DISTINCT {col} FROM inspections ORDER BY 1").fetchall()]
-    return out
+    return {col: [r[0] for r in con.execute(sql).fetchall()] for col, sql in _DISTINCT_SQL.items()}
+
+
+# literal statements: no SQL is ever assembled from a name at run time
+_DISTINCT_SQL = {
+    "product": "SELECT DISTINCT product FROM inspections ORDER BY 1",
+    "camera": "SELECT DISTINCT camera FROM inspections ORDER BY 1",
+    "line": "SELECT DISTINCT line FROM inspections ORDER BY 1",
+}
 
 
 def kpis(con: duckdb.DuckDBPyConnection, f: Filters) -> dict[str, Any]:

@@ -205,17 +205,18 @@ def summarize(db_path: Path, since_ms: int | None = None) -> DemoSummary:
     summary = DemoSummary()
     if not db_path.exists():
         return summary
-    where, params = ("WHERE capture_ts_ms >= ?", [since_ms]) if since_ms else ("", [])
+    since = int(since_ms or 0)  # 0 = the whole database
     with reading(db_path) as con:
         row = con.execute(
-            f"""SELECT count(*), count(*) FILTER (WHERE verdict = 'defect'),
-                       quantile_cont(stored_ts_ms - capture_ts_ms, 0.5),
-                       quantile_cont(stored_ts_ms - capture_ts_ms, 0.99),
-                       min(stored_ts_ms), max(stored_ts_ms)
-                FROM inspections {where}""", params).fetchone()
+            """SELECT count(*), count(*) FILTER (WHERE verdict = 'defect'),
+                      quantile_cont(stored_ts_ms - capture_ts_ms, 0.5),
+                      quantile_cont(stored_ts_ms - capture_ts_ms, 0.99),
+                      min(stored_ts_ms), max(stored_ts_ms)
+               FROM inspections WHERE capture_ts_ms >= ?""", [since]).fetchone()
         try:
-            dlq_where = "WHERE stored_ts_ms >= ?" if since_ms else ""
-            summary.dlq = int(con.execute(f"SELECT count(*) FROM dlq_events {dlq_where}", params).fetchone()[0])
+            dlq = (con.execute("SELECT count(*) FROM dlq_events WHERE stored_ts_ms >= ?", [since]) if since
+                   else con.execute("SELECT count(*) FROM dlq_events"))
+            summary.dlq = int(dlq.fetchone()[0])
         except Exception:  # older schema without DLQ table
             summary.dlq = 0
     n, defects, p50, p99, t0, t1 = row
