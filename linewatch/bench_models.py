@@ -131,6 +131,7 @@ def _bench_kinds(out: dict[str, Any], kinds: list[str], tmp: Path, train: np.nda
         rec["load_s"] = round(time.perf_counter() - t0, 3)
         rec["load_cpu_s"] = round(time.process_time() - c0, 3)
         rec["loaded_rss_mb"] = round(rss_mb() - before, 1)
+        ref_maps, _ = model.predict(frames[:8])  # torch CPU float32: what every engine should give
         engs, missing = available_engines(model, vdir / "model.onnx", threads=threads, max_batch=max(batch_sizes))
         wanted = engines or list(ENGINE_NAMES)
         rec["engines"] = {}
@@ -146,7 +147,8 @@ def _bench_kinds(out: dict[str, Any], kinds: list[str], tmp: Path, train: np.nda
             rec["engines"][eng.name] = {"batch1": rates.get(1), "best": rates[best], "best_batch": best,
                                         "by_batch": rates, "per_cpu_s_batch1": cpu.get(1),
                                         "per_cpu_s_best": cpu[best_cpu], "per_cpu_s_best_batch": best_cpu,
-                                        "per_cpu_s_by_batch": cpu, "load_average": load_average()}
+                                        "per_cpu_s_by_batch": cpu, "load_average": load_average(),
+                                        "precision": eng.precision, **engine_agreement(eng, frames[:8], ref_maps)}
             if progress:
                 print(f"{kind:6s} {eng.name:16s} batch1 {rates.get(1)} img/s, best {rates[best]} img/s "
                       f"@ batch {best}; per CPU-second: batch1 {cpu.get(1)}, best {cpu[best_cpu]} "
@@ -155,6 +157,19 @@ def _bench_kinds(out: dict[str, Any], kinds: list[str], tmp: Path, train: np.nda
         if products:
             rec["serving"] = _serve_many(vdir, products, threads)
         out["models"][kind] = rec
+
+
+def engine_agreement(engine: Any, frames: np.ndarray, ref_maps: np.ndarray, quantile: float = 0.99) -> dict[str, float]:
+    """How far an engine's maps are from the float32 torch CPU reference: the largest error as a
+    fraction of the map range, and the IoU of the two masks at the reference's ``quantile`` (a
+    threshold that marks about 1% of the pixels, where boundary pixels decide)."""
+    maps, _ = engine.run(frames)
+    span = float(ref_maps.max() - ref_maps.min()) or 1.0
+    thr = float(np.quantile(ref_maps, quantile))
+    ref_mask, mask = ref_maps >= thr, maps >= thr
+    union = int((ref_mask | mask).sum())
+    return {"max_err_of_range": round(float(np.abs(maps - ref_maps).max()) / span, 6),
+            "mask_iou_vs_cpu": round(int((ref_mask & mask).sum()) / union, 5) if union else 1.0}
 
 
 def _serve_many(vdir: Path, n: int, threads: int) -> dict[str, Any]:
@@ -180,12 +195,14 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"input {result['input_size']}px, {result['threads']} threads, product {result['product']}, "
              f"fit on {result['fit_images']} normal images"]
     lines.append(f"{'model':7s} {'engine':17s} {'batch1 img/s':>13s} {'best img/s':>11s} {'@batch':>7s}"
-                 f" | {'img/CPU-s b1':>13s} {'best':>7s} {'@batch':>7s}  load")
+                 f" | {'img/CPU-s b1':>13s} {'best':>7s} {'@batch':>7s}  load | {'precision':13s} {'max err':>8s}"
+                 f" {'mask IoU':>8s}")
     for kind, rec in result["models"].items():
         for name, e in rec["engines"].items():
             lines.append(f"{kind:7s} {name:17s} {e['batch1']!s:>13s} {e['best']!s:>11s} {e['best_batch']!s:>7s}"
                          f" | {e['per_cpu_s_batch1']!s:>13s} {e['per_cpu_s_best']!s:>7s} "
-                         f"{e['per_cpu_s_best_batch']!s:>7s}  {e['load_average']}")
+                         f"{e['per_cpu_s_best_batch']!s:>7s}  {e['load_average']} | {e['precision']:13s} "
+                         f"{e['max_err_of_range']:8.1e} {e['mask_iou_vs_cpu']:8.4f}")
     lines.append("")
     for kind, rec in result["models"].items():
         lines.append(f"{kind}: fit {rec['fit_s']} s, profile {rec['disk_mb']['total']} MB on disk "
@@ -234,7 +251,9 @@ def _run(args: argparse.Namespace) -> int:
 def register_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="model alone: fit time, profile size/memory, images/s per engine",
                        description=__doc__)
-    p.add_argument("--model", action="append", choices=["padim", "cflow", "patchcore"],
+    from linewatch.models.registry import FAMILIES
+
+    p.add_argument("--model", action="append", choices=sorted(FAMILIES),
                    help="repeatable (default: padim and cflow)")
     p.add_argument("--engine", action="append", help="engine name to measure (repeatable; default: all present)")
     p.add_argument("--size", type=int, default=256, help="model input size (default 256)")

@@ -88,10 +88,24 @@ def test_every_engine_matches_torch_maps_and_masks(exported):
         assert isinstance(engine, Engine)
         maps, scores = engine.run(frames)  # max_batch 3: also proves chunking
         assert maps.dtype == np.float32 and scores.dtype == np.float32
-        np.testing.assert_allclose(maps, ref_maps, rtol=RTOL, atol=ATOL, err_msg=engine.name)
-        np.testing.assert_allclose(scores, ref_scores, rtol=RTOL, atol=ATOL, err_msg=engine.name)
-        assert np.array_equal(maps >= thr, ref_maps >= thr), engine.name
+        if engine.precision == "fp32":
+            np.testing.assert_allclose(maps, ref_maps, rtol=RTOL, atol=ATOL, err_msg=engine.name)
+            np.testing.assert_allclose(scores, ref_scores, rtol=RTOL, atol=ATOL, err_msg=engine.name)
+            assert np.array_equal(maps >= thr, ref_maps >= thr), engine.name
+        else:  # float16 backbone (torch-cuda, TensorRT): close maps, masks differ on boundary pixels only
+            assert engine.precision == "fp16-backbone", engine.precision
+            _assert_half_precision_close(maps, scores, ref_maps, ref_scores, engine.name)
     assert (ref_maps >= thr).any()
+
+
+def _assert_half_precision_close(maps, scores, ref_maps, ref_scores, name: str) -> None:
+    scale = float(np.abs(ref_maps).max())
+    np.testing.assert_allclose(maps, ref_maps, rtol=2e-2, atol=2e-2 * scale, err_msg=name)
+    np.testing.assert_allclose(scores, ref_scores, rtol=2e-2, atol=2e-2 * scale, err_msg=name)
+    thr = float(np.quantile(ref_maps, 0.95))  # a mask of a few percent of the pixels
+    ref_mask, mask = ref_maps >= thr, maps >= thr
+    iou = (ref_mask & mask).sum() / (ref_mask | mask).sum()
+    assert iou >= 0.97, f"{name}: mask IoU {iou:.4f} against the float32 reference"
 
 
 def test_auto_chain_picks_best_present_and_says_why(exported, caplog):
@@ -149,9 +163,10 @@ def test_tensorrt_engine_matches_onnxruntime(exported, tmp_path):
     frames = _frames(4)
     ref, _ = OnnxRuntimeEngine(path, SIZE).run(frames)
     engine = TensorRTEngine(path, SIZE, max_batch=4, cache_dir=tmp_path)
-    maps, _ = engine.run(frames)
-    # FP16 backbone: looser tolerance, stated
-    np.testing.assert_allclose(maps, ref, rtol=2e-2, atol=2e-2 * float(np.abs(ref).max()))
+    assert engine.precision == "fp16-backbone"
+    maps, scores = engine.run(frames)
+    ref_scores = OnnxRuntimeEngine(path, SIZE).run(frames)[1]
+    _assert_half_precision_close(maps, scores, ref, ref_scores, engine.name)
     cached = list(tmp_path.glob("*.engine"))
     assert len(cached) == 1 and trt.__version__ in cached[0].name
     again = TensorRTEngine(path, SIZE, max_batch=4, cache_dir=tmp_path)  # reuses the cache
@@ -164,6 +179,10 @@ def test_torch_cuda_half_matches_cpu(exported):
         pytest.skip("no CUDA GPU")
     model, _ = exported
     frames = _frames(3)
-    ref, _ = model.predict(frames)
-    maps, _ = TorchEngine(model, "cuda").run(frames)
-    np.testing.assert_allclose(maps, ref, rtol=2e-2, atol=2e-2 * float(np.abs(ref).max()))
+    ref, ref_scores = model.predict(frames)
+    engine = TorchEngine(model, "cuda")
+    assert engine.precision == "fp16-backbone"
+    maps, scores = engine.run(frames)
+    _assert_half_precision_close(maps, scores, ref, ref_scores, engine.name)
+    # scoring stays float32 under the backbone's autocast: the maps are not float16-rounded
+    assert not np.array_equal(maps, maps.astype(np.float16).astype(np.float32))

@@ -83,6 +83,10 @@ def _cpu_threads(threads: int) -> int:
 class _BaseEngine:
     name = "base"
     reason = ""
+    # "fp32": maps match the torch CPU reference to float32 rounding; "fp16-backbone": the
+    # backbone runs in float16 (scoring stays float32), maps agree to ~1e-2 of their range and
+    # masks differ only on boundary pixels.
+    precision = "fp32"
     skipped: dict[str, str]
 
     def __init__(self, input_size: int, max_batch: int):
@@ -125,6 +129,7 @@ class TorchEngine(_BaseEngine):
             raise EngineUnavailable("torch: CUDA is not available")
         self.device = device
         self.name = f"torch-{device}"
+        self.precision = "fp16-backbone" if device == "cuda" else "fp32"
         module = model.inference_module().eval()
         if device == "cuda":
             import copy
@@ -250,6 +255,7 @@ class TensorRTEngine(_BaseEngine):
         if not torch.cuda.is_available():
             raise EngineUnavailable("tensorrt: no CUDA GPU")
         super().__init__(input_size, max_batch)
+        self.precision = "fp16-backbone"
         path = Path(onnx_path)
         if not path.is_file():
             raise EngineUnavailable(f"{path}: no ONNX file")

@@ -4,6 +4,7 @@ export to ONNX (Pad, Conv, Resize, ReduceMax) so the whole inference graph is on
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,14 @@ from torch import nn
 
 from linewatch.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, build_backbone, file_sha256
 from linewatch.models.base import ModelError
+
+
+def float32_scoring(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Scoring (distances, flows, reconstructions, the map head) in float32 even where the
+    torch-cuda engine runs the backbone under float16 autocast: the backbone is where fp16 pays,
+    while squared distances and log-likelihoods lose precision (or overflow) in it. A no-op on
+    CPU and in ONNX export."""
+    return torch.autocast("cuda", enabled=False) if t.is_cuda else contextlib.nullcontext()
 
 
 class Preprocess(nn.Module):

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from linewatch.models._common import MapHead, check_images, to_tensor
+from linewatch.models._common import MapHead, check_images, float32_scoring, to_tensor
 from linewatch.models._featfamily import COMMON_DEFAULTS, FeatureFamily
 from linewatch.models.base import ModelError
 from linewatch.models.padim import PaDiMFeatures
@@ -125,11 +125,13 @@ class AttributionModule(nn.Module):
         return (self.features(x) - self.mean) * self.inv_std
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.head.hidden(self.standardise(x))
-        # Grad-CAM weights alpha_k = mean_p d(image logit)/dA_kp = w2_k / P; map = ReLU(sum_k alpha_k A_k) * P
-        w2 = self.head.conv2.weight.view(1, -1, 1, 1)
-        cam = F.relu((a * w2).sum(dim=1, keepdim=True))
-        return self.map_head(cam)
+        f = self.features(x).float()
+        with float32_scoring(f):
+            a = self.head.hidden((f - self.mean) * self.inv_std)
+            # Grad-CAM weights alpha_k = mean_p d(image logit)/dA_kp = w2_k / P; map = ReLU(sum_k alpha_k A_k) * P
+            w2 = self.head.conv2.weight.view(1, -1, 1, 1)
+            cam = F.relu((a * w2).sum(dim=1, keepdim=True))
+            return self.map_head(cam)
 
 
 class AttributionClassifier(FeatureFamily):

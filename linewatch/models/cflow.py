@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from linewatch.models._common import (MapHead, Preprocess, align_to_grid, check_images, grid_size,
-                                      shared_backbone, to_tensor, torch_threads, weights_path_or_none)
+from linewatch.models._common import (MapHead, Preprocess, align_to_grid, check_images, float32_scoring,
+                                      grid_size, shared_backbone, to_tensor, torch_threads,
+                                      weights_path_or_none)
 from linewatch.models.base import AnomalyModel, ModelError
 
 DEFAULTS: dict[str, Any] = {
@@ -131,7 +132,10 @@ class CFlowModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.scale_inputs(x)
-        n = x.shape[0]
+        with float32_scoring(x):
+            return self._score(feats, x.shape[0])
+
+    def _score(self, feats: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         maps = []
         for j, f in enumerate(feats):
             f = f.float()

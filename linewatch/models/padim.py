@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from linewatch.models._common import (MapHead, Preprocess, align_to_grid, check_images, grid_size,
-                                      shared_backbone, to_tensor, torch_threads, weights_path_or_none)
+from linewatch.models._common import (MapHead, Preprocess, align_to_grid, check_images, float32_scoring,
+                                      grid_size, shared_backbone, to_tensor, torch_threads,
+                                      weights_path_or_none)
 from linewatch.models.base import AnomalyModel, ModelError
 
 DEFAULTS: dict[str, Any] = {
@@ -108,10 +109,8 @@ class PaDiMModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.features(x).float()  # (N, d, h, w)
-        if emb.is_cuda:  # torch-cuda engine: backbone under float16 autocast, distances in float32
-            with torch.autocast("cuda", enabled=False):
-                return self._score(emb)
-        return self._score(emb)
+        with float32_scoring(emb):
+            return self._score(emb)
 
     def _score(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, d, h, w = emb.shape

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from linewatch.models._common import MapHead, to_tensor
+from linewatch.models._common import MapHead, float32_scoring, to_tensor
 from linewatch.models._featfamily import COMMON_DEFAULTS, FeatureFamily
 from linewatch.models.base import ModelError
 from linewatch.models.padim import PaDiMFeatures
@@ -73,7 +73,11 @@ class PatchCoreModule(nn.Module):
         return emb
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = self.embed(x)
+        emb = self.embed(x).float()
+        with float32_scoring(emb):
+            return self._score(emb)
+
+    def _score(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, d, h, w = emb.shape
         q = emb.flatten(2).transpose(1, 2)  # (N, P, D)
         bank = self.bank.float() if self.half_bank else self.bank

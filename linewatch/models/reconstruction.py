@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from linewatch.models._common import MapHead
+from linewatch.models._common import MapHead, float32_scoring
 from linewatch.models._featfamily import COMMON_DEFAULTS, FeatureFamily
 from linewatch.models.base import ModelError
 from linewatch.models.padim import PaDiMFeatures
@@ -72,9 +72,11 @@ class ReconstructionModule(nn.Module):
         self.register_buffer("inv_std", (1.0 / std).view(1, -1, 1, 1).float())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = (self.features(x) - self.mean) * self.inv_std
-        err = (self.ae(z) - z).pow(2).mean(dim=1, keepdim=True)
-        return self.head(err)
+        f = self.features(x).float()
+        with float32_scoring(f):
+            z = (f - self.mean) * self.inv_std
+            err = (self.ae(z) - z).pow(2).mean(dim=1, keepdim=True)
+            return self.head(err)
 
 
 class FeatureAutoencoder(FeatureFamily):
