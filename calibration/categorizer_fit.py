@@ -2,10 +2,13 @@
 
 Why: categories are learnt from the same few labelled validation images calibration uses, of
 all products together (a scratch is a scratch on a cap or on a carpet). Each region of a
-labelled anomalous image becomes one training row (features from
-``linewatch.categorize.region_features``); images labelled ``combined`` carry no per-region
-label, so they are used only to tune the frame rule (when two regions of different kinds make
-a frame ``combined``). The result is a plain dict (lists of floats) for
+labelled anomalous image that touches its labelled defect becomes one training row (features
+from ``linewatch.categorize.region_features``); regions that miss it -- a detector's false
+blobs, which the worker serves as well -- become "spurious" rows. Images labelled ``combined``
+carry no per-region label, so they teach the frame level: a frame classifier on the regions'
+out-of-fold probabilities (``linewatch.categorize.frame_features``) is trained on every
+labelled frame, and the fallback rule (two regions of different kinds make ``combined``) is
+tuned on them too. The result is a plain dict (lists of floats) for
 ``Profile.categorizer``; inference (``linewatch.categorize``) needs only numpy.
 """
 
@@ -18,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from linewatch.categorize import (BASE_KINDS, FEATURES, PARAMS_VERSION, UNKNOWN, FramePlanes, _labels_of,
-                                  categorize_regions, frame_category, region_features)
+from linewatch.categorize import (BASE_KINDS, FEATURES, FRAME_FEATURES, PARAMS_VERSION, SPURIOUS, UNKNOWN,
+                                  FramePlanes, _labels_of, base_probabilities, categorize_regions, frame_category,
+                                  frame_features, region_features)
 from linewatch.errors import UserError
 from linewatch.messages import CATEGORIES
 
@@ -29,7 +33,9 @@ class CategorySample:
     """One labelled anomalous image and the regions to describe.
 
     ``mask`` is where the regions are (ground truth, or a model's thresholded map at inference
-    size); ``gt_mask`` (optional) keeps training rows to regions that touch the true defect.
+    size); ``gt_mask`` (optional) keeps training rows to regions that touch the true defect;
+    ``normal`` the sample's product's ``linewatch.categorize.normal_appearance`` (novelty
+    features; None -> 0).
     """
 
     image: np.ndarray
@@ -40,6 +46,7 @@ class CategorySample:
     background: bool | None = None
     product: str = ""
     gt_mask: np.ndarray | None = None
+    normal: dict[str, Any] | None = None
 
 
 @dataclass
@@ -58,7 +65,7 @@ def describe(sample: CategorySample, min_region_px: int = 16) -> SampleFeatures:
     lut[keep] = np.arange(1, len(keep) + 1)
     lab = lut[lab]
     feats = region_features(sample.image, sample.amap, lab, sample.threshold, sample.background,
-                            FramePlanes.of(sample.image))
+                            FramePlanes.of(sample.image), normal=sample.normal)
     areas = areas[keep - 1].astype(float) if len(keep) else np.zeros(0)
     if sample.gt_mask is not None and len(keep):
         gt = np.asarray(sample.gt_mask) > 0
@@ -113,30 +120,46 @@ def _export(clf: Any, kind: str) -> dict[str, Any]:
     return {"kind": "forest", "trees": trees}
 
 
+MIN_SPURIOUS_ROWS = 4  # fewer regions off the labelled defects than this: no "spurious" class
+
+
 def _rows(described: Sequence[SampleFeatures], samples: Sequence[CategorySample]):
+    """Training rows: regions touching the labelled defect of single-kind frames get the frame's
+    kind; regions of *any* labelled frame that miss its defect (a detector's false blobs; only
+    known when the sample has a true mask) get SPURIOUS."""
     xs, ys, groups, prods = [], [], [], []
     for i, (d, s) in enumerate(zip(described, samples)):
-        if s.category not in BASE_KINDS:
-            continue
+        knows = s.gt_mask is not None
         for f, ok in zip(d.feats, d.overlap):
-            if ok:
-                xs.append(f)
-                ys.append(s.category)
-                groups.append(i)
-                prods.append(s.product)
-    return (np.asarray(xs, np.float64).reshape(-1, len(FEATURES)), np.asarray(ys), np.asarray(groups),
-            np.asarray(prods))
+            if ok and s.category in BASE_KINDS:
+                label = s.category
+            elif not ok and knows:
+                label = SPURIOUS
+            else:
+                continue
+            xs.append(f)
+            ys.append(label)
+            groups.append(i)
+            prods.append(s.product)
+    y = np.asarray(ys)
+    keep = np.ones(len(y), bool) if (y == SPURIOUS).sum() >= MIN_SPURIOUS_ROWS else y != SPURIOUS
+    return (np.asarray(xs, np.float64).reshape(-1, len(FEATURES))[keep], y[keep], np.asarray(groups)[keep],
+            np.asarray(prods)[keep])
 
 
 def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", seed: int = 0,
                       min_region_px: int = 16, product: str | None = None, product_weight: float = 2.0,
                       features: Sequence[str] = FEATURES, region_source: str = "unspecified",
-                      progress: bool = False) -> dict[str, Any]:
+                      progress: bool = False, normal: dict[str, Any] | None = None,
+                      frame_model: str = "forest") -> dict[str, Any]:
     """Train on labelled anomalous samples (any products); returns JSON-able parameters.
 
     ``product`` with ``product_weight`` weighs that product's own examples up (its profile's
     categorizer), while every product's examples still count. Needs at least two examples of
-    at least two of the base kinds.
+    at least two of the base kinds. ``normal``: the normal appearance of the product the
+    parameters are for (stored with them; each sample brings its own product's for training).
+    ``frame_model``: "forest" trains a frame classifier on every labelled frame (all four
+    categories needed, at least two frames each; otherwise, or with "rule", the tuned rule).
     """
     from sklearn.model_selection import GroupKFold
     from sklearn.preprocessing import StandardScaler
@@ -147,7 +170,8 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
                                                            disable=not progress, leave=False)]
     x, y, groups, prods = _rows(described, samples)
     classes, counts = np.unique(y, return_counts=True)
-    if len(classes) < 2 or counts.min() < 2:
+    base = np.isin(classes, BASE_KINDS)
+    if base.sum() < 2 or counts[base].min() < 2:
         raise UserError("categorizer: need at least 2 labelled regions of at least 2 of structural, surface, "
                         f"contamination (got {dict(zip(classes.tolist(), counts.tolist()))})")
     idx = [FEATURES.index(f) for f in features]
@@ -189,6 +213,13 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
             probs = categorize_regions(params, d.feats)[1]
         frames.append((s.category, d.areas, probs))
     params["frame_rule"] = _tune_rule(frames, params["classes"])
+    frame_weights = [float(product_weight) if product and s.product == product else 1.0 for s in samples]
+    if frame_model != "rule":
+        fc = _fit_frame_classifier(frames, params["classes"], frame_model, seed, frame_weights)
+        if fc is not None:
+            params["frame_classifier"] = fc
+    if normal is not None:
+        params["normal"] = normal
     params["trained_on"] = {
         "n_frames": len(samples), "n_regions": int(len(y)),
         "regions_per_kind": dict(zip(classes.tolist(), counts.astype(int).tolist())),
@@ -200,18 +231,47 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
     return params
 
 
+def _fit_frame_classifier(frames: Sequence[tuple[str, np.ndarray, np.ndarray]], classes: Sequence[str],
+                          kind: str, seed: int, weights: Sequence[float]) -> dict[str, Any] | None:
+    """A classifier from ``frame_features`` (the regions' out-of-fold probabilities) to the
+    frame's category, or None when some category has fewer than two labelled frames."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    rows = [(frame_features(p, a, classes), c, w) for (c, a, p), w in zip(frames, weights) if len(a)]
+    if not rows:
+        return None
+    y = np.asarray([c for _, c, _ in rows])
+    got, counts = np.unique(y, return_counts=True)
+    if set(got) != set(CATEGORIES) or counts.min() < 2:
+        return None
+    x = np.stack([v for v, _, _ in rows])
+    scaler = StandardScaler().fit(x)
+    scale = np.where(scaler.scale_ > 1e-9, scaler.scale_, 1.0)
+    if kind != "forest":
+        raise UserError(f"categorizer frame model {kind!r} is not forest or rule")
+    clf = RandomForestClassifier(n_estimators=200, max_depth=5, min_samples_leaf=2, class_weight="balanced",
+                                 random_state=seed, n_jobs=1)
+    clf.fit((x - scaler.mean_) / scale, y, sample_weight=np.asarray([w for _, _, w in rows]))
+    return {"features": list(FRAME_FEATURES), "classes": clf.classes_.tolist(), "scaler_mean": scaler.mean_.tolist(),
+            "scaler_scale": scale.tolist(), "classifier": _export(clf, "forest"), "n_frames": int(len(y))}
+
+
 def _tune_rule(frames: Sequence[tuple[str, np.ndarray, np.ndarray]], classes: Sequence[str]) -> dict[str, float]:
     best, best_rule = -1.0, {"combined_min_conf": 0.5, "combined_min_rel_area": 0.0}
     truth = [c for c, _, _ in frames]
     if "combined" not in truth:
         return {**best_rule, "tuned": 0.0}
+    base = []  # as linewatch.categorize.frame_decision sees them without a frame classifier
+    for _, areas, probs in frames:
+        pb, real = base_probabilities(probs, classes)
+        base.append((areas, pb, [(BASE_KINDS[int(np.argmax(q))], float(np.max(q) * r)) for q, r in zip(pb, real)]))
     for conf in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
         for rel in (0.0, 0.05, 0.1, 0.2, 0.35):
             rule = {"combined_min_conf": conf, "combined_min_rel_area": rel}
             pred = []
-            for _, areas, probs in frames:
-                per = [(classes[int(np.argmax(p))], float(np.max(p))) for p in probs]
-                pred.append(frame_category(per, areas, probs, classes, rule)[0])
+            for areas, pb, per in base:
+                pred.append(frame_category(per, areas, pb, BASE_KINDS, rule)[0] if len(areas) else UNKNOWN)
             f1 = macro_f1(truth, pred)
             if f1 > best + 1e-9:
                 best, best_rule = f1, rule

@@ -96,7 +96,8 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     from calibration.fit import Refinement, apply_refinement
 
     cat = fit_categorizer(val, apply_refinement(val_maps, Refinement.of(report), val.images),
-                          report.threshold, args.product or "product", raw_maps=val_maps)
+                          report.threshold, args.product or "product", raw_maps=val_maps,
+                          normal=_normal_appearance(info, args.product, model.input_size))
     cat_path = Path(args.model) / "categorizer.json"
     if cat is not None:
         cat_path.write_text(json.dumps(cat))
@@ -111,6 +112,24 @@ def cmd_threshold(args: argparse.Namespace) -> int:
         prof = publish_work_dir(args.model, _registry_dir(args), args.product, export_onnx=not args.no_onnx)
         print(f"published {prof.product} v{prof.version} to {_registry_dir(args)}")
     return 0
+
+
+def _normal_appearance(info: Any, product: str | None, size: int) -> dict[str, Any] | None:
+    """The product's normal appearance for its categorizer, from the normal images the work
+    folder was fitted on (None, said in the log, when they are not where fit.json says)."""
+    import logging
+
+    from calibration.data import load_train
+    from calibration.fit import normal_appearance_of
+    from linewatch.errors import UserError
+
+    if info is None or not product:
+        return None
+    try:
+        return normal_appearance_of(load_train(Path(info.dataset), product, size, False))
+    except (UserError, OSError) as exc:
+        logging.getLogger(__name__).info("categorizer without normal appearance: %s", exc)
+        return None
 
 
 def _eval_models(args: argparse.Namespace):
@@ -138,7 +157,8 @@ def _eval_models(args: argparse.Namespace):
                               n_normal=int(prof.calibration_metrics.get("n_val_normal", 0)), n_pixels=0, exact=False,
                               k_std=3.0, quantile=0.999, refine_fraction=prof.refine_fraction,
                               refine_window=prof.refine_window, guide_radius=prof.guide_radius,
-                              guide_eps=prof.guide_eps)
+                              guide_eps=prof.guide_eps, cue_scale=prof.cue_scale, cue_floor=prof.cue_floor,
+                              cue_window=prof.cue_window)
         out.append([prof.model_kind, model, rep, prof.product, f"{prof.product}-v{prof.version}", prof.categorizer])
     if not out:
         raise UserError("evaluate: pass at least one --model DIR or --profile PRODUCT[@VERSION]")
@@ -195,7 +215,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     prof = calibrate_product(args.dataset, args.product, _registry_dir(args), args.model_kind,
                              input_size=args.input_size, method=args.method, options=_options(args.option),
                              val_fraction=args.val_fraction, seed=args.seed, report_dir=args.report,
-                             publish=not args.no_publish, export_onnx=not args.no_onnx, progress=not args.quiet)
+                             publish=not args.no_publish, export_onnx=not args.no_onnx, progress=not args.quiet,
+                             categorizer_products=(args.categorizer_products or "").split(","))
     test = prof.calibration_metrics.get("test", {})
     print(f"{prof.product}: {prof.model_kind}, threshold {prof.threshold_method} = {prof.threshold:.6g}; "
           f"test pixel AUROC {test.get('pixel_auroc')}, AUPRO {test.get('aupro')}, IoU {test.get('iou')}, "
@@ -353,6 +374,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--report", type=Path, help="write the evaluation report here")
     p.add_argument("--no-publish", action="store_true")
     p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--categorizer-products", metavar="P1,P2|all",
+                   help="other products under --dataset whose labelled validation images also train the defect "
+                        "categorizer (categories are product-agnostic); their regions come from their profiles in "
+                        "the registry when published, else from their masks. 'all' = every product there")
     thresholds(p)
     common(p, registry=True)
     p.set_defaults(func=cmd_run)

@@ -78,6 +78,9 @@ class ThresholdReport(BaseModel):
     refine_window: int = 33
     guide_radius: int = Field(0, description="guided filter of the maps by the image (0 = off)")
     guide_eps: float = 1e-3
+    cue_scale: float = Field(0.0, description="colour cue fused with the maps (workers.pipeline.cue_map); 0 = off")
+    cue_floor: float = 0.5
+    cue_window: int = 33
     refine_reason: str = ""
 
     def method(self, name: str) -> MethodResult:

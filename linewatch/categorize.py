@@ -7,12 +7,16 @@ scratch or dent keeps the material but changes its finish, contamination is fore
 another colour/texture -- and ``combined`` is several connected components of different kinds.
 So each detected region is described by features that mean the same on a bottle cap and on a
 carpet (shape, anomaly-map strength relative to the product's threshold, colour/texture change
-against a ring of normal material around the region), a small linear/tree classifier trained
-on the few labelled validation images of *all* products maps them to a kind, and a frame rule
-turns region kinds into the frame's category.
+against a ring of normal material around the region, and how unusual its colours/texture are
+for the product -- ``normal_appearance`` of its normal images -- which survives the blurred,
+shifted regions a detector gives), a small tree/linear classifier trained on the few labelled
+validation images of *all* products maps them to a kind (or to "spurious": a detector's false
+blob, never reported), and a frame classifier on summaries of the regions' probabilities
+(``frame_features``) gives the frame's category; without one, a tuned rule does.
 
-The trained parameters are plain JSON (lists of floats) stored in ``Profile.categorizer``; the
-inference here is numpy only (no scikit-learn, no pickle). Training lives in
+The trained parameters -- the product's normal appearance included -- are plain JSON (lists of
+floats) stored in ``Profile.categorizer``; the inference here is numpy only (no scikit-learn,
+no pickle), called by the worker and by the offline evaluation alike. Training lives in
 ``calibration/categorizer_fit.py``; :func:`train_categorizer` is re-exported from there.
 """
 
@@ -30,6 +34,10 @@ from linewatch.messages import CATEGORIES
 
 BASE_KINDS = ("structural", "surface", "contamination")
 UNKNOWN = "unknown"
+# a region classifier trained on a detector's regions also learns this class: regions that do
+# not touch the labelled defect (a detector's false blobs, the worker serves them too). It is
+# never reported: it only discounts a region's say in the frame's category.
+SPURIOUS = "spurious"
 PARAMS_VERSION = 1
 
 FEATURES = (
@@ -65,6 +73,22 @@ FEATURES = (
     "core_log_width",
     "core_dL",
     "core_dab",
+    # novelty against the product's normal appearance (``normal_appearance``; 0 without one): how
+    # unlikely the region's colours / (lightness, texture) pairs are under the normal images'
+    # distribution. Survives a blurred region: a few truly foreign pixels stand out however
+    # much normal material the detector's region also holds, and it means the same on any product
+    "nov_mean",  # mean colour novelty, in units of the normal pixels' (q99 - median)
+    "nov_frac",  # share of pixels above the normal pixels' 99th percentile
+    "nov_frac_hi",  # share above the 99.9th percentile
+    "nov_p90",  # 90th percentile of the colour novelty
+    "nov_dL",  # lightness of the novel pixels minus the rest of the region
+    "tex_nov_mean",  # the same for (lightness, local gradient energy)
+    "tex_nov_frac",
+    "tex_nov_p90",
+    "nov_L",  # absolute lightness of the novel pixels (a hole's dark backing vs foreign material)
+    "nov_chroma",  # their colourfulness
+    "nov_L_std",  # their lightness spread (a uniform backing vs textured material)
+    "nov_grad",  # log(their gradient energy / the ring's)
 )
 
 
@@ -102,11 +126,13 @@ def _labels_of(mask_or_labels: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def region_features(image: np.ndarray, amap: np.ndarray | None, labels: np.ndarray, threshold: float | None = None,
-                    background: bool | None = None, planes: FramePlanes | None = None) -> np.ndarray:
+                    background: bool | None = None, planes: FramePlanes | None = None,
+                    normal: dict[str, Any] | None = None) -> np.ndarray:
     """(n_regions, len(FEATURES)) float32 for the components of ``labels`` (1..n).
 
     ``image`` HxWx3 uint8 RGB, ``amap`` HxW at the same size (None -> map features 0),
-    ``threshold`` the product's pixel threshold (map features are relative to it).
+    ``threshold`` the product's pixel threshold (map features are relative to it), ``normal``
+    the product's ``normal_appearance`` (None -> novelty features 0).
     """
     labels, n = _labels_of(labels)
     h, w = labels.shape
@@ -123,6 +149,7 @@ def region_features(image: np.ndarray, amap: np.ndarray | None, labels: np.ndarr
     out = np.zeros((n, len(FEATURES)), np.float32)
     if n == 0:
         return out
+    nov = novelty_planes(planes, normal) if normal else None
     for k in range(1, n + 1):
         ys, xs = np.nonzero(labels == k)
         if len(xs) == 0:
@@ -139,6 +166,8 @@ def region_features(image: np.ndarray, amap: np.ndarray | None, labels: np.ndarr
             ring = ~any_defect[y0:y1, x0:x1]
             if ring.sum() < 8:
                 ring = ~reg
+            if not ring.any():  # the region is the whole frame: nothing to compare with but itself
+                ring = reg
         # shape
         cnts, _ = cv2.findContours(reg_u8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         perim = float(sum(cv2.arcLength(c, True) for c in cnts)) or 1.0
@@ -207,7 +236,123 @@ def region_features(image: np.ndarray, amap: np.ndarray | None, labels: np.ndarr
             f[29] = float(np.linalg.norm(lab_c[..., 1:][core].mean(0) - mab_r))
         else:
             f[27] = math.log(0.5 / side)
+        if nov is not None:
+            zc, zt = nov[0][y0:y1, x0:x1][reg], nov[1][y0:y1, x0:x1][reg]
+            hi = zc > 1.0
+            f[30] = float(zc.mean())
+            f[31] = float(hi.mean())
+            f[32] = float((zc > nov[2]).mean())
+            f[33] = float(np.percentile(zc, 90))
+            f[34] = float(li[hi].mean() - li[~hi].mean()) if hi.any() and (~hi).any() else 0.0
+            f[35] = float(zt.mean())
+            f[36] = float((zt > 1.0).mean())
+            f[37] = float(np.percentile(zt, 90))
+            sel = hi if hi.sum() >= 3 else np.ones_like(hi)
+            f[38] = float(li[sel].mean())
+            f[39] = float(np.linalg.norm(abi[sel], axis=1).mean())
+            f[40] = float(li[sel].std())
+            f[41] = math.log((float(g[reg][sel].mean()) + 0.01) / (float(g[ring].mean()) + 0.01))
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the product's normal appearance (colour and texture statistics of its normal images)
+# ------------------------------------------------------------------------------------------------
+NORMAL_VERSION = 1
+LAB_BINS = (16, 32, 32)  # L 0..1, a and b over +-AB_RANGE
+AB_RANGE = 0.3
+TEX_BINS = (16, 16)  # L 0..1, log(local gradient energy + 0.01) over [log 0.01, log 2]
+_LOG_G = (math.log(0.01), math.log(2.0))
+
+
+def _bin(x: np.ndarray, lo: float, hi: float, nb: int) -> np.ndarray:
+    return np.clip(((x - lo) * (nb / (hi - lo))).astype(np.int64), 0, nb - 1)
+
+
+def _appearance_index(planes: FramePlanes) -> tuple[np.ndarray, np.ndarray]:
+    """Flat histogram indices per pixel: (Lab colour, (lightness, local texture))."""
+    lab = planes.lab
+    li = _bin(lab[..., 0], 0.0, 1.0, LAB_BINS[0])
+    ai = _bin(lab[..., 1], -AB_RANGE, AB_RANGE, LAB_BINS[1])
+    bi = _bin(lab[..., 2], -AB_RANGE, AB_RANGE, LAB_BINS[2])
+    g = np.log(cv2.GaussianBlur(planes.grad, (0, 0), 1.5) + 0.01)
+    ti = _bin(lab[..., 0], 0.0, 1.0, TEX_BINS[0]) * TEX_BINS[1] + _bin(g, *_LOG_G, TEX_BINS[1])
+    return (li * LAB_BINS[1] + ai) * LAB_BINS[2] + bi, ti
+
+
+def _smooth(h: np.ndarray) -> np.ndarray:
+    """Gaussian (sigma 1 bin) along every axis of a histogram, numpy only."""
+    k = np.array([0.054, 0.242, 0.403, 0.242, 0.054])
+    for ax in range(h.ndim):
+        h = np.apply_along_axis(lambda v: np.convolve(v, k, mode="same"), ax, h)
+    return h
+
+
+def normal_appearance(normal_images: np.ndarray, max_images: int = 64) -> dict[str, Any]:
+    """Colour and (lightness, texture) histograms of a product's normal images, as negative
+    log-likelihood tables with the normal pixels' own spread (JSON lists, for the profile).
+
+    Why: a detector's region is a blurred blob around the defect; measuring how *unusual for
+    this product* its pixels are keeps the defect's evidence (foreign colour, a hole's backing,
+    a scratch's glint) however much normal material the blob also covers. Half of the images
+    build the tables, the other half say what novelty normal pixels themselves reach.
+    """
+    imgs = np.asarray(normal_images)
+    if imgs.ndim == 3:
+        imgs = imgs[None]
+    if len(imgs) == 0:
+        raise ValueError("normal appearance needs at least one normal image")
+    step = max(1, len(imgs) // max_images)
+    imgs = imgs[::step][:max_images]
+    build, held = (imgs[0::2], imgs[1::2]) if len(imgs) >= 2 else (imgs, imgs)
+    hc = np.zeros(int(np.prod(LAB_BINS)))
+    ht = np.zeros(int(np.prod(TEX_BINS)))
+    for im in build:
+        ci, ti = _appearance_index(FramePlanes.of(im))
+        hc += np.bincount(ci.ravel(), minlength=hc.size)
+        ht += np.bincount(ti.ravel(), minlength=ht.size)
+    out: dict[str, Any] = {"version": NORMAL_VERSION, "n_images": int(len(imgs))}
+    tables = []
+    for name, h, shape in (("lab", hc, LAB_BINS), ("tex", ht, TEX_BINS)):
+        h = _smooth(h.reshape(shape)).ravel()
+        h = h + 1e-5 * h.sum() / h.size
+        nll = -np.log(h / h.sum())
+        out[f"{name}_bins"] = list(shape)
+        out[f"{name}_nll"] = np.round(nll, 2).tolist()
+        tables.append(nll)
+    vals_c, vals_t = [], []
+    for im in held:
+        ci, ti = _appearance_index(FramePlanes.of(im))
+        vals_c.append(tables[0][ci[::2, ::2]].ravel())
+        vals_t.append(tables[1][ti[::2, ::2]].ravel())
+    for name, v in (("lab", np.concatenate(vals_c)), ("tex", np.concatenate(vals_t))):
+        med, q99, q999 = (float(x) for x in np.quantile(v, [0.5, 0.99, 0.999]))
+        out[f"{name}_median"], out[f"{name}_q99"], out[f"{name}_q999"] = med, max(q99, med + 1e-3), q999
+    return out
+
+
+_NORMAL_CACHE: dict[int, tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]] = {}
+
+
+def novelty_planes(planes: FramePlanes, normal: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-pixel colour and texture novelty in units of the normal pixels' (q99 - median):
+    1 = as unusual as the rarest percent of normal pixels. Also the 99.9th percentile's level."""
+    if int(normal.get("version", 0)) != NORMAL_VERSION or list(normal.get("lab_bins", [])) != list(LAB_BINS) \
+            or list(normal.get("tex_bins", [])) != list(TEX_BINS):
+        raise ValueError("normal appearance: unsupported version or bins; recompute it with normal_appearance()")
+    hit = _NORMAL_CACHE.get(id(normal))
+    if hit is None or hit[0] is not normal:
+        tabs = (np.asarray(normal["lab_nll"], np.float32), np.asarray(normal["tex_nll"], np.float32))
+        if len(_NORMAL_CACHE) > 256:
+            _NORMAL_CACHE.clear()
+        _NORMAL_CACHE[id(normal)] = (normal, tabs)
+    else:
+        tabs = hit[1]
+    ci, ti = _appearance_index(planes)
+    zc = (tabs[0][ci] - normal["lab_median"]) / (normal["lab_q99"] - normal["lab_median"])
+    zt = (tabs[1][ti] - normal["tex_median"]) / (normal["tex_q99"] - normal["tex_median"])
+    hi = (normal["lab_q999"] - normal["lab_median"]) / (normal["lab_q99"] - normal["lab_median"])
+    return zc, zt, float(hi)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,16 +434,11 @@ def _forest_proba(x: np.ndarray, clf: dict[str, Any]) -> np.ndarray:
     return value[t_idx, node].mean(axis=1)
 
 
-def predict_proba(params: dict[str, Any], feats: np.ndarray) -> np.ndarray:
-    """(n, len(classes)) probabilities from stored parameters ("logreg", "forest" or "ensemble")."""
-    clf = params["classifier"]
+def classifier_proba(clf: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    """(n, n_classes) probabilities of a stored classifier ("logreg", "forest", "ensemble") on
+    already scaled rows."""
     if clf["kind"] == "ensemble":  # the mean of its members' probabilities
-        return np.mean([predict_proba({**params, "classifier": m}, feats) for m in clf["members"]], axis=0)
-    names = params.get("features", list(FEATURES))
-    idx = [FEATURES.index(nm) for nm in names]
-    x = np.asarray(feats, np.float64)[:, idx]
-    x = np.nan_to_num(x, nan=0.0, posinf=10.0, neginf=-10.0)
-    x = (x - np.asarray(params["scaler_mean"])) / np.asarray(params["scaler_scale"])
+        return np.mean([classifier_proba(m, x) for m in clf["members"]], axis=0)
     if clf["kind"] == "logreg":
         z = x @ np.asarray(clf["coef"], np.float64).T + np.asarray(clf["intercept"], np.float64)
         if z.shape[1] == 1:  # binary sklearn model
@@ -307,6 +447,19 @@ def predict_proba(params: dict[str, Any], feats: np.ndarray) -> np.ndarray:
     if clf["kind"] == "forest":
         return _forest_proba(x, clf)
     raise ValueError(f"unknown categorizer classifier kind {clf['kind']!r}")
+
+
+def _scaled(params: dict[str, Any], feats: np.ndarray, all_names: Sequence[str]) -> np.ndarray:
+    names = params.get("features", list(all_names))
+    idx = [list(all_names).index(nm) for nm in names]
+    x = np.asarray(feats, np.float64).reshape(len(feats), -1)[:, idx]
+    x = np.nan_to_num(x, nan=0.0, posinf=10.0, neginf=-10.0)
+    return (x - np.asarray(params["scaler_mean"])) / np.asarray(params["scaler_scale"])
+
+
+def predict_proba(params: dict[str, Any], feats: np.ndarray) -> np.ndarray:
+    """(n, len(classes)) region probabilities from stored parameters ("logreg", "forest" or "ensemble")."""
+    return classifier_proba(params["classifier"], _scaled(params, feats, FEATURES))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,10 +507,86 @@ def frame_category(per_region: Sequence[tuple[str, float]], areas: Sequence[floa
     return str(classes[j]), float(p[j])
 
 
+FRAME_FEATURES = (
+    "w_structural", "w_surface", "w_contamination",  # area-weighted mean region probabilities
+    "max_structural", "max_surface", "max_contamination",  # the most confident region of each kind
+    "big_structural", "big_surface", "big_contamination",  # the largest region's probabilities
+    "log_n_regions",
+    "second_rel_area",  # second largest region / largest
+    "mixed_pair",  # max over region pairs of (1 - p_i . p_j) * sqrt(smaller relative area)
+    "n_kinds",  # kinds held by a confident (>= 0.5) region of at least a tenth of the largest's area
+    "entropy",  # of the area-weighted kind mixture
+    "real_max",  # the most certainly real region's P(real)
+    "real_share",  # area-weighted P(real)
+)
+
+
+def base_probabilities(probs: np.ndarray, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 3) probabilities over BASE_KINDS (in that order, rows summing to 1) and (n,) the
+    probability that each region is a real defect (1 - P(spurious); 1 without that class)."""
+    probs = np.asarray(probs, np.float64).reshape(-1, len(classes))
+    p = np.zeros((len(probs), len(BASE_KINDS)))
+    for j, c in enumerate(classes):
+        if c in BASE_KINDS:
+            p[:, BASE_KINDS.index(c)] = probs[:, j]
+    real = 1.0 - probs[:, list(classes).index(SPURIOUS)] if SPURIOUS in classes else np.ones(len(probs))
+    tot = p.sum(1, keepdims=True)
+    p = np.where(tot > 1e-12, p / np.maximum(tot, 1e-12), 1.0 / len(BASE_KINDS))
+    return p, np.clip(real, 0.0, 1.0)
+
+
+def frame_features(probs: np.ndarray, areas: Sequence[float], classes: Sequence[str]) -> np.ndarray:
+    """(len(FRAME_FEATURES),) summary of a frame's regions for the frame classifier.
+
+    Why a classifier and not only the rule: a detector splits one defect into fragments and
+    adds spurious blobs, so "two regions of different kinds" fires on single-kind frames; the
+    frame classifier learns from labelled frames -- ``combined`` ones included, which carry no
+    per-region label -- how much mixed evidence a real combined frame shows. Each region
+    weighs by its area times the probability that it is real.
+    """
+    a0 = np.asarray(areas, np.float64)
+    if len(a0) == 0:
+        return np.zeros(len(FRAME_FEATURES))
+    p, real = base_probabilities(probs, classes)
+    a = a0 * np.maximum(real, 0.05)
+    rel, w = a / max(a.max(), 1e-12), a / max(a.sum(), 1e-12)
+    wmean = (p * w[:, None]).sum(0)
+    srt = np.sort(a)[::-1]
+    mixed = 0.0
+    for i in range(len(a)):
+        for j in range(i + 1, len(a)):
+            mixed = max(mixed, (1.0 - float(p[i] @ p[j])) * math.sqrt(min(rel[i], rel[j])))
+    kinds = {int(np.argmax(p[i])) for i in range(len(a)) if p[i].max() >= 0.5 and rel[i] >= 0.1}
+    ent = float(-(wmean * np.log(wmean + 1e-9)).sum())
+    return np.array([*wmean, *p.max(0), *p[int(np.argmax(a))], math.log1p(len(a)),
+                     srt[1] / srt[0] if len(a) > 1 else 0.0, mixed, float(len(kinds)), ent,
+                     float(real.max()), float((real * a0).sum() / max(a0.sum(), 1e-12))])
+
+
+def frame_decision(params: dict[str, Any], probs: np.ndarray, areas: Sequence[float]) -> tuple[str, float]:
+    """The frame's (category, confidence): the stored frame classifier when the parameters have
+    one, else the ``frame_rule`` (``frame_category``) on the regions' base-kind probabilities."""
+    classes = list(params["classes"])
+    fc = params.get("frame_classifier")
+    if not len(areas):
+        return UNKNOWN, 0.0
+    if not fc:
+        pb, real = base_probabilities(probs, classes)
+        per = [(BASE_KINDS[int(np.argmax(q))], float(np.max(q) * r)) for q, r in zip(pb, real)]
+        return frame_category(per, areas, pb, BASE_KINDS, params.get("frame_rule"))
+    x = _scaled(fc, frame_features(probs, areas, classes)[None], FRAME_FEATURES)
+    p = classifier_proba(fc["classifier"], x)[0]
+    j = int(np.argmax(p))
+    return str(fc["classes"][j]), float(p[j])
+
+
 def categorize_regions(params: dict[str, Any], feats: np.ndarray) -> tuple[list[tuple[str, float]], np.ndarray]:
+    """Per region (base kind, confidence) -- the confidence is P(kind | defect) * P(real) -- and
+    the full (n, len(classes)) probabilities."""
     classes = list(params["classes"])
     probs = predict_proba(params, feats) if len(feats) else np.zeros((0, len(classes)))
-    per = [(classes[int(np.argmax(p))], float(np.max(p))) for p in probs]
+    pb, real = base_probabilities(probs, classes)
+    per = [(BASE_KINDS[int(np.argmax(q))], float(np.max(q) * r)) for q, r in zip(pb, real)]
     return per, probs
 
 
@@ -387,10 +616,10 @@ def categorize_frame(image: np.ndarray, anomaly_map: np.ndarray | None = None, m
         per = [(UNKNOWN, 0.0)] * n
         return FrameCategories(UNKNOWN, 0.0, per, _with_categories(regions, per))
     lab, n = _labels_of(src)
-    feats = region_features(image, amap, lab, threshold, background)
+    feats = region_features(image, amap, lab, threshold, background, normal=params.get("normal"))
     per, probs = categorize_regions(params, feats)
     areas = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(float)
-    cat, conf = frame_category(per, areas, probs, params["classes"], params.get("frame_rule"))
+    cat, conf = frame_decision(params, probs, areas)
     if cat not in CATEGORIES and cat != UNKNOWN:  # never outside the four
         cat, conf = UNKNOWN, 0.0
     return FrameCategories(cat, conf, per, _with_categories(regions, per), probs.tolist())

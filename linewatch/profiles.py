@@ -61,6 +61,11 @@ class Profile(BaseModel):
         "edge-aware guided filter of the map by the frame's grey image before thresholding "
         "(box radius in model-size pixels; 0 = off)"))
     guide_eps: float = Field(1e-3, gt=0.0, description="guided-filter regulariser (grey levels in 0..1)")
+    cue_scale: float = Field(0.0, ge=0.0, description=(
+        "colour cue fused with the map before thresholding: pixels that look like the normal material "
+        "around them are damped (workers.pipeline.cue_map; z-score scale; 0 = off)"))
+    cue_floor: float = Field(0.5, ge=0.0, le=1.0, description="least weight the colour cue leaves a pixel")
+    cue_window: int = Field(33, ge=3, le=255, description="odd side (model-size pixels) of the cue's normal box")
     thresholds: dict[str, float | None] = {}
     threshold_reason: str = ""
     calibration_metrics: dict[str, Any] = {}

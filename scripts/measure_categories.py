@@ -11,7 +11,11 @@ four categories plus the confusion matrix:
 
 Regions come from the ground-truth masks (``--regions gt``) or from PaDiM's thresholded maps
 (``--regions padim``: fit on train/good, threshold maximising IoU on the validation split;
-PaDiM maps are cached as .npy in ``--cache``).
+PaDiM maps are cached as .npy in ``--cache``; ``--regions padim-refined``: the maps after the
+calibrated refinement, as the worker thresholds them -- training also sees the validation
+images' unrefined-map regions, as ``calibration.fit.fit_categorizer`` does). Every product's normal appearance
+(``linewatch.categorize.normal_appearance`` of its train/good images, which need no labels) goes
+with its samples and with the parameters applied to it, as its profile would carry it.
 
     python scripts/measure_categories.py --root /tmp/lw_cat --generate --regions gt,padim
 """
@@ -27,6 +31,7 @@ import numpy as np
 
 from calibration.categorizer_fit import (CategorySample, evaluate_categorizer, format_confusion,
                                          train_categorizer)
+from linewatch.categorize import normal_appearance
 from linewatch.datasets import load_mvtec, split_validation_test
 
 
@@ -58,7 +63,7 @@ def padim_maps(root: Path, product: str, size: int, items, cache: Path) -> np.nd
 
 
 def build_samples(root: Path, products: list[str], size: int, source: str, cache: Path, val_fraction: float,
-                  seed: int):
+                  seed: int, with_normal: bool = True):
     out = {}
     for p in products:
         ds = load_mvtec(root, p)
@@ -68,6 +73,8 @@ def build_samples(root: Path, products: list[str], size: int, source: str, cache
         imgs = ds.load_images(items, size)
         gts = ds.load_masks(items, size)
         bg = ds.background
+        normal = normal_appearance(ds.train_images(size)) if with_normal else None
+        views: list[CategorySample] = []  # extra training views of the validation images
         if source == "gt":
             maps, masks, thr = [None] * len(items), gts, None
         else:
@@ -84,11 +91,18 @@ def build_samples(root: Path, products: list[str], size: int, source: str, cache
                 maps = apply_refinement(maps, r, imgs).astype(np.float32)
             thr = iou_threshold(maps[:nv], gts[:nv])
             masks = maps >= thr
+            if source == "padim-refined":  # training only: the unrefined map's regions too (calibrate does this)
+                from calibration.fit import raw_view_threshold
+
+                raw_thr = raw_view_threshold(raw[:nv], gts[:nv])
+                if raw_thr is not None:
+                    views = [CategorySample(imgs[k], it.category, raw[k] >= raw_thr, raw[k], raw_thr, bg, p, gts[k],
+                                            normal) for k, it in enumerate(items[:nv]) if it.category != "good"]
             maps = raw  # map features from the raw map, as the worker computes them
-        samples = [CategorySample(imgs[k], it.category, masks[k], maps[k], thr, bg, p, gts[k])
+        samples = [CategorySample(imgs[k], it.category, masks[k], maps[k], thr, bg, p, gts[k], normal)
                    for k, it in enumerate(items) if it.category != "good"]
         nv_anom = sum(it.category != "good" for it in val)
-        out[p] = (samples[:nv_anom], samples[nv_anom:])
+        out[p] = (samples[:nv_anom] + views, samples[nv_anom:])
     return out
 
 
@@ -101,6 +115,9 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--regions", default="gt", help="comma-separated: gt (true masks), padim (thresholded maps), padim-refined (maps after the calibrated refinement)")
     ap.add_argument("--kind", default="forest", help="ensemble, logreg, forest (comma-separated to compare)")
+    ap.add_argument("--frame-model", default="forest", help="forest (frame classifier) or rule (the tuned frame rule)")
+    ap.add_argument("--normal", action=argparse.BooleanOptionalAction, default=True,
+                    help="novelty features against each product's normal appearance (--no-normal: without)")
     ap.add_argument("--val-fraction", type=float, default=1 / 3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default="/tmp/lw_maps")
@@ -114,7 +131,8 @@ def main() -> int:
         generate_dataset(root, products, size=args.size, seed=args.seed, n_test_per_category=args.n_per_category)
     report: dict = {}
     for source in args.regions.split(","):
-        data = build_samples(root, products, args.size, source, Path(args.cache), args.val_fraction, args.seed)
+        data = build_samples(root, products, args.size, source, Path(args.cache), args.val_fraction, args.seed,
+                             args.normal)
         for kind in args.kind.split(","):
             key = f"{source}/{kind}"
             report[key] = {}
@@ -124,8 +142,11 @@ def main() -> int:
                 all_val = [s for q in products for s in data[q][0]]
                 other_val = [s for q in products if q != p for s in data[q][0]]
                 test = data[p][1]
-                within = train_categorizer(all_val, kind=kind, product=p, seed=args.seed, region_source=source)
-                lopo = train_categorizer(other_val, kind=kind, seed=args.seed, region_source=source)
+                normal = test[0].normal if test else None  # the tested product's own, as its profile holds it
+                within = train_categorizer(all_val, kind=kind, product=p, seed=args.seed, region_source=source,
+                                           normal=normal, frame_model=args.frame_model)
+                lopo = train_categorizer(other_val, kind=kind, seed=args.seed, region_source=source, normal=normal,
+                                         frame_model=args.frame_model)
                 rw, rl = evaluate_categorizer(within, test), evaluate_categorizer(lopo, test)
                 pooled_within.append((within, test))
                 pooled_lopo.append((lopo, test))

@@ -56,7 +56,9 @@ def test_calibrate_product_one_shot(line, tmp_path):
                                                                        "normal_quantile"}
     assert prof.threshold == prof.thresholds["iou"]
     assert prof.background is True
-    assert prof.categorizer is not None and set(prof.categorizer["classes"]) <= {"structural", "surface", "contamination"}
+    # "spurious" (a detector's false blob) is an internal class of the region classifier, never reported
+    assert prof.categorizer is not None and set(prof.categorizer["classes"]) <= {"structural", "surface",
+                                                                              "contamination", "spurious"}
     assert 0.5 < prof.calibration_metrics["test"]["pixel_auroc"] <= 1.0
     stored, model = Registry(reg).load("pcb")
     assert stored.threshold == prof.threshold and model.kind == "meandiff"
@@ -65,6 +67,29 @@ def test_calibrate_product_one_shot(line, tmp_path):
         assert (tmp_path / "report" / png).stat().st_size > 1000 and png in html
     assert "IoU curve" in html
 
+
+
+def test_categorizer_pools_the_labelled_validation_images_of_other_products(line, tmp_path):
+    """calibrate_product / `calibrate run --categorizer-products`: the profile's categorizer learns
+    from every product's labels (regions from their published profiles), its own weighed up,
+    and carries its own product's normal appearance."""
+    from linewatch.errors import UserError
+
+    reg = tmp_path / "reg"
+    calibrate_product(line, "pcb", reg, model_kind="meandiff", input_size=SIZE, progress=False, export_onnx=False)
+    prof = calibrate_product(line, "brick", reg, model_kind="meandiff", input_size=SIZE, progress=False,
+                             export_onnx=False, categorizer_products=["all"])
+    trained = prof.categorizer["trained_on"]
+    assert trained["products"] == ["brick", "pcb"] and trained["weighted_product"] == "brick"
+    assert trained["region_source"] == "predicted" and prof.categorizer["normal"]["n_images"] > 0
+    alone = Registry(reg).read_profile("pcb").categorizer["trained_on"]
+    assert alone["products"] == ["pcb"] and trained["n_frames"] > alone["n_frames"]
+    assert run("run", "--dataset", line, "--product", "pcb", "--model-kind", "meandiff", "--input-size", SIZE,
+               "--registry", reg, "--categorizer-products", "brick", "--no-onnx", "-q") == 0
+    assert Registry(reg).read_profile("pcb").categorizer["trained_on"]["products"] == ["brick", "pcb"]
+    with pytest.raises(UserError, match="nope"):
+        calibrate_product(line, "pcb", reg, model_kind="meandiff", input_size=SIZE, progress=False,
+                          export_onnx=False, publish=False, categorizer_products=["nope"])
 
 def test_cli_fit_threshold_evaluate_publish_recalibrate_rollback(line, tmp_path, capsys):
     work, reg, rep = tmp_path / "work", tmp_path / "reg", tmp_path / "rep"
@@ -241,3 +266,19 @@ def test_meandiff_save_load_onnx_identical(line, tmp_path):
     x = test.images[:3].transpose(0, 3, 1, 2).astype(np.float32)
     onnx_maps = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     np.testing.assert_allclose(onnx_maps, maps[:3], atol=1e-5)
+
+
+def test_fit_categorizer_also_trains_on_the_unrefined_view(line):
+    """With a refinement on, the validation images' unrefined-map regions join the training (a
+    second cut of every labelled defect); without one, nothing is added."""
+    from calibration.data import load_product_splits
+    from calibration.fit import fit_categorizer
+
+    val, _ = load_product_splits(line, "pcb", SIZE, progress=False)
+    rng = np.random.default_rng(0)
+    raw = np.stack([cv2.GaussianBlur(m.astype(np.float32), (0, 0), 2) for m in val.masks])
+    raw = raw + 0.05 * rng.random(raw.shape).astype(np.float32)
+    plain = fit_categorizer(val, raw, 0.3, "pcb", raw_maps=raw)
+    refined = fit_categorizer(val, raw ** 2, 0.1, "pcb", raw_maps=raw)
+    assert plain is not None and refined is not None
+    assert refined["trained_on"]["n_frames"] == 2 * plain["trained_on"]["n_frames"] > 0

@@ -11,8 +11,8 @@ import pytest
 
 from calibration.categorizer_fit import (CategorySample, evaluate_categorizer, train_categorizer, _fit_classifier,
                                          _export)
-from linewatch.categorize import (BASE_KINDS, FEATURES, categorize_frame, detect_background, predict_proba,
-                                  region_features)
+from linewatch.categorize import (BASE_KINDS, FEATURES, FRAME_FEATURES, categorize_frame, detect_background,
+                                  frame_decision, frame_features, normal_appearance, predict_proba, region_features)
 from linewatch.messages import CATEGORIES, Region
 from linewatch.synth import SyntheticProduct
 
@@ -144,8 +144,98 @@ def test_region_features_shape_and_meaning():
     assert f[0, e] > f[1, e] + 1.0  # the line is far more elongated than the disc
 
 
+def test_a_region_covering_the_whole_frame_has_finite_features():
+    """A predicted region can fill the frame (a low threshold on a toy line): no crash, finite."""
+    img = _grey_frame()
+    labels = np.ones((128, 128), np.int32)
+    amap = np.random.default_rng(0).random((128, 128)).astype(np.float32)
+    f = region_features(img, amap, labels, threshold=0.1)
+    assert f.shape == (1, len(FEATURES)) and np.isfinite(f).all()
+
+
 def test_detect_background():
     for prod, expected in (("cap", True), ("pcb", True), ("brick", False), ("turf", False)):
         sp = SyntheticProduct(prod, 128, seed=0)
         imgs = np.stack([sp.normal(i).image for i in range(8)])
         assert detect_background(imgs) is expected, prod
+
+
+def test_normal_appearance_is_json_and_flags_foreign_colour():
+    sp = SyntheticProduct("cap", 128, seed=0)
+    normal = json.loads(json.dumps(normal_appearance(np.stack([sp.normal(i).image for i in range(12)]))))
+    img = sp.normal(50).image.copy()
+    labels = np.zeros((128, 128), np.int32)
+    cv2.circle(labels, (40, 64), 9, 1, -1)  # plain product material
+    cv2.circle(labels, (88, 64), 9, 2, -1)
+    cv2.circle(img, (88, 64), 6, (240, 30, 200), -1)  # a magenta blob inside region 2
+    f = region_features(img, None, labels, normal=normal)
+    frac, mean = FEATURES.index("nov_frac"), FEATURES.index("nov_mean")
+    assert f[1, frac] > 0.2 > f[0, frac] and f[1, mean] > f[0, mean]
+    # without a normal appearance the novelty features are 0 and the rest unchanged
+    f0 = region_features(img, None, labels)
+    assert not f0[:, frac:].any() and np.allclose(f0[:, :FEATURES.index("nov_mean")], f[:, :FEATURES.index("nov_mean")])
+
+
+def test_frame_features_see_mixed_regions():
+    classes = ["contamination", "structural", "surface"]
+    one_kind = frame_features(np.array([[0.1, 0.8, 0.1], [0.1, 0.7, 0.2]]), [300, 200], classes)
+    mixed = frame_features(np.array([[0.1, 0.8, 0.1], [0.9, 0.05, 0.05]]), [300, 200], classes)
+    assert one_kind.shape == mixed.shape == (len(FRAME_FEATURES),)
+    k, n = FRAME_FEATURES.index("mixed_pair"), FRAME_FEATURES.index("n_kinds")
+    assert mixed[k] > one_kind[k] + 0.3 and (mixed[n], one_kind[n]) == (2.0, 1.0)
+    # probabilities land in BASE_KINDS order whatever the classes' order
+    assert one_kind[FRAME_FEATURES.index("w_structural")] == pytest.approx(0.76)
+
+
+def test_frame_classifier_trained_on_all_four_and_applied_offline_as_in_the_worker(synth_samples):
+    params = json.loads(json.dumps(train_categorizer(synth_samples, kind="forest", region_source="gt")))
+    fc = params["frame_classifier"]
+    assert set(fc["classes"]) == set(CATEGORIES) and fc["features"] == list(FRAME_FEATURES)
+    res = evaluate_categorizer(params, synth_samples)
+    assert res["macro_f1"] > 0.6 and np.asarray(res["confusion"]).sum() == len(synth_samples)
+    s = next(x for x in synth_samples if x.category == "combined")
+    r = categorize_frame(s.image, None, s.mask, params=params)
+    assert r.category in ALLOWED and 0 <= r.confidence <= 1
+    probs = np.asarray(r.probabilities)
+    areas = np.bincount(cv2.connectedComponents(s.mask.astype(np.uint8), connectivity=8)[1].ravel())[1:]
+    assert frame_decision(params, probs, areas.astype(float)) == (r.category, pytest.approx(r.confidence))
+    # without combined frames there is nothing to learn "combined" from: the tuned rule decides
+    rule_only = train_categorizer([x for x in synth_samples if x.category != "combined"], kind="forest")
+    assert "frame_classifier" not in rule_only and rule_only["frame_rule"]["tuned"] == 0.0
+    assert "frame_classifier" not in train_categorizer(synth_samples, kind="logreg", frame_model="rule")
+
+
+def test_normal_appearance_travels_with_the_parameters(synth_samples):
+    sp = SyntheticProduct("cap", 128, seed=0)
+    normal = normal_appearance(np.stack([sp.normal(i).image for i in range(8)]))
+    with_normal = [CategorySample(s.image, s.category, s.mask, None, None, s.background, s.product, normal=normal)
+                   for s in synth_samples]
+    params = json.loads(json.dumps(train_categorizer(with_normal, kind="logreg", normal=normal)))
+    assert params["normal"]["lab_bins"] == normal["lab_bins"]
+    r = categorize_frame(synth_samples[0].image, None, synth_samples[0].mask, params=params)
+    assert r.category in ALLOWED
+
+
+def test_false_blobs_train_a_spurious_class_that_is_never_reported(synth_samples):
+    """Regions off the labelled defect (a detector's false blobs, which the worker serves too)
+    train a 'spurious' class; it only discounts a region, no region or frame is ever called so."""
+    noisy = []
+    for k, s in enumerate(synth_samples):
+        gt = s.mask > 0
+        mask = gt.copy()
+        free = ~cv2.dilate(gt.astype(np.uint8), np.ones((25, 25), np.uint8)).astype(bool)
+        ys, xs = np.nonzero(free[8:-8, 8:-8])
+        if len(ys):
+            j = (k * 7919) % len(ys)
+            cv2.circle(mask.view(np.uint8), (int(xs[j]) + 8, int(ys[j]) + 8), 5, 1, -1)
+        noisy.append(CategorySample(s.image, s.category, mask, None, None, s.background, s.product, gt_mask=gt))
+    params = json.loads(json.dumps(train_categorizer(noisy, kind="forest", region_source="predicted")))
+    assert "spurious" in params["classes"] and params["trained_on"]["regions_per_kind"]["spurious"] >= 4
+    assert params["frame_classifier"]["features"][-2:] == ["real_max", "real_share"]
+    for s in noisy[::5]:
+        r = categorize_frame(s.image, None, s.mask, params=params)
+        assert r.category in ALLOWED and all(c in BASE_KINDS and 0 <= p <= 1 for c, p in r.per_region)
+    # without true masks nothing is known to be spurious: no such class
+    plain = train_categorizer([CategorySample(s.image, s.category, s.mask, None, None, s.background, s.product)
+                               for s in noisy], kind="logreg")
+    assert "spurious" not in plain["classes"]

@@ -142,3 +142,29 @@ def test_wrong_architecture_backbone_weights_name_the_file():
             np.zeros((2, SIZE, SIZE, 3), np.uint8), progress=False)
     with pytest.raises(ModelError, match="missing.pth: cannot read backbone weights"):
         PaDiM(input_size=SIZE, backbone="resnet18", backbone_weights="/nonexistent/missing.pth")
+
+
+def test_tap_d_draws_a_fixed_share_per_tap(brick):
+    train, _, _ = brick
+    m = PaDiM(input_size=SIZE, layers=["block2", "block4", "block10"], tap_d=[24, 8, 8]).fit(train[:4], progress=False)
+    assert m.options["d"] == 40 and m.mean.shape == (len(m.mean), 40)
+    idx = m.channel_idx
+    assert ((idx >= 0) & (idx < 24)).sum() == 24  # every block2 channel
+    assert ((idx >= 24) & (idx < 64)).sum() == 8 and (idx >= 64).sum() == 8
+    with pytest.raises(ModelError, match="tap_d"):
+        PaDiM(input_size=SIZE, layers=["block2", "block4"], tap_d=[8])
+    with pytest.raises(ModelError, match="block2, which has 24"):
+        PaDiM(input_size=SIZE, layers=["block2", "block4"], tap_d=[30, 2]).fit(train[:2], progress=False)
+
+
+def test_default_taps_and_old_configs():
+    from linewatch.models.padim import PADIM_TAPS
+
+    layers, share = PADIM_TAPS["efficientnet_lite0"]
+    m = PaDiM(input_size=SIZE)
+    assert m.options["layers"] == list(layers) and m.options["tap_d"] == list(share)
+    assert m.options["d"] == sum(share)
+    assert PaDiM(input_size=SIZE, d=32).options["tap_d"] is None  # an explicit d: random over the taps
+    # a profile saved before tap_d existed (explicit layers and d): loaded exactly as it was fitted
+    old = PaDiM(input_size=SIZE, layers=["block2", "block4", "block10"], d=64)
+    assert old.options["tap_d"] is None and old.options["d"] == 64

@@ -176,3 +176,58 @@ def test_worker_and_offline_agree_with_the_guided_filter_on():
     fv = judge(amap, float(amap.max()), prof, S, S, image)
     assert fv.verdict == "defect" and ((fv.mask > 0) == offline).all()
     assert segmentation_metrics(offline, mask, 0.5).iou > segmentation_metrics(amap, mask, 4.0).iou
+
+
+def colour_squares(n: int, dx: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` frames of a textured grey part with a foreign-coloured square (at a different
+    place in each), and maps that are the square ``dx`` px off and blurred (sigma 4) -- a
+    patch model's spread -- plus 2 normal frames."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    images, maps, masks = [], [], []
+    for k in range(n + 2):
+        img = np.clip(150 + rng.normal(0, 6, (S, S, 3)), 0, 255).astype(np.uint8)
+        mask = np.zeros((S, S), bool)
+        if k < n:
+            y, x = 12 + 5 * k, 30 - 4 * k
+            mask[y : y + 12, x : x + 12] = True
+            img[mask] = (40, 90, 200)
+        amap = cv2.GaussianBlur(np.roll(mask, dx, axis=1).astype(np.float32) * 10, (0, 0), 4) + np.float32(1.0)
+        images.append(img), maps.append(amap.astype(np.float32)), masks.append(mask)
+    return np.stack(images), np.stack(maps), np.stack(masks)
+
+
+def test_colour_cue_damps_the_spread_around_a_colour_defect():
+    from workers.pipeline import colour_cue, cue_map
+
+    images, maps, masks = colour_squares(1)
+    image, amap, mask = images[0], maps[0], masks[0]
+    c = colour_cue(amap, image, 33)
+    assert c[mask].mean() > 5 * c[~mask].mean()  # foreign colour vs the part's own texture
+    cued = cue_map(amap, image, 1.5, 0.3, 33)
+    assert (cued <= amap + 1e-6).all() and (cued >= 0.3 * amap - 1e-6).all()  # damped, never erased
+    assert cue_map(amap, image, 0.0, 0.3, 33) is amap  # off = the map itself
+    best = lambda m: max(segmentation_metrics(m, mask, t).iou for t in np.quantile(m, np.linspace(0.5, 1, 200)))
+    assert best(amap) < 0.65  # measured 0.58
+    assert best(cued) > 0.78  # measured 0.83
+
+
+def test_colour_cue_is_calibrated_and_the_worker_applies_it_identically():
+    images, maps, masks = colour_squares(4)
+    r = calibrate_refinement(maps, masks, images)
+    assert r.cue_scale > 0 and "colour cue" in r.reason
+    refined = refine_maps(maps, r.fraction, r.window, images, r.guide_radius, r.guide_eps, r.cue_scale,
+                          r.cue_floor, r.cue_window)
+    rep = estimate_thresholds(refined, masks)
+    assert rep.method("iou").val_iou > estimate_thresholds(maps, masks).method("iou").val_iou + 0.1
+    prof = Profile(product="w", model_kind="padim", backbone="none", input_size=S, threshold=rep.threshold,
+                   threshold_method="iou", min_region_px=0, refine_fraction=r.fraction, refine_window=r.window,
+                   guide_radius=r.guide_radius, guide_eps=r.guide_eps, cue_scale=r.cue_scale,
+                   cue_floor=r.cue_floor, cue_window=r.cue_window)
+    for k in range(4):
+        fv = judge(maps[k], float(maps[k].max()), prof, S, S, images[k])
+        assert fv.verdict == "defect" and ((fv.mask > 0) == (refined[k] >= rep.threshold)).all()
+    data = prof.model_dump(mode="json")
+    del data["cue_scale"], data["cue_floor"], data["cue_window"]
+    assert Profile.model_validate(data).cue_scale == 0.0  # profiles written before the cue: off

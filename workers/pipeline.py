@@ -258,12 +258,64 @@ def guide_map(amap: np.ndarray, image_rgb: np.ndarray, radius: int, eps: float) 
     return np.maximum(box(a) * guide + box(b), p.min())
 
 
+CUE_REL = 0.5  # pixels whose map value is below this fraction of the frame's peak are "normal material"
+CUE_VAR_FLOOR = 4.0  # Lab units^2 added to the local variance: sensor noise never counts as a change
+
+
+def colour_cue(amap: np.ndarray, image_rgb: np.ndarray, window: int) -> np.ndarray:
+    """Per-pixel colour distance to the frame's own normal material nearby.
+
+    For each pixel: the RMS over the L, a, b channels of its z-score against the mean and
+    variance of the pixels in the surrounding ``window`` x ``window`` box that the map calls
+    normal (map < ``CUE_REL`` x its maximum). Box sums make it O(pixels) whatever the window.
+    It needs no normal images and no alignment: the reference is the part itself, around the
+    defect, so rotation and position jitter do not matter. Near 1 on normal material, several
+    units on foreign colour, a hole, a bright scratch or a stain.
+    """
+    img = np.ascontiguousarray(image_rgb)
+    if img.shape[:2] != amap.shape:
+        img = cv2.resize(img, (amap.shape[1], amap.shape[0]), interpolation=cv2.INTER_AREA)
+    lab = cv2.GaussianBlur(cv2.cvtColor(img, cv2.COLOR_RGB2LAB).astype(np.float32), (0, 0), 1.0)
+    w = (amap < np.float32(CUE_REL) * amap.max()).astype(np.float32)
+    k = (int(window), int(window))
+
+    def box(x: np.ndarray) -> np.ndarray:  # all channels in one call
+        return cv2.boxFilter(x, cv2.CV_32F, k, normalize=False, borderType=cv2.BORDER_REFLECT)
+
+    wx = lab * w[..., None]
+    sw = box(w)[..., None] + np.float32(1e-3)
+    m = box(wx) / sw
+    v = np.maximum(box(wx * lab) / sw - m * m, 0) + np.float32(CUE_VAR_FLOOR)
+    d = lab - m
+    return np.sqrt((d * d / v).sum(axis=2) * np.float32(1 / 3))
+
+
+def cue_map(amap: np.ndarray, image_rgb: np.ndarray, scale: float, floor: float, window: int) -> np.ndarray:
+    """The anomaly map weighted by the pixel colour cue: ``amap * (floor + (1 - floor) * s)``,
+    ``s = 1 - exp(-(cue / scale)^2)`` in [0, 1).
+
+    Why: PaDiM's map is made on a stride-4..16 grid and spreads beyond the defect; pixels inside
+    that blur which look like the normal material around them are damped towards ``floor`` x
+    their value, pixels that differ in colour keep it. ``floor`` bounds the damping, so a defect
+    with no colour change (a bend, a dent) is weakened, never erased. ``scale <= 0``: off.
+    """
+    if scale <= 0 or floor >= 1:
+        return amap
+    c = colour_cue(amap, image_rgb, window) * np.float32(1 / scale)
+    keep = cv2.exp(-(c * c))  # 1 - s
+    return (amap * (np.float32(1.0) - np.float32(1 - floor) * keep)).astype(amap.dtype, copy=False)
+
+
 def segmentation_map(amap: np.ndarray, image_rgb: np.ndarray | None, *, refine_fraction: float = 0.0,
-                     refine_window: int = 33, guide_radius: int = 0, guide_eps: float = 1e-3) -> np.ndarray:
-    """The map that is thresholded into regions: ``guide_map`` (when on and the frame is
-    given) then ``refine_map``. Offline calibration/evaluation call this very function."""
-    if guide_radius > 0 and image_rgb is not None:
-        amap = guide_map(amap, image_rgb, guide_radius, guide_eps)
+                     refine_window: int = 33, guide_radius: int = 0, guide_eps: float = 1e-3,
+                     cue_scale: float = 0.0, cue_floor: float = 0.5, cue_window: int = 33) -> np.ndarray:
+    """The map that is thresholded into regions: ``cue_map`` and ``guide_map`` (each when on and
+    the frame is given) then ``refine_map``. Offline calibration/evaluation call this very
+    function."""
+    if image_rgb is not None:
+        amap = cue_map(amap, image_rgb, cue_scale, cue_floor, cue_window)
+        if guide_radius > 0:
+            amap = guide_map(amap, image_rgb, guide_radius, guide_eps)
     return refine_map(amap, refine_fraction, refine_window)
 
 
@@ -312,24 +364,25 @@ def judge(amap: np.ndarray, score: float, profile: Profile, width: int, height: 
     reaches the image threshold and, unless an explicit ``image_threshold`` is set, at least
     one region of ``min_region_px`` map pixels survives. With an explicit image threshold the
     image score alone decides (regions are still reported when there are any).
-    Regions come from ``segmentation_map`` with the profile's guided filter (needs ``image``,
-    the model-size RGB frame) and peak-relative refinement -- both off by default -- exactly
-    as the offline evaluation does. The image score stays the raw map's max.
+    Regions come from ``segmentation_map`` with the profile's colour cue and guided filter (both
+    need ``image``, the model-size RGB frame) and peak-relative refinement -- all off by
+    default -- exactly as the offline evaluation does. The image score stays the raw map's max.
     """
     thr = float(profile.threshold)
     img_thr = float(profile.effective_image_threshold)
     score = float(score)
     seg = None
     top = score  # the raw map's max; refinement keeps it, the guided filter may move it
-    if profile.guide_radius > 0:
+    if profile.guide_radius > 0 or profile.cue_scale > 0:
         if image is None:
             _warn_once(f"guide:{profile.product}:{profile.version}", "profile %s v%s asks for the guided "
-                       "filter but no frame was given: regions from the unguided map", profile.product,
+                       "filter / colour cue but no frame was given: regions from the plain map", profile.product,
                        profile.version)
         else:
             seg = segmentation_map(amap, image, refine_fraction=profile.refine_fraction,
                                    refine_window=profile.refine_window, guide_radius=profile.guide_radius,
-                                   guide_eps=profile.guide_eps)
+                                   guide_eps=profile.guide_eps, cue_scale=profile.cue_scale,
+                                   cue_floor=profile.cue_floor, cue_window=profile.cue_window)
             top = float(seg.max())
     if top < thr and score < img_thr:  # nothing reaches either threshold: nothing to segment
         return FrameVerdict(score, "ok", [], 0.0)

@@ -15,12 +15,14 @@ Where the cost goes and how it is kept down (anomalib stores 165 MB per product)
   pooled/upsampled;
 - upsampling + blur is one exact matrix product (see ``_common.upsample_blur_matrix``).
 
-Defaults (EfficientNet-Lite0 blocks 2/4/10 on the stride-4 grid, d = 64, float16 factors) give
-a 37 MB profile at 256 px. Measured on the synthetic line (cap / brick, 100 normal images):
-the blur is the strongest IoU lever (sigma 4 -> 1: IoU 0.48 -> 0.52 on cap, 0.35 -> 0.41 on
-brick, AUROC stays >= 0.976); dropping block10 sharpens maps further but costs AUROC;
-d 64 -> 100, a stride-8 grid, k x k neighbourhood statistics and a shared Gaussian moved IoU
-by less than 0.03. ``sigma`` stays 4 by default as DESIGN.md section 5 specifies.
+Defaults (EfficientNet-Lite0 blocks 2/4/7/10 on the stride-4 grid with a fixed share of
+channels per tap -- 16/24/24/40, d = 104 -- float16 factors; ``PADIM_TAPS``) give a 46 MB
+profile at 256 px (d = 64 over blocks 2/4/10, the earlier default: 18 MB). Measured on the
+synthetic line (100-120 normal images): the share of fine channels is the strongest map-side
+IoU lever (cap 0.63 -> 0.66, turf 0.46 -> 0.52 with the calibrated mask step), sigma 4 -> 2
+the next (+0.01..0.06); sigma 1, input 384/512 (4x the cost at 512), k x k neighbourhood
+statistics and a shared Gaussian moved IoU by less than 0.03 or cost AUROC.
+``sigma`` is 2 (DESIGN.md section 5 says 4: it over-spreads small defects).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from linewatch.models.base import AnomalyModel, ModelError
 DEFAULTS: dict[str, Any] = {
     "layers": None,  # default: the backbone's (EfficientNet-Lite0: block2, block4, block10)
     "d": 64,
+    "tap_d": None,  # channels drawn from each tap (list, one per layer); None: d drawn from all taps together
     "grid_stride": 4,
     "upsample": "bilinear",
     "sigma": 2.0,  # sigma 4 (anomalib) over-spreads small defects: IoU +0.01..0.06 at sigma 1-2, AUROC >= 0.976
@@ -50,6 +53,19 @@ DEFAULTS: dict[str, Any] = {
     "storage": "float16",  # dtype of the Cholesky factors on disk and in the ONNX graph
     "backbone_weights": None,
     "backbone_sha256": None,
+}
+
+
+# PaDiM's own default taps and channel shares per backbone (other families keep the backbone's
+# DEFAULT_LAYERS). Measured on the synthetic line (seed 1, IoU-curve threshold, calibrated mask
+# step; docs/calibration.md): EfficientNet-Lite0 block2/4/10 with d = 64 random channels
+# (about 9 of block2's 24) gave mean IoU 0.628 / 0.596 / 0.515 / 0.456 on cap / pcb / brick /
+# turf; these four taps with a fixed share -- 16 of block2, 24 of block4, 24 of block7, 40 of
+# block10 -- give 0.655 / 0.573 / 0.527 / 0.521 at pixel AUROC >= 0.971 everywhere. More
+# fine channels (all of block2) sharpen the maps further (cap 0.68) but drop brick's AUROC to
+# 0.93-0.96: the coarse taps carry what tells a brick pattern from a broken one.
+PADIM_TAPS: dict[str, tuple[tuple[str, ...], tuple[int, ...] | None]] = {
+    "efficientnet_lite0": (("block2", "block4", "block7", "block10"), (16, 24, 24, 40)),
 }
 
 
@@ -178,8 +194,19 @@ class PaDiM(AnomalyModel):
 
             if backbone not in DEFAULT_LAYERS:
                 raise ModelError(f"padim: unknown backbone {backbone!r} (known: {', '.join(DEFAULT_LAYERS)})")
-            opts["layers"] = DEFAULT_LAYERS[backbone]
+            layers, tap_d = PADIM_TAPS.get(backbone, (DEFAULT_LAYERS[backbone], None))
+            opts["layers"] = layers
+            if tap_d is not None and "d" not in options and opts["tap_d"] is None:
+                opts["tap_d"] = list(tap_d)
         opts["layers"] = list(opts["layers"])
+        if opts["tap_d"] is not None:
+            tap_d = opts["tap_d"]
+            if (not isinstance(tap_d, (list, tuple)) or len(tap_d) != len(opts["layers"])
+                    or not all(isinstance(k, int) and k >= 0 for k in tap_d) or sum(tap_d) < 1):
+                raise ModelError(f"padim: tap_d must be one non-negative integer per layer ({len(opts['layers'])}) "
+                                 f"with a positive sum, got {tap_d!r}")
+            opts["tap_d"] = [int(k) for k in tap_d]
+            opts["d"] = int(sum(tap_d))
         super().__init__(input_size, backbone, **opts)
         if opts["backbone_weights"] and not opts["backbone_sha256"]:
             from linewatch.backbones import file_sha256
@@ -220,11 +247,23 @@ class PaDiM(AnomalyModel):
         return PaDiMFeatures(bb, per_tap, self.options["grid_stride"], g, self.options["upsample"]).eval()
 
     def _choose_channels(self) -> torch.Tensor:
-        total = sum(self._backbone().channels)
+        channels = self._backbone().channels
+        total = sum(channels)
         d = int(self.options["d"])
+        gen = torch.Generator().manual_seed(int(self.options["seed"]))
+        tap_d = self.options.get("tap_d")
+        if tap_d is not None:
+            # a fixed share per tap: the fine taps keep all their channels, so the Mahalanobis
+            # distance is not dominated by the coarse (stride-16) tap's many channels
+            picks, lo = [], 0
+            for name, c, k in zip(self.options["layers"], channels, tap_d):
+                if k > c:
+                    raise ModelError(f"padim: tap_d asks {k} channels of {name}, which has {c}")
+                picks.append(lo + torch.randperm(c, generator=gen)[:k])
+                lo += c
+            return torch.cat(picks).sort().values
         if not 1 <= d <= total:
             raise ModelError(f"padim: d={d} must be between 1 and {total} (channels of {self.options['layers']})")
-        gen = torch.Generator().manual_seed(int(self.options["seed"]))
         return torch.randperm(total, generator=gen)[:d].sort().values
 
     # -- training ---------------------------------------------------------------------------------
