@@ -90,6 +90,7 @@ def cmd_threshold(args: argparse.Namespace) -> int:
         args.product = info.product
     val = _load_set(args, "val", model.input_size, not args.quiet)
     report, val_maps = threshold_model(model, val, args.method, args.k_std, args.quantile)
+    model.save(args.model)  # the model setting the calibration chose (e.g. PaDiM's texture term) goes with it
     path = save_threshold(args.model, report)
     from calibration.fit import fit_categorizer
 

@@ -168,3 +168,61 @@ def test_default_taps_and_old_configs():
     # a profile saved before tap_d existed (explicit layers and d): loaded exactly as it was fitted
     old = PaDiM(input_size=SIZE, layers=["block2", "block4", "block10"], d=64)
     assert old.options["tap_d"] is None and old.options["d"] == 64
+
+
+def test_texture_term_is_the_shared_gaussian_of_the_finest_tap(fitted, brick, tmp_path):
+    """Fitted with every model; off (weight 0) the maps are PaDiM's own; on, they are PaDiM's map
+    times (t / t_normal)^w, with t the Mahalanobis distance to one Gaussian over the finest tap
+    (checked against scikit-learn); saved, loaded and exported with the weight."""
+    import copy
+
+    from linewatch.models.export import export_onnx
+    from workers.engines import OnnxRuntimeEngine
+
+    train, bad, _ = brick
+    model = copy.deepcopy(fitted)
+    t = model.texture_stats
+    assert t is not None and t["texture_chol"].shape == (24, 24)  # block2 of EfficientNet-Lite0: 24 channels
+    plain, _ = model.predict(bad)
+    model.set_texture_weight(0.5)
+    maps, scores = model.predict(bad)
+    feats = model._features(model.channel_idx)
+    with torch.inference_mode():
+        fine = feats.embed(torch.from_numpy(bad).permute(0, 3, 1, 2).float())[1]
+    rows = fine.permute(0, 2, 3, 1).reshape(-1, 24).double().numpy()
+    lw = LedoitWolf().fit(rows[::3])  # the statistics' form (not their sample): distances to a Gaussian
+    term = model.inference_module().texture
+    prec = torch.from_numpy(np.linalg.inv(lw.covariance_)).float()
+    chol = torch.linalg.cholesky(prec)
+    d_ref = np.sqrt(np.einsum("ij,jk,ik->i", rows - lw.location_, prec.double().numpy(), rows - lw.location_))
+    with torch.inference_mode():
+        y = (fine.float().reshape(len(bad), 24, -1).transpose(1, 2) - torch.from_numpy(lw.location_).float()) @ chol
+    np.testing.assert_allclose(y.pow(2).sum(-1).sqrt().numpy().ravel(),
+                               d_ref.reshape(len(bad), fine.shape[2], fine.shape[3]).ravel(), rtol=1e-3, atol=1e-3)
+    with torch.inference_mode():
+        factor = term(fine).numpy()
+    np.testing.assert_allclose(maps, plain * factor, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scores, maps.reshape(len(bad), -1).max(1), rtol=1e-6)
+    model.save(tmp_path / "m")
+    again = AnomalyModel.load(tmp_path / "m")
+    assert again.options["texture_weight"] == 0.5
+    np.testing.assert_allclose(again.predict(bad)[0], maps, rtol=1e-5, atol=1e-5)
+    onnx_maps, _ = OnnxRuntimeEngine(export_onnx(again, tmp_path / "m.onnx"), SIZE).run(bad)
+    np.testing.assert_allclose(onnx_maps, maps, rtol=1e-3, atol=1e-3 * float(maps.max()))
+    model.set_texture_weight(0.0)
+    np.testing.assert_array_equal(model.predict(bad)[0], plain)
+
+
+def test_profiles_from_before_the_texture_term_load_with_it_off(fitted, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    fitted.save(tmp_path / "m")
+    tensors = {k: v for k, v in load_file(str(tmp_path / "m" / "weights.safetensors")).items()
+               if not k.startswith("texture_")}
+    save_file(tensors, str(tmp_path / "m" / "weights.safetensors"))
+    old = AnomalyModel.load(tmp_path / "m")
+    assert old.texture_stats is None and old.calibration_variants() == []
+    with pytest.raises(ModelError, match="refit"):
+        old.set_texture_weight(0.5)
+    with pytest.raises(ModelError, match="texture_weight"):
+        PaDiM(input_size=SIZE, texture_weight=-1)

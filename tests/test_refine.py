@@ -231,3 +231,53 @@ def test_colour_cue_is_calibrated_and_the_worker_applies_it_identically():
     data = prof.model_dump(mode="json")
     del data["cue_scale"], data["cue_floor"], data["cue_window"]
     assert Profile.model_validate(data).cue_scale == 0.0  # profiles written before the cue: off
+
+
+class VariantModel:
+    """A model with two settings: 'blurred' maps that spread beyond the defect, or 'sharp' ones."""
+
+    def __init__(self, masks: np.ndarray, start: float = 0.0):
+        import cv2
+
+        self.sharp = masks.astype(np.float32) * 2 + 0.1
+        self.blurred = np.stack([cv2.GaussianBlur(m, (0, 0), 6) for m in self.sharp])
+        self.options = {"sharpness": start}
+
+    def calibration_variants(self):
+        return [{"sharpness": 0.0}, {"sharpness": 1.0}]
+
+    def apply_variant(self, v):
+        self.options["sharpness"] = v["sharpness"]
+
+    def predict(self, images: np.ndarray, batch_size: int = 16):
+        m = (self.sharp if self.options["sharpness"] else self.blurred)[images[:, 0, 0, 0].astype(int)]
+        return m, m.reshape(len(m), -1).max(1)
+
+
+def _blob_set(n_anom: int = 4, n_norm: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    masks = np.zeros((n_anom + n_norm, S, S), bool)
+    for k in range(n_anom):
+        masks[k, 10 + 3 * k : 22 + 3 * k, 20:34] = True
+    return np.zeros(masks.shape, np.float32), masks
+
+
+def test_calibration_chooses_the_model_setting_with_the_best_validation_iou():
+    from calibration.fit import choose_variant
+
+    _, masks = _blob_set()
+    model = VariantModel(masks)
+    val = _labelled(model.blurred, masks, 0)
+    report, maps = threshold_model(model, val)  # type: ignore[arg-type]
+    assert model.options["sharpness"] == 1.0  # left on the chosen setting, to be saved with the profile
+    assert report.method("iou").val_iou == 1.0
+    assert any("model setting sharpness 1" in n for n in report.notes)
+    np.testing.assert_array_equal(maps, model.sharp)
+    # recalibration republishes the model files unchanged: it must not switch the setting
+    model.apply_variant({"sharpness": 0.0})
+    report, _ = threshold_model(model, val, choose_setting=False)  # type: ignore[arg-type]
+    assert model.options["sharpness"] == 0.0 and not any("model setting" in n for n in report.notes)
+    # too few anomalous images to judge: nothing is tried
+    few = _labelled(model.blurred[[0, 4, 5, 6]], masks[[0, 4, 5, 6]], 0)
+    m0, s0 = model.predict(few.images)
+    out = choose_variant(model, few, m0, s0, calibrate_refinement(m0, few.masks))  # type: ignore[arg-type]
+    assert out[3] == "" and model.options["sharpness"] == 0.0

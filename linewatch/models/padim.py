@@ -23,6 +23,10 @@ IoU lever (cap 0.63 -> 0.66, turf 0.46 -> 0.52 with the calibrated mask step), s
 the next (+0.01..0.06); sigma 1, input 384/512 (4x the cost at 512), k x k neighbourhood
 statistics and a shared Gaussian moved IoU by less than 0.03 or cost AUROC.
 ``sigma`` is 2 (DESIGN.md section 5 says 4: it over-spreads small defects).
+
+A texture term (``TextureTerm``, off by default, its statistics always fitted) multiplies in a
+stationary stride-4 score for close-up textures; the calibration switches it on per product
+when validation IoU says so (turf 0.52 -> 0.63, cap 0.655 -> 0.662; pcb and brick keep it off).
 """
 
 from __future__ import annotations
@@ -51,6 +55,12 @@ DEFAULTS: dict[str, Any] = {
     "neighborhood": 1,  # k: each position's Gaussian is fitted on its k x k neighbourhood
     "shared": False,  # one Gaussian for all positions (close-up textures whose pattern shifts)
     "storage": "float16",  # dtype of the Cholesky factors on disk and in the ONNX graph
+    # texture term: exponent w of a second, stationary score multiplied into the map,
+    # map * (t / t_normal)^w, where t is the Mahalanobis distance of the finest tap's full
+    # channels to ONE Gaussian shared by every position. Fitted always (a few KB); 0 = off. The
+    # calibration chooses w on the validation images (calibration.fit.choose_variant).
+    "texture_weight": 0.0,
+    "texture_sigma": 1.0,  # blur (input pixels) of the texture map after upsampling
     "backbone_weights": None,
     "backbone_sha256": None,
 }
@@ -64,6 +74,9 @@ DEFAULTS: dict[str, Any] = {
 # block10 -- give 0.655 / 0.573 / 0.527 / 0.521 at pixel AUROC >= 0.971 everywhere. More
 # fine channels (all of block2) sharpen the maps further (cap 0.68) but drop brick's AUROC to
 # 0.93-0.96: the coarse taps carry what tells a brick pattern from a broken one.
+TEXTURE_SAMPLES = 200_000  # finest-tap pixels drawn from the normal images for the shared Gaussian
+TEXTURE_WEIGHTS = (0.0, 0.3, 0.5)  # the calibration's candidates for texture_weight (0 first: the default)
+
 PADIM_TAPS: dict[str, tuple[tuple[str, ...], tuple[int, ...] | None]] = {
     "efficientnet_lite0": (("block2", "block4", "block7", "block10"), (16, 24, 24, 40)),
 }
@@ -86,13 +99,47 @@ class PaDiMFeatures(nn.Module):
             self.register_buffer(f"idx{j}", idx.long(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x)[0]
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(PaDiM embedding (N, d, h, w), every channel of the finest tap (N, C, h_f, w_f))."""
         feats = self.backbone(self.pre(x).contiguous(memory_format=torch.channels_last))
+        fine = feats[int(np.argmin(self.strides))]
         sel, strides = [], []
         for j, f in enumerate(feats):
             if self.keep[j]:
                 sel.append(torch.index_select(f, 1, getattr(self, f"idx{j}")))
                 strides.append(self.strides[j])
-        return torch.cat(align_to_grid(sel, strides, self.grid_stride, self.grid, self.upsample), dim=1)
+        return torch.cat(align_to_grid(sel, strides, self.grid_stride, self.grid, self.upsample), dim=1), fine
+
+
+class TextureTerm(nn.Module):
+    """Finest-tap features -> the stationary texture factor (N, H, W), ``(t / t_normal)^w``.
+
+    Why: PaDiM's per-position Gaussians come from a stride-4..16 grid blurred up to the input,
+    so a close-up texture's thin or small defects spread. The finest tap (stride 4) scored
+    against ONE Gaussian for all positions -- right for a stationary texture, wrong for an
+    object on a backdrop (the calibration then leaves w at 0) -- is sharp; multiplying it in
+    keeps PaDiM's detection and takes the texture term's outline. Measured on the synthetic
+    turf: mean IoU over categories 0.52 -> 0.63 (docs/calibration.md)."""
+
+    def __init__(self, mean: torch.Tensor, chol: torch.Tensor, ref: float, weight: float, head: MapHead):
+        super().__init__()
+        self.register_buffer("mean", mean.float().view(1, 1, -1))  # (1, 1, C)
+        self.register_buffer("chol", chol.float())  # (C, C)
+        self.register_buffer("inv_ref", torch.tensor(1.0 / max(float(ref), 1e-6)))
+        self.register_buffer("weight", torch.tensor(float(weight)))
+        self.head = head
+
+    def distance(self, fine: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) -> (N, H, W) distance to the shared Gaussian, upsampled + blurred."""
+        n, c, h, w = fine.shape
+        y = torch.matmul(fine.float().reshape(n, c, h * w).transpose(1, 2) - self.mean, self.chol)
+        grid = y.pow(2).sum(-1).sqrt().reshape(n, 1, h, w)
+        return self.head(grid)[0]
+
+    def forward(self, fine: torch.Tensor) -> torch.Tensor:
+        return torch.pow(torch.clamp(self.distance(fine) * self.inv_ref, min=1e-3), self.weight)
 
 
 class PaDiMModule(nn.Module):
@@ -105,10 +152,11 @@ class PaDiMModule(nn.Module):
     """
 
     def __init__(self, features: PaDiMFeatures, mean: torch.Tensor, chol: torch.Tensor, head: MapHead,
-                 packed: bool = False, d: int = 0):
+                 packed: bool = False, d: int = 0, texture: TextureTerm | None = None):
         super().__init__()
         self.features = features
         self.head = head
+        self.texture = texture
         self.packed = packed
         self.d = d
         # persistent: the ONNX exporter makes them initializers instead of tracing through them
@@ -124,9 +172,14 @@ class PaDiMModule(nn.Module):
         return torch.index_select(self.chol.float(), 1, self.unpack).reshape(p, self.d, self.d)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = self.features(x).float()  # (N, d, h, w)
+        emb, fine = self.features.embed(x)  # (N, d, h, w), (N, C, h_f, w_f)
+        emb = emb.float()
         with float32_scoring(emb):
-            return self._score(emb)
+            maps, scores = self._score(emb)
+            if self.texture is None:
+                return maps, scores
+            maps = maps * self.texture(fine)
+            return maps, maps.flatten(1).amax(dim=1)
 
     def _score(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, d, h, w = emb.shape
@@ -225,11 +278,17 @@ class PaDiM(AnomalyModel):
             raise ModelError(f"padim: grid_stride must be 4, 8 or 16, got {opts['grid_stride']!r}")
         if float(opts["sigma"]) < 0:
             raise ModelError(f"padim: sigma must be >= 0, got {opts['sigma']!r}")
+        for key in ("texture_weight", "texture_sigma"):
+            if not isinstance(opts[key], (int, float)) or not 0 <= float(opts[key]) <= 4:
+                raise ModelError(f"padim: {key} must be a number in [0, 4], got {opts[key]!r}")
         self.mean: torch.Tensor | None = None  # (P, d)
         # packed lower triangles (P, d(d+1)/2) in the storage dtype: a loaded model that is only
         # served through ONNX Runtime never holds the full float32 factors in torch as well
         self.tri: torch.Tensor | None = None
         self.channel_idx: torch.Tensor | None = None  # (d,) indices into the concatenated taps
+        # the texture term's shared Gaussian over the finest tap: mean (C,), precision Cholesky
+        # factor (C, C), and the median distance of normal pixels (profiles from before it: None)
+        self.texture_stats: dict[str, torch.Tensor] | None = None
         self._module: PaDiMModule | None = None
         self.fit_info: dict[str, Any] = {}
 
@@ -277,12 +336,21 @@ class PaDiM(AnomalyModel):
         t0 = time.perf_counter()
         idx = self._choose_channels()
         feats = self._features(idx)
-        embs = []
+        embs, fines, first_fine = [], [], None
+        gen = torch.Generator().manual_seed(int(self.options["seed"]))
         for i in tqdm(range(0, len(images), batch_size), desc="padim features", unit="batch",
                       disable=not progress, leave=False):
-            embs.append(feats(to_tensor(images[i : i + batch_size])))
+            e, fine = feats.embed(to_tensor(images[i : i + batch_size]))
+            embs.append(e)
+            first_fine = fine if first_fine is None else first_fine
+            rows = fine.float().permute(0, 2, 3, 1).reshape(-1, fine.shape[1])
+            keep = -(-TEXTURE_SAMPLES * len(fine) // len(images))  # the same share of every batch
+            fines.append(rows[torch.randperm(len(rows), generator=gen)[:keep]])
         emb = torch.cat(embs)  # (N, d, h, w)
         del embs
+        with torch_threads(1):
+            self.texture_stats = self._texture_stats(torch.cat(fines), first_fine)
+        del fines
         t_feat = time.perf_counter() - t0
         n, d, h, w = emb.shape
         with torch_threads(1):
@@ -298,6 +366,36 @@ class PaDiM(AnomalyModel):
                          "shrinkage_mean": float(sh.mean()), "feature_s": round(t_feat, 3),
                          "fit_s": round(time.perf_counter() - t0, 3)}
         return self
+
+    def _texture_head(self) -> MapHead:
+        stride = min(self._backbone().strides)
+        return MapHead(self.input_size, float(self.options["texture_sigma"]), grid_size(self.input_size, stride))
+
+    def _texture_stats(self, rows: torch.Tensor, sample: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One Ledoit-Wolf Gaussian over the finest tap's channels, and the median distance of
+        the ``sample`` normal images' pixels to it (the texture term's unit)."""
+        mean, cov, _ = ledoit_wolf(rows[None].double())
+        prec = torch.linalg.inv(cov[0])
+        chol = torch.linalg.cholesky(0.5 * (prec + prec.T)).float()
+        term = TextureTerm(mean[0], chol, 1.0, 1.0, self._texture_head())
+        ref = term.distance(sample).median()
+        return {"texture_mean": mean[0].float(), "texture_chol": chol, "texture_ref": ref.reshape(1).float()}
+
+    def set_texture_weight(self, weight: float) -> None:
+        """Switch the texture term (0 = off) without refitting: the calibration's choice."""
+        if weight > 0 and self.texture_stats is None:
+            raise ModelError("padim: this profile was fitted without the texture term's statistics; refit it")
+        self.options["texture_weight"] = float(weight)
+        self._module = None
+
+    def calibration_variants(self) -> list[dict[str, float]]:
+        """Settings the calibration may choose between on validation images, first = default."""
+        if self.texture_stats is None:
+            return []
+        return [{"texture_weight": w} for w in TEXTURE_WEIGHTS]
+
+    def apply_variant(self, variant: dict[str, float]) -> None:
+        self.set_texture_weight(float(variant["texture_weight"]))
 
     def _gaussians(self, emb: torch.Tensor, progress: bool):
         n, d, h, w = emb.shape
@@ -371,13 +469,21 @@ class PaDiM(AnomalyModel):
             chol = torch.cat([tri, torch.zeros(tri.shape[0], 1, dtype=tri.dtype)], 1)
         else:
             chol = self.chol.float().contiguous()
-        return PaDiMModule(self._features(self.channel_idx), self.mean, chol, head, packed, d).eval()
+        texture = None
+        w = float(self.options["texture_weight"])
+        if w > 0:
+            if self.texture_stats is None:
+                raise ModelError("padim: texture_weight > 0 but the weights hold no texture statistics; refit")
+            t = self.texture_stats
+            texture = TextureTerm(t["texture_mean"], t["texture_chol"], float(t["texture_ref"][0]), w,
+                                  self._texture_head())
+        return PaDiMModule(self._features(self.channel_idx), self.mean, chol, head, packed, d, texture).eval()
 
     # -- persistence ---------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         self._require_fitted()
         return {"mean": self.mean, "chol_tril": self.tri,
-                "channel_idx": self.channel_idx.to(torch.int64)}
+                "channel_idx": self.channel_idx.to(torch.int64), **(self.texture_stats or {})}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         missing = {"mean", "chol_tril", "channel_idx"} - set(tensors)
@@ -392,4 +498,14 @@ class PaDiM(AnomalyModel):
         self.mean = mean.float()
         self.tri = tri.to(self._storage_dtype())
         self.channel_idx = idx.long()
+        self.texture_stats = None
+        if "texture_mean" in tensors:
+            t = {k: tensors[k].float() for k in ("texture_mean", "texture_chol", "texture_ref")}
+            c = t["texture_mean"].shape[0]
+            if tuple(t["texture_chol"].shape) != (c, c) or tuple(t["texture_ref"].shape) != (1,):
+                raise ModelError(f"padim: texture statistics of shapes {tuple(t['texture_chol'].shape)} / "
+                                 f"{tuple(t['texture_ref'].shape)} do not match {c} channels")
+            self.texture_stats = t
+        if float(self.options["texture_weight"]) > 0 and self.texture_stats is None:
+            raise ModelError("padim: texture_weight > 0 but the weights hold no texture statistics")
         self._module = None
