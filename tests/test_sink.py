@@ -336,7 +336,11 @@ def test_sink_killed_with_sigkill_then_restarted(kafka_settings, tmp_path):
     db = tmp_path / "lw.duckdb"
     settings = _sink_settings(kafka_settings, db)
     n = 3000
-    _produce(settings, _results(n))
+    results = _results(n)
+    # in two halves: the second is produced while the sink runs and the kill follows at once, so
+    # it lands while the sink works through it (polling the row count alone could not: a fast
+    # sink wrote all 3000 between two reads, the reader waiting on the writer's lock)
+    _produce(settings, results[: n // 2])
     env = _sink_env(settings)
     cmd = [sys.executable, "-m", "linewatch.cli", "sink"]
     first = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -344,11 +348,12 @@ def test_sink_killed_with_sigkill_then_restarted(kafka_settings, tmp_path):
     try:
         while time.monotonic() - t0 < 120:
             try:
-                if store.count_rows(db) >= 400:
+                if store.count_rows(db) > 0:
                     break
             except (store.DatabaseMissing, store.NotADatabase):
                 pass
             time.sleep(0.05)
+        _produce(settings, results[n // 2 :])
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     finally:
