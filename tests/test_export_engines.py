@@ -35,11 +35,12 @@ def _fit(kind: str):
 
     prod = SyntheticProduct("brick", size=SIZE, seed=0)
     train = np.stack([prod.normal(i).image for i in range(8)])
-    opts = {"padim": {"d": 16}, "cflow": {"epochs": 1, "coupling_blocks": 2, "positions_per_batch": 256}}[kind]
-    return build_model(kind, input_size=SIZE, **opts).fit(train, progress=False)
+    opts = {"padim": {"d": 16}, "padim-texture": {"d": 16, "texture_weight": 0.5},
+            "cflow": {"epochs": 1, "coupling_blocks": 2, "positions_per_batch": 256}}[kind]
+    return build_model(kind.split("-")[0], input_size=SIZE, **opts).fit(train, progress=False)
 
 
-@pytest.fixture(scope="module", params=["padim", "cflow"])
+@pytest.fixture(scope="module", params=["padim", "padim-texture", "cflow"])
 def exported(request, tmp_path_factory):
     model = _fit(request.param)
     path = export_onnx(model, tmp_path_factory.mktemp(request.param) / "model.onnx")
