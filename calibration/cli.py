@@ -89,6 +89,7 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     if args.product is None and info is not None:
         args.product = info.product
     val = _load_set(args, "val", model.input_size, not args.quiet)
+    pooled = _categorizer_pool(args, model.input_size)  # first: a bad pool leaves the work folder untouched
     report, val_maps = threshold_model(model, val, args.method, args.k_std, args.quantile)
     model.save(args.model)  # the model setting the calibration chose (e.g. PaDiM's texture term) goes with it
     path = save_threshold(args.model, report)
@@ -98,7 +99,8 @@ def cmd_threshold(args: argparse.Namespace) -> int:
 
     cat = fit_categorizer(val, apply_refinement(val_maps, Refinement.of(report), val.images),
                           report.threshold, args.product or "product", raw_maps=val_maps,
-                          normal=_normal_appearance(info, args.product, model.input_size))
+                          normal=_normal_appearance(info, args.product, model.input_size),
+                          pooled=pooled)
     cat_path = Path(args.model) / "categorizer.json"
     if cat is not None:
         cat_path.write_text(json.dumps(cat))
@@ -131,6 +133,20 @@ def _normal_appearance(info: Any, product: str | None, size: int) -> dict[str, A
     except (UserError, OSError) as exc:
         logging.getLogger(__name__).info("categorizer without normal appearance: %s", exc)
         return None
+
+
+def _categorizer_pool(args: argparse.Namespace, size: int) -> list:
+    """Other products' labelled validation samples for the categorizer (--categorizer-products)."""
+    from calibration.fit import pooled_category_samples, resolve_categorizer_products
+    from linewatch.errors import UserError
+
+    names = [n for n in (args.categorizer_products or "").split(",") if n]
+    if not names:
+        return []
+    if args.dataset is None:
+        raise UserError("--categorizer-products needs --dataset (the other products are read from there)")
+    pool = resolve_categorizer_products(args.dataset, args.product, names)
+    return pooled_category_samples(args.dataset, pool, size, _registry_dir(args), args.val_fraction, args.seed)
 
 
 def _eval_models(args: argparse.Namespace):
@@ -349,6 +365,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, required=True, help="work folder written by `calibrate fit`")
     _add_source(p, "val")
     thresholds(p)
+    p.add_argument("--categorizer-products", metavar="P1,P2|all",
+                   help="other products under --dataset whose labelled validation images also train the defect "
+                        "categorizer (categories are product-agnostic); their regions come from their profiles in "
+                        "the registry when published, else from their masks. 'all' = every product there")
     p.add_argument("--publish", action="store_true", help="publish the result as the product's next profile")
     p.add_argument("--no-onnx", action="store_true", help="do not export model.onnx when publishing")
     common(p, registry=True)

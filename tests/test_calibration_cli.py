@@ -90,6 +90,14 @@ def test_categorizer_pools_the_labelled_validation_images_of_other_products(line
     with pytest.raises(UserError, match="nope"):
         calibrate_product(line, "pcb", reg, model_kind="meandiff", input_size=SIZE, progress=False,
                           export_onnx=False, publish=False, categorizer_products=["nope"])
+    # step by step: `calibrate threshold --categorizer-products` pools the same way
+    work = tmp_path / "work"
+    assert run("fit", "--dataset", line, "--product", "pcb", "--model-kind", "meandiff", "--input-size", SIZE,
+               "--out", work, "-q") == 0
+    assert run("threshold", "--model", work, "--dataset", line, "--categorizer-products", "all", "-q") == 0
+    assert json.loads((work / "categorizer.json").read_text())["trained_on"]["products"] == ["brick", "pcb"]
+    assert run("threshold", "--model", work, "--val", Path(line) / "pcb" / "test", "--categorizer-products",
+               "brick", "-q") == 2  # the other products are read from --dataset: a one-line error
 
 def test_cli_fit_threshold_evaluate_publish_recalibrate_rollback(line, tmp_path, capsys):
     work, reg, rep = tmp_path / "work", tmp_path / "reg", tmp_path / "rep"
