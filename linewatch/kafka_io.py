@@ -74,6 +74,36 @@ def _is_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, kinds)
 
 
+def _is_transient(exc: BaseException) -> bool:
+    """A Kafka error that a running service should ride out (broker restarting, leader moving)."""
+    from kafka import errors
+
+    return _is_unreachable(exc) or (isinstance(exc, errors.KafkaError) and bool(getattr(exc, "retriable", False)))
+
+
+_last_poll_warning = [0.0]
+
+
+def poll_records(consumer: "KafkaConsumer", timeout_ms: int, max_records: int | None = None,
+                 backoff_s: float = 0.5) -> dict:
+    """``consumer.poll`` that survives a broker going away: kafka-python 3 raises connection
+    errors out of ``poll`` while it cannot reach the coordinator (seen when the broker is
+    restarted under a running sink), where a service must keep waiting, not die. Transient
+    errors are logged (at most every 10 s), slept off for ``backoff_s`` and give an empty poll;
+    anything else propagates."""
+    try:
+        return consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+    except Exception as exc:  # noqa: BLE001 - filtered right below
+        if not _is_transient(exc):
+            raise
+        now = time.monotonic()
+        if now - _last_poll_warning[0] > 10:
+            _last_poll_warning[0] = now
+            log.warning("kafka poll: %s: %s; retrying", type(exc).__name__, exc)
+        time.sleep(min(backoff_s, max(timeout_ms, 1) / 1000))
+        return {}
+
+
 def quiet_kafka_logs(verbose: int = 0) -> None:
     """kafka-python logs every refused connection at ERROR; our own errors say it once.
     CLIs call this so a down broker prints one line, not a screenful (-vv shows them)."""

@@ -43,8 +43,10 @@ def iou_threshold(maps: np.ndarray, masks: np.ndarray, bins: int = 1024) -> floa
     return float(edges[int(np.argmax(iou))])
 
 
-def padim_maps(root: Path, product: str, size: int, items, cache: Path) -> np.ndarray:
-    path = cache / f"{root.name}_{product}_{size}_padim.npy"
+def padim_maps(root: Path, product: str, size: int, items, cache: Path, val_items=None) -> np.ndarray:
+    """PaDiM maps of ``items``; with ``val_items``, PaDiM's own setting (the texture term) is
+    first chosen on them as calibrate_product does (calibration.fit.choose_variant)."""
+    path = cache / f"{root.name}_{product}_{size}_padim{'_chosen' if val_items is not None else ''}.npy"
     if path.is_file():
         return np.load(path).astype(np.float32)
     import torch
@@ -55,6 +57,16 @@ def padim_maps(root: Path, product: str, size: int, items, cache: Path) -> np.nd
     ds = load_mvtec(root, product)
     t0 = time.time()
     model = build_model("padim", input_size=size).fit(ds.train_images(size), progress=False)
+    if val_items is not None:
+        from calibration.data import LabelledSet
+        from calibration.fit import calibrate_refinement, choose_variant
+
+        vi, vm = ds.load_images(val_items, size), ds.load_masks(val_items, size)
+        val = LabelledSet([it.path for it in val_items], vi, vm, [it.category for it in val_items],
+                          [ds.background] * len(vi), [it.category for it in val_items])
+        m0, s0 = model.predict(vi)
+        note = choose_variant(model, val, m0, s0, calibrate_refinement(m0, vm, vi))[3]
+        print(f"  padim {product}: {note}", flush=True)
     maps = model.anomaly_map(ds.load_images(items, size))
     print(f"  padim {product}: fit+maps {time.time() - t0:.0f}s", flush=True)
     cache.mkdir(parents=True, exist_ok=True)
@@ -78,7 +90,7 @@ def build_samples(root: Path, products: list[str], size: int, source: str, cache
         if source == "gt":
             maps, masks, thr = [None] * len(items), gts, None
         else:
-            allmaps = padim_maps(root, p, size, ds.test, cache)
+            allmaps = padim_maps(root, p, size, ds.test, cache, val)
             pos = {it.path: k for k, it in enumerate(ds.test)}
             maps = allmaps[[pos[it.path] for it in items]]
             nv = len(val)

@@ -127,3 +127,32 @@ def test_ensure_topics_raises_a_small_size_limit_of_an_existing_topic(kafka_brok
     finally:
         admin.close()
     assert cfg["topic"]["small-frames"]["max.message.bytes"]["value"] == "10485760"
+
+
+def test_poll_rides_out_a_broker_that_went_away(caplog):
+    """kafka-python 3 raises connection errors out of poll while the broker restarts; a service
+    must wait them out (empty poll, a warning), while any other error still propagates."""
+    from kafka import errors
+
+    from linewatch.kafka_io import poll_records
+
+    class Flaky:
+        def __init__(self, exc):
+            self.exc, self.calls = exc, 0
+
+        def poll(self, timeout_ms, max_records=None):
+            self.calls += 1
+            if self.calls == 1:
+                raise self.exc
+            return {"tp": ["r1"]}
+
+    c = Flaky(errors.KafkaConnectionError("111 ECONNREFUSED"))
+    with caplog.at_level("WARNING", logger="linewatch.kafka_io"):
+        assert poll_records(c, 10, 5, backoff_s=0.01) == {}
+    assert poll_records(c, 10, 5) == {"tp": ["r1"]}
+    assert "KafkaConnectionError" in caplog.text
+    assert poll_records(Flaky(errors.NotLeaderForPartitionError()), 10, backoff_s=0.01) == {}  # retriable
+    with pytest.raises(errors.TopicAuthorizationFailedError):  # not retriable: the user must act
+        poll_records(Flaky(errors.TopicAuthorizationFailedError()), 10)
+    with pytest.raises(ValueError):
+        poll_records(Flaky(ValueError("a bug")), 10)

@@ -219,6 +219,8 @@ class Sink:
 def _poll_batch(consumer: Any, max_batch: int, max_wait_ms: int, stop: threading.Event) -> list[Any]:
     """Up to ``max_batch`` records: wait up to 1 s for the first, then at most
     ``max_wait_ms`` more to fill the batch."""
+    from linewatch.kafka_io import poll_records
+
     out: list[Any] = []
     first_deadline = time.monotonic() + 1.0
     deadline: float | None = None
@@ -227,7 +229,7 @@ def _poll_batch(consumer: Any, max_batch: int, max_wait_ms: int, stop: threading
         end = deadline if deadline is not None else first_deadline
         if now >= end:
             break
-        polled = consumer.poll(timeout_ms=max(1, int((end - now) * 1000)), max_records=max_batch - len(out))
+        polled = poll_records(consumer, max(1, int((end - now) * 1000)), max_batch - len(out))
         for recs in polled.values():
             out.extend(recs)
         if out and deadline is None:

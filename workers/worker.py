@@ -355,6 +355,8 @@ def _collect(consumer: Any, revocations: _Revocations, max_batch: int, max_wait_
              stop: threading.Event, stats: WorkerStats, first_wait_ms: int = IDLE_POLL_MS) -> list[Any]:
     """Up to ``max_batch`` records, waiting at most ``first_wait_ms`` for the first one and
     ``max_wait_ms`` after it."""
+    from linewatch.kafka_io import poll_records
+
     batch: dict[tuple[str, int, int], Any] = {}
     deadline: float | None = None
     while len(batch) < max_batch:
@@ -362,7 +364,7 @@ def _collect(consumer: Any, revocations: _Revocations, max_batch: int, max_wait_
             timeout_ms = first_wait_ms
         else:
             timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
-        polled = consumer.poll(timeout_ms=timeout_ms, max_records=max_batch - len(batch))
+        polled = poll_records(consumer, timeout_ms, max_batch - len(batch))
         for recs in polled.values():
             for r in recs:
                 batch[(r.topic, r.partition, r.offset)] = r  # a re-fetch after reassignment dedups
