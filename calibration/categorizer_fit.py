@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from linewatch.categorize import (BASE_KINDS, FEATURES, FRAME_FEATURES, PARAMS_VERSION, SPURIOUS, UNKNOWN,
-                                  FramePlanes, _labels_of, base_probabilities, categorize_regions, frame_category,
-                                  frame_features, region_features)
+                                  FramePlanes, _labels_of, categorize_regions, frame_category, frame_features,
+                                  region_features, region_kinds)
 from linewatch.errors import UserError
 from linewatch.messages import CATEGORIES
 
@@ -264,8 +264,8 @@ def _tune_rule(frames: Sequence[tuple[str, np.ndarray, np.ndarray]], classes: Se
         return {**best_rule, "tuned": 0.0}
     base = []  # as linewatch.categorize.frame_decision sees them without a frame classifier
     for _, areas, probs in frames:
-        pb, real = base_probabilities(probs, classes)
-        base.append((areas, pb, [(BASE_KINDS[int(np.argmax(q))], float(np.max(q) * r)) for q, r in zip(pb, real)]))
+        per, pb = region_kinds(probs, classes)
+        base.append((areas, pb, per))
     for conf in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
         for rel in (0.0, 0.05, 0.1, 0.2, 0.35):
             rule = {"combined_min_conf": conf, "combined_min_rel_area": rel}

@@ -90,8 +90,10 @@ def cmd_threshold(args: argparse.Namespace) -> int:
         args.product = info.product
     val = _load_set(args, "val", model.input_size, not args.quiet)
     pooled = _categorizer_pool(args, model.input_size)  # first: a bad pool leaves the work folder untouched
+    fitted_config = json.dumps(model.config(), sort_keys=True)  # a copy: the options dict is live
     report, val_maps = threshold_model(model, val, args.method, args.k_std, args.quantile)
-    model.save(args.model)  # the model setting the calibration chose (e.g. PaDiM's texture term) goes with it
+    if json.dumps(model.config(), sort_keys=True) != fitted_config:  # the calibration chose a model setting (PaDiM's texture term)
+        model.save(args.model)
     path = save_threshold(args.model, report)
     from calibration.fit import fit_categorizer
 

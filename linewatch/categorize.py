@@ -535,6 +535,13 @@ def base_probabilities(probs: np.ndarray, classes: Sequence[str]) -> tuple[np.nd
     return p, np.clip(real, 0.0, 1.0)
 
 
+def region_kinds(probs: np.ndarray, classes: Sequence[str]) -> tuple[list[tuple[str, float]], np.ndarray]:
+    """Per region (base kind, confidence = P(kind | defect) * P(real)) and the base-kind
+    probabilities (``base_probabilities``): what the frame rule reads."""
+    pb, real = base_probabilities(probs, classes)
+    return [(BASE_KINDS[int(np.argmax(q))], float(np.max(q) * r)) for q, r in zip(pb, real)], pb
+
+
 def frame_features(probs: np.ndarray, areas: Sequence[float], classes: Sequence[str]) -> np.ndarray:
     """(len(FRAME_FEATURES),) summary of a frame's regions for the frame classifier.
 
@@ -571,8 +578,7 @@ def frame_decision(params: dict[str, Any], probs: np.ndarray, areas: Sequence[fl
     if not len(areas):
         return UNKNOWN, 0.0
     if not fc:
-        pb, real = base_probabilities(probs, classes)
-        per = [(BASE_KINDS[int(np.argmax(q))], float(np.max(q) * r)) for q, r in zip(pb, real)]
+        per, pb = region_kinds(probs, classes)
         return frame_category(per, areas, pb, BASE_KINDS, params.get("frame_rule"))
     x = _scaled(fc, frame_features(probs, areas, classes)[None], FRAME_FEATURES)
     p = classifier_proba(fc["classifier"], x)[0]
@@ -585,9 +591,7 @@ def categorize_regions(params: dict[str, Any], feats: np.ndarray) -> tuple[list[
     the full (n, len(classes)) probabilities."""
     classes = list(params["classes"])
     probs = predict_proba(params, feats) if len(feats) else np.zeros((0, len(classes)))
-    pb, real = base_probabilities(probs, classes)
-    per = [(BASE_KINDS[int(np.argmax(q))], float(np.max(q) * r)) for q, r in zip(pb, real)]
-    return per, probs
+    return region_kinds(probs, classes)[0], probs
 
 
 def categorize_frame(image: np.ndarray, anomaly_map: np.ndarray | None = None, mask: np.ndarray | None = None,
