@@ -177,7 +177,7 @@ def _eval_models(args: argparse.Namespace):
                               k_std=3.0, quantile=0.999, refine_fraction=prof.refine_fraction,
                               refine_window=prof.refine_window, guide_radius=prof.guide_radius,
                               guide_eps=prof.guide_eps, cue_scale=prof.cue_scale, cue_floor=prof.cue_floor,
-                              cue_window=prof.cue_window)
+                              cue_window=prof.cue_window, cue_sigma=prof.cue_sigma)
         out.append([prof.model_kind, model, rep, prof.product, f"{prof.product}-v{prof.version}", prof.categorizer])
     if not out:
         raise UserError("evaluate: pass at least one --model DIR or --profile PRODUCT[@VERSION]")

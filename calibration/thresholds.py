@@ -81,6 +81,7 @@ class ThresholdReport(BaseModel):
     cue_scale: float = Field(0.0, description="colour cue fused with the maps (workers.pipeline.cue_map); 0 = off")
     cue_floor: float = 0.5
     cue_window: int = 33
+    cue_sigma: float = 0.0
     refine_reason: str = ""
 
     def method(self, name: str) -> MethodResult:

@@ -66,6 +66,8 @@ class Profile(BaseModel):
         "around them are damped (workers.pipeline.cue_map; z-score scale; 0 = off)"))
     cue_floor: float = Field(0.5, ge=0.0, le=1.0, description="least weight the colour cue leaves a pixel")
     cue_window: int = Field(33, ge=3, le=255, description="odd side (model-size pixels) of the cue's normal box")
+    cue_sigma: float = Field(0.0, ge=0.0, le=32.0, description=(
+        "Gaussian blur (model-size pixels) of the colour cue's damping factor (0 = per pixel, as in older profiles)"))
     thresholds: dict[str, float | None] = {}
     threshold_reason: str = ""
     calibration_metrics: dict[str, Any] = {}

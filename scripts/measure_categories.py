@@ -130,6 +130,8 @@ def main() -> int:
     ap.add_argument("--frame-model", default="forest", help="forest (frame classifier) or rule (the tuned frame rule)")
     ap.add_argument("--normal", action=argparse.BooleanOptionalAction, default=True,
                     help="novelty features against each product's normal appearance (--no-normal: without)")
+    ap.add_argument("--contrast-views", type=int, default=3,
+                    help="contrast-scaled copies of the training regions (calibration.categorizer_fit.contrast_views; 0: none)")
     ap.add_argument("--val-fraction", type=float, default=1 / 3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default="/tmp/lw_maps")
@@ -156,9 +158,10 @@ def main() -> int:
                 test = data[p][1]
                 normal = test[0].normal if test else None  # the tested product's own, as its profile holds it
                 within = train_categorizer(all_val, kind=kind, product=p, seed=args.seed, region_source=source,
-                                           normal=normal, frame_model=args.frame_model)
+                                           normal=normal, frame_model=args.frame_model,
+                                           n_contrast_views=args.contrast_views)
                 lopo = train_categorizer(other_val, kind=kind, seed=args.seed, region_source=source, normal=normal,
-                                         frame_model=args.frame_model)
+                                         frame_model=args.frame_model, n_contrast_views=args.contrast_views)
                 rw, rl = evaluate_categorizer(within, test), evaluate_categorizer(lopo, test)
                 pooled_within.append((within, test))
                 pooled_lopo.append((lopo, test))

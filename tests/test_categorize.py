@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.categorizer_fit import (CategorySample, evaluate_categorizer, train_categorizer, _fit_classifier,
-                                         _export)
+from calibration.categorizer_fit import (CONTRAST_FEATURES, CategorySample, contrast_views, evaluate_categorizer,
+                                         train_categorizer, _fit_classifier, _export)
 from linewatch.categorize import (BASE_KINDS, FEATURES, FRAME_FEATURES, categorize_frame, detect_background,
                                   frame_decision, frame_features, normal_appearance, predict_proba, region_features)
 from linewatch.messages import CATEGORIES, Region
@@ -239,3 +239,34 @@ def test_false_blobs_train_a_spurious_class_that_is_never_reported(synth_samples
     plain = train_categorizer([CategorySample(s.image, s.category, s.mask, None, None, s.background, s.product)
                                for s in noisy], kind="logreg")
     assert "spurious" not in plain["classes"]
+
+
+def test_contrast_views_scale_each_frames_contrast_features_by_one_factor():
+    """Training copies for unseen products: the contrast features of every row of one frame are
+    scaled by the same factor within [1/spread, spread]; shape, fractions and flags are untouched."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, len(FEATURES))) + 3.0
+    groups = np.repeat(np.arange(4), 3)
+    v = contrast_views(x, groups, n_views=5, spread=2.0, seed=0)
+    assert v.shape == (60, len(FEATURES))
+    cols = [FEATURES.index(f) for f in CONTRAST_FEATURES]
+    other = [j for j in range(len(FEATURES)) if j not in cols]
+    assert "log_area_frac" in [FEATURES[j] for j in other] and "background" in [FEATURES[j] for j in other]
+    for k in range(5):
+        part = v[12 * k:12 * (k + 1)]
+        np.testing.assert_array_equal(part[:, other], x[:, other])
+        ratio = part[:, cols] / x[:, cols]
+        assert np.allclose(ratio, ratio[:, :1])  # one factor per row ...
+        per_frame = ratio[:, 0].reshape(4, 3)
+        assert np.allclose(per_frame, per_frame[:, :1])  # ... and per frame
+        assert np.all((per_frame >= 0.5 - 1e-9) & (per_frame <= 2.0 + 1e-9))
+    assert not np.allclose(v[:12], v[12:24])  # the views differ
+    assert contrast_views(x, groups, 0, 2.0, 0).shape == (0, len(FEATURES))
+
+
+def test_training_with_contrast_views_counts_the_real_regions(synth_samples):
+    with_views = train_categorizer(synth_samples, kind="forest", region_source="gt", n_contrast_views=3)
+    without = train_categorizer(synth_samples, kind="forest", region_source="gt", n_contrast_views=0)
+    assert with_views["trained_on"]["n_regions"] == without["trained_on"]["n_regions"]
+    assert with_views["trained_on"]["contrast_views"] == 3 and without["trained_on"]["contrast_views"] == 0
+    assert evaluate_categorizer(with_views, synth_samples)["macro_f1"] > 0.6

@@ -290,30 +290,41 @@ def colour_cue(amap: np.ndarray, image_rgb: np.ndarray, window: int) -> np.ndarr
     return np.sqrt((d * d / v).sum(axis=2) * np.float32(1 / 3))
 
 
-def cue_map(amap: np.ndarray, image_rgb: np.ndarray, scale: float, floor: float, window: int) -> np.ndarray:
+def cue_map(amap: np.ndarray, image_rgb: np.ndarray, scale: float, floor: float, window: int,
+            sigma: float = 0.0) -> np.ndarray:
     """The anomaly map weighted by the pixel colour cue: ``amap * (floor + (1 - floor) * s)``,
-    ``s = 1 - exp(-(cue / scale)^2)`` in [0, 1).
+    ``s = 1 - exp(-(cue / scale)^2)`` in [0, 1), with ``1 - s`` Gaussian-blurred by ``sigma``
+    pixels when ``sigma > 0``.
 
     Why: PaDiM's map is made on a stride-4..16 grid and spreads beyond the defect; pixels inside
     that blur which look like the normal material around them are damped towards ``floor`` x
     their value, pixels that differ in colour keep it. ``floor`` bounds the damping, so a defect
-    with no colour change (a bend, a dent) is weakened, never erased. ``scale <= 0``: off.
+    with no colour change (a bend, a dent) is weakened, never erased. Per pixel, the damping
+    follows the material's own grain: the few normal pixels far from their local mean keep their
+    full score (speckle that becomes stray regions), and the grain inside a scratch or stain
+    punches holes into it; blurring the damping factor (``sigma`` ~ 3 px, below a defect's
+    width) makes it a statement about the neighbourhood, which keeps a defect whole and still
+    damps the map's wide skirt.
+    ``scale <= 0``: off.
     """
     if scale <= 0 or floor >= 1:
         return amap
     c = colour_cue(amap, image_rgb, window) * np.float32(1 / scale)
     keep = cv2.exp(-(c * c))  # 1 - s
+    if sigma > 0:
+        keep = cv2.GaussianBlur(keep, (0, 0), float(sigma), borderType=cv2.BORDER_REFLECT)
     return (amap * (np.float32(1.0) - np.float32(1 - floor) * keep)).astype(amap.dtype, copy=False)
 
 
 def segmentation_map(amap: np.ndarray, image_rgb: np.ndarray | None, *, refine_fraction: float = 0.0,
                      refine_window: int = 33, guide_radius: int = 0, guide_eps: float = 1e-3,
-                     cue_scale: float = 0.0, cue_floor: float = 0.5, cue_window: int = 33) -> np.ndarray:
+                     cue_scale: float = 0.0, cue_floor: float = 0.5, cue_window: int = 33,
+                     cue_sigma: float = 0.0) -> np.ndarray:
     """The map that is thresholded into regions: ``cue_map`` and ``guide_map`` (each when on and
     the frame is given) then ``refine_map``. Offline calibration/evaluation call this very
     function."""
     if image_rgb is not None:
-        amap = cue_map(amap, image_rgb, cue_scale, cue_floor, cue_window)
+        amap = cue_map(amap, image_rgb, cue_scale, cue_floor, cue_window, cue_sigma)
         if guide_radius > 0:
             amap = guide_map(amap, image_rgb, guide_radius, guide_eps)
     return refine_map(amap, refine_fraction, refine_window)
@@ -382,7 +393,8 @@ def judge(amap: np.ndarray, score: float, profile: Profile, width: int, height: 
             seg = segmentation_map(amap, image, refine_fraction=profile.refine_fraction,
                                    refine_window=profile.refine_window, guide_radius=profile.guide_radius,
                                    guide_eps=profile.guide_eps, cue_scale=profile.cue_scale,
-                                   cue_floor=profile.cue_floor, cue_window=profile.cue_window)
+                                   cue_floor=profile.cue_floor, cue_window=profile.cue_window,
+                                   cue_sigma=profile.cue_sigma)
             top = float(seg.max())
     if top < thr and score < img_thr:  # nothing reaches either threshold: nothing to segment
         return FrameVerdict(score, "ok", [], 0.0)
