@@ -125,13 +125,13 @@ def _normal_appearance(info: Any, product: str | None, size: int) -> dict[str, A
     import logging
 
     from calibration.data import load_train
-    from calibration.fit import normal_appearance_of
+    from linewatch.categorize import normal_appearance
     from linewatch.errors import UserError
 
     if info is None or not product:
         return None
     try:
-        return normal_appearance_of(load_train(Path(info.dataset), product, size, False))
+        return normal_appearance(load_train(Path(info.dataset), product, size, False))
     except (UserError, OSError) as exc:
         logging.getLogger(__name__).info("categorizer without normal appearance: %s", exc)
         return None
@@ -151,12 +151,19 @@ def _categorizer_pool(args: argparse.Namespace, size: int) -> list:
     return pooled_category_samples(args.dataset, pool, size, _registry_dir(args), args.val_fraction, args.seed)
 
 
+def _categorizer_products_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--categorizer-products", metavar="P1,P2|all",
+                   help="other products under --dataset whose labelled validation images also train the defect "
+                        "categorizer (categories are product-agnostic); their regions come from their profiles in "
+                        "the registry when published, else from their masks. 'all' = every product there")
+
+
 def _eval_models(args: argparse.Namespace):
     """(name, model, ThresholdReport) for every --model folder and --profile."""
     from calibration.fit import load_model_dir, read_fit_info, read_threshold
     from calibration.thresholds import METHOD_TITLES, MethodResult, ThresholdReport
     from linewatch.errors import UserError
-    from linewatch.profiles import Registry
+    from linewatch.profiles import Registry, mask_step
 
     out = []
     for d in args.model or []:
@@ -174,10 +181,7 @@ def _eval_models(args: argparse.Namespace):
         rep = ThresholdReport(methods=methods, chosen=chosen, threshold=prof.threshold, reason=prof.threshold_reason,
                               n_images=0, n_anomalous=int(prof.calibration_metrics.get("n_val_anomalous", 0)),
                               n_normal=int(prof.calibration_metrics.get("n_val_normal", 0)), n_pixels=0, exact=False,
-                              k_std=3.0, quantile=0.999, refine_fraction=prof.refine_fraction,
-                              refine_window=prof.refine_window, guide_radius=prof.guide_radius,
-                              guide_eps=prof.guide_eps, cue_scale=prof.cue_scale, cue_floor=prof.cue_floor,
-                              cue_window=prof.cue_window, cue_sigma=prof.cue_sigma)
+                              k_std=3.0, quantile=0.999, **mask_step(prof))
         out.append([prof.model_kind, model, rep, prof.product, f"{prof.product}-v{prof.version}", prof.categorizer])
     if not out:
         raise UserError("evaluate: pass at least one --model DIR or --profile PRODUCT[@VERSION]")
@@ -367,10 +371,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, required=True, help="work folder written by `calibrate fit`")
     _add_source(p, "val")
     thresholds(p)
-    p.add_argument("--categorizer-products", metavar="P1,P2|all",
-                   help="other products under --dataset whose labelled validation images also train the defect "
-                        "categorizer (categories are product-agnostic); their regions come from their profiles in "
-                        "the registry when published, else from their masks. 'all' = every product there")
+    _categorizer_products_option(p)
     p.add_argument("--publish", action="store_true", help="publish the result as the product's next profile")
     p.add_argument("--no-onnx", action="store_true", help="do not export model.onnx when publishing")
     common(p, registry=True)
@@ -397,10 +398,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--report", type=Path, help="write the evaluation report here")
     p.add_argument("--no-publish", action="store_true")
     p.add_argument("--no-onnx", action="store_true")
-    p.add_argument("--categorizer-products", metavar="P1,P2|all",
-                   help="other products under --dataset whose labelled validation images also train the defect "
-                        "categorizer (categories are product-agnostic); their regions come from their profiles in "
-                        "the registry when published, else from their masks. 'all' = every product there")
+    _categorizer_products_option(p)
     thresholds(p)
     common(p, registry=True)
     p.set_defaults(func=cmd_run)

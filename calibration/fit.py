@@ -25,9 +25,10 @@ from pydantic import BaseModel
 from calibration.data import LabelledSet, load_product_splits, load_train, open_product
 from calibration.thresholds import (METHODS, ThresholdReport, estimate_image_threshold, estimate_thresholds,
                                    pixel_curves)
+from linewatch.categorize import normal_appearance
 from linewatch.errors import UserError
 from linewatch.models.base import CONFIG_FILE, WEIGHTS_FILE, AnomalyModel, ModelError
-from linewatch.profiles import Profile, ProfileError, Registry
+from linewatch.profiles import MASK_STEP_FIELDS, Profile, ProfileError, Registry, mask_step
 
 log = logging.getLogger(__name__)
 FIT_FILE = "fit.json"
@@ -137,10 +138,16 @@ class Refinement(BaseModel):
 
     @classmethod
     def of(cls, obj: Any) -> "Refinement":
-        """From a ThresholdReport or a Profile (their refine_*/guide_*/cue_* fields)."""
-        return cls(fraction=obj.refine_fraction, window=obj.refine_window, guide_radius=obj.guide_radius,
-                   guide_eps=obj.guide_eps, cue_scale=obj.cue_scale, cue_floor=obj.cue_floor,
-                   cue_window=obj.cue_window, cue_sigma=obj.cue_sigma, reason=getattr(obj, "refine_reason", ""))
+        """From a ThresholdReport or a Profile (``linewatch.profiles.mask_step``)."""
+        return cls(**{_OWN_NAMES.get(k, k): v for k, v in mask_step(obj).items()},
+                   reason=getattr(obj, "refine_reason", ""))
+
+    def settings(self) -> dict[str, Any]:
+        """The settings under their profile names (``MASK_STEP_FIELDS``)."""
+        return {k: getattr(self, _OWN_NAMES.get(k, k)) for k in MASK_STEP_FIELDS}
+
+
+_OWN_NAMES = {"refine_fraction": "fraction", "refine_window": "window"}  # Refinement's names for two of them
 
 
 def refine_maps(maps: np.ndarray, fraction: float, window: int, images: np.ndarray | None = None,
@@ -161,8 +168,8 @@ def refine_maps(maps: np.ndarray, fraction: float, window: int, images: np.ndarr
 
 
 def apply_refinement(maps: np.ndarray, r: "Refinement", images: np.ndarray | None) -> np.ndarray:
-    return refine_maps(maps, r.fraction, r.window, images, r.guide_radius, r.guide_eps, r.cue_scale, r.cue_floor,
-                       r.cue_window, r.cue_sigma)
+    s = r.settings()
+    return refine_maps(maps, s.pop("refine_fraction"), s.pop("refine_window"), images, **s)
 
 
 def calibrate_refinement(maps: np.ndarray, masks: np.ndarray, images: np.ndarray | None = None, *,
@@ -272,11 +279,7 @@ def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", 
                                  quantile=quantile)
     img_thr, img_reason = estimate_image_threshold(scores, val.anomalous)
     report = report.model_copy(update={"image_threshold": img_thr, "image_threshold_reason": img_reason,
-                                       "refine_fraction": ref.fraction, "refine_window": ref.window,
-                                       "guide_radius": ref.guide_radius, "guide_eps": ref.guide_eps,
-                                       "cue_scale": ref.cue_scale, "cue_floor": ref.cue_floor,
-                                       "cue_window": ref.cue_window, "cue_sigma": ref.cue_sigma,
-                                       "refine_reason": ref.reason,
+                                       **ref.settings(), "refine_reason": ref.reason,
                                        "notes": [*report.notes, *([variant_note] if variant_note else []), ref.reason]})
     return report, maps
 
@@ -363,11 +366,7 @@ def make_profile(product: str, model: AnomalyModel, report: ThresholdReport,
                                                                   "f1": m.val_f1} for m in report.methods},
                                         "n_val_anomalous": report.n_anomalous, "n_val_normal": report.n_normal,
                                         "notes": report.notes, **(metrics or {})},
-                   refine_fraction=report.refine_fraction, refine_window=report.refine_window,
-                   guide_radius=report.guide_radius, guide_eps=report.guide_eps,
-                   cue_scale=report.cue_scale, cue_floor=report.cue_floor, cue_window=report.cue_window,
-                   cue_sigma=report.cue_sigma,
-                   categorizer=categorizer, background=background,
+                   **mask_step(report), categorizer=categorizer, background=background,
                    background_source="override" if background is not None else "unknown",
                    notes=notes, parent_version=parent_version)
 
@@ -450,15 +449,6 @@ def _category_samples(data: LabelledSet, maps: np.ndarray, threshold: float, pro
             for i, c in enumerate(data.categories) if c in CATEGORIES]
 
 
-def normal_appearance_of(images: np.ndarray) -> dict[str, Any] | None:
-    """The product's normal appearance for its categorizer (None when linewatch.categorize is absent)."""
-    try:
-        from linewatch.categorize import normal_appearance
-    except ImportError:
-        return None
-    return normal_appearance(images)
-
-
 def pooled_category_samples(dataset_root: Path, products: list[str], input_size: int,
                             registry_dir: Path | None = None, val_fraction: float = 1 / 3, seed: int = 0) -> list:
     """Labelled validation images of *other* products for a categorizer (the categories are
@@ -474,7 +464,7 @@ def pooled_category_samples(dataset_root: Path, products: list[str], input_size:
         if not len(val) or not any(c != "good" for c in val.categories):
             log.info("categorizer pool: %s has no labelled anomalous validation images", q)
             continue
-        normal = normal_appearance_of(load_train(Path(dataset_root), q, input_size, False))
+        normal = normal_appearance(load_train(Path(dataset_root), q, input_size, False))
         prof = model = None
         if reg is not None:
             try:
@@ -601,7 +591,7 @@ def calibrate_product(dataset_root: str | Path, product: str, registry_dir: str 
     pool = resolve_categorizer_products(root, product, categorizer_products)
     pooled = pooled_category_samples(root, pool, input_size, Path(registry_dir), val_fraction, seed) if pool else []
     categorizer = fit_categorizer(val, apply_refinement(val_maps, Refinement.of(report), val.images),
-                                  report.threshold, product, raw_maps=val_maps, normal=normal_appearance_of(train),
+                                  report.threshold, product, raw_maps=val_maps, normal=normal_appearance(train),
                                   pooled=pooled)
     ev = evaluate_model(model_kind, product, model, test, report, val, val_maps, categorizer)
     metrics = {"test": ev.headline(), "fit_seconds": round(secs, 2), "n_train": int(len(train)),

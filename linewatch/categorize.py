@@ -281,10 +281,12 @@ def _appearance_index(planes: FramePlanes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _smooth(h: np.ndarray) -> np.ndarray:
-    """Gaussian (sigma 1 bin) along every axis of a histogram, numpy only."""
+    """Gaussian (sigma 1 bin, zero beyond the edges) along every axis of a histogram."""
+    from scipy.ndimage import convolve1d
+
     k = np.array([0.054, 0.242, 0.403, 0.242, 0.054])
     for ax in range(h.ndim):
-        h = np.apply_along_axis(lambda v: np.convolve(v, k, mode="same"), ax, h)
+        h = convolve1d(h, k, axis=ax, mode="constant")
     return h
 
 
@@ -331,7 +333,21 @@ def normal_appearance(normal_images: np.ndarray, max_images: int = 64) -> dict[s
     return out
 
 
-_NORMAL_CACHE: dict[int, tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]] = {}
+_MEMO: dict[int, tuple[Any, Any]] = {}
+
+
+def _memo(obj: Any, build: Any) -> Any:
+    """``build(obj)`` once per parameter object (keyed by identity; the object is kept alive with
+    its result, so an id is never reused for a stale entry): the worker turns the same JSON
+    lists into arrays on every frame otherwise."""
+    hit = _MEMO.get(id(obj))
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    if len(_MEMO) > 1024:
+        _MEMO.clear()
+    out = build(obj)
+    _MEMO[id(obj)] = (obj, out)
+    return out
 
 
 def novelty_planes(planes: FramePlanes, normal: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, float]:
@@ -340,14 +356,7 @@ def novelty_planes(planes: FramePlanes, normal: dict[str, Any]) -> tuple[np.ndar
     if int(normal.get("version", 0)) != NORMAL_VERSION or list(normal.get("lab_bins", [])) != list(LAB_BINS) \
             or list(normal.get("tex_bins", [])) != list(TEX_BINS):
         raise ValueError("normal appearance: unsupported version or bins; recompute it with normal_appearance()")
-    hit = _NORMAL_CACHE.get(id(normal))
-    if hit is None or hit[0] is not normal:
-        tabs = (np.asarray(normal["lab_nll"], np.float32), np.asarray(normal["tex_nll"], np.float32))
-        if len(_NORMAL_CACHE) > 256:
-            _NORMAL_CACHE.clear()
-        _NORMAL_CACHE[id(normal)] = (normal, tabs)
-    else:
-        tabs = hit[1]
+    tabs = _memo(normal, lambda n: (np.asarray(n["lab_nll"], np.float32), np.asarray(n["tex_nll"], np.float32)))
     ci, ti = _appearance_index(planes)
     zc = (tabs[0][ci] - normal["lab_median"]) / (normal["lab_q99"] - normal["lab_median"])
     zt = (tabs[1][ti] - normal["tex_median"]) / (normal["tex_q99"] - normal["tex_median"])
@@ -364,41 +373,14 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-_TREE_CACHE: dict[int, tuple[dict[str, Any], tuple[np.ndarray, ...]]] = {}
-
-
 def _tree_arrays(tree: dict[str, Any]) -> tuple[np.ndarray, ...]:
-    """The tree's lists as arrays, converted once per parameter dict (workers call this per frame)."""
-    hit = _TREE_CACHE.get(id(tree))
-    if hit is not None and hit[0] is tree:
-        return hit[1]
-    arrays = (np.asarray(tree["left"], np.int64), np.asarray(tree["right"], np.int64),
-              np.asarray(tree["feature"], np.int64), np.asarray(tree["threshold"], np.float64),
-              np.asarray(tree["value"], np.float64))
-    if len(_TREE_CACHE) > 4096:
-        _TREE_CACHE.clear()
-    _TREE_CACHE[id(tree)] = (tree, arrays)
-    return arrays
-
-
-def _tree_proba(x: np.ndarray, tree: dict[str, Any]) -> np.ndarray:
-    left, right, feat, thr, value = _tree_arrays(tree)
-    node = np.zeros(len(x), np.int64)
-    for _ in range(int(tree.get("depth", 64)) + 1):
-        leaf = left[node] < 0
-        if leaf.all():
-            break
-        go_left = x[np.arange(len(x)), np.maximum(feat[node], 0)] <= thr[node]
-        node = np.where(leaf, node, np.where(go_left, left[node], right[node]))
-    v = value[node]
-    return v / np.maximum(v.sum(axis=1, keepdims=True), 1e-12)
+    return (np.asarray(tree["left"], np.int64), np.asarray(tree["right"], np.int64),
+            np.asarray(tree["feature"], np.int64), np.asarray(tree["threshold"], np.float64),
+            np.asarray(tree["value"], np.float64))
 
 
 def _forest_arrays(clf: dict[str, Any]) -> tuple[np.ndarray, ...]:
-    """All trees padded into (n_trees, max_nodes) arrays, built once per parameter dict."""
-    hit = _TREE_CACHE.get(id(clf))
-    if hit is not None and hit[0] is clf:
-        return hit[1]
+    """All trees padded into (n_trees, max_nodes) arrays (built once per parameter dict: ``_memo``)."""
     trees = [_tree_arrays(t) for t in clf["trees"]]
     n_nodes = max(len(t[0]) for t in trees)
     n_cls = trees[0][4].shape[1]
@@ -412,14 +394,12 @@ def _forest_arrays(clf: dict[str, Any]) -> tuple[np.ndarray, ...]:
         left[i, :k], right[i, :k], feat[i, :k], thr[i, :k] = lf, rt, np.maximum(ft, 0), th
         value[i, :k] = va / np.maximum(va.sum(axis=1, keepdims=True), 1e-12)
     depth = max(int(t.get("depth", 64)) for t in clf["trees"])
-    arrays = (left, right, feat, thr, value, np.int64(depth))
-    _TREE_CACHE[id(clf)] = (clf, arrays)
-    return arrays
+    return left, right, feat, thr, value, np.int64(depth)
 
 
 def _forest_proba(x: np.ndarray, clf: dict[str, Any]) -> np.ndarray:
     """Walk every tree at once: node indices (n_samples, n_trees), one step per depth level."""
-    left, right, feat, thr, value, depth = _forest_arrays(clf)
+    left, right, feat, thr, value, depth = _memo(clf, _forest_arrays)
     n_trees = left.shape[0]
     t_idx = np.arange(n_trees)[None, :]
     node = np.zeros((len(x), n_trees), np.int64)

@@ -84,6 +84,17 @@ class Profile(BaseModel):
         return self.threshold if self.image_threshold is None else self.image_threshold
 
 
+# the mask step's settings: ``workers.pipeline.segmentation_map``'s keyword arguments, carried
+# under the same names by a Profile and by a calibration ThresholdReport
+MASK_STEP_FIELDS = ("refine_fraction", "refine_window", "guide_radius", "guide_eps", "cue_scale", "cue_floor",
+                    "cue_window", "cue_sigma")
+
+
+def mask_step(obj: Any) -> dict[str, Any]:
+    """The mask-step settings of a Profile or ThresholdReport, as ``segmentation_map`` keywords."""
+    return {k: getattr(obj, k) for k in MASK_STEP_FIELDS}
+
+
 def _whoami() -> str:
     try:
         return getpass.getuser()

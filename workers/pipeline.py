@@ -33,7 +33,7 @@ from linewatch.messages import (
     b64,
     now_ms,
 )
-from linewatch.profiles import Profile, ProfileError
+from linewatch.profiles import Profile, ProfileError, mask_step
 
 log = logging.getLogger(__name__)
 
@@ -390,11 +390,7 @@ def judge(amap: np.ndarray, score: float, profile: Profile, width: int, height: 
                        "filter / colour cue but no frame was given: regions from the plain map", profile.product,
                        profile.version)
         else:
-            seg = segmentation_map(amap, image, refine_fraction=profile.refine_fraction,
-                                   refine_window=profile.refine_window, guide_radius=profile.guide_radius,
-                                   guide_eps=profile.guide_eps, cue_scale=profile.cue_scale,
-                                   cue_floor=profile.cue_floor, cue_window=profile.cue_window,
-                                   cue_sigma=profile.cue_sigma)
+            seg = segmentation_map(amap, image, **mask_step(profile))
             top = float(seg.max())
     if top < thr and score < img_thr:  # nothing reaches either threshold: nothing to segment
         return FrameVerdict(score, "ok", [], 0.0)
