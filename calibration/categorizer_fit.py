@@ -137,8 +137,8 @@ def contrast_views(x: np.ndarray, groups: np.ndarray, n_views: int, spread: floa
     defect stands out is a property of the product (foreign material on plain green turf is far
     more novel than on grey gravel) -- a classifier trained on a few products otherwise learns
     their contrast levels instead of the signs and proportions that mean the same everywhere
-    (leave-one-product-out macro-F1 on the regions the detector serves 0.53 -> 0.59 and 0.53 -> 0.62
-    on two seeds of the synthetic line, within product unchanged within noise;
+    (leave-one-product-out macro-F1 on the regions the detector serves 0.54 -> 0.61 and 0.56 -> 0.60
+    on two seeds of the synthetic line, within product 0.77 -> 0.78 and 0.75 -> 0.78;
     docs/results/categories-synthetic.md).
     """
     cols = [FEATURES.index(f) for f in CONTRAST_FEATURES]

@@ -10,7 +10,8 @@ four categories plus the confusion matrix:
 - leave-one-product-out: trained on the other products' validation images only.
 
 Regions come from the ground-truth masks (``--regions gt``) or from PaDiM's thresholded maps
-(``--regions padim``: fit on train/good, threshold maximising IoU on the validation split;
+(``--regions padim``: fit on train/good, the IoU-curve threshold of the validation split as
+``calibrate`` chooses it;
 PaDiM maps are cached as .npy in ``--cache``; ``--regions padim-refined``: the maps after the
 calibrated refinement, as the worker thresholds them -- training also sees the validation
 images' unrefined-map regions, as ``calibration.fit.fit_categorizer`` does). Every product's normal appearance
@@ -31,16 +32,9 @@ import numpy as np
 
 from calibration.categorizer_fit import (CategorySample, evaluate_categorizer, format_confusion,
                                          train_categorizer)
+from calibration.thresholds import estimate_thresholds
 from linewatch.categorize import normal_appearance
 from linewatch.datasets import load_mvtec, split_validation_test
-
-
-def iou_threshold(maps: np.ndarray, masks: np.ndarray, bins: int = 1024) -> float:
-    edges = np.linspace(float(maps.min()), float(maps.max()), bins + 1)
-    pos = np.histogram(maps[masks], edges)[0][::-1].cumsum()[::-1]
-    neg = np.histogram(maps[~masks], edges)[0][::-1].cumsum()[::-1]
-    iou = pos / np.maximum(masks.sum() + neg, 1)
-    return float(edges[int(np.argmax(iou))])
 
 
 def padim_maps(root: Path, product: str, size: int, items, cache: Path, val_items=None) -> np.ndarray:
@@ -101,7 +95,7 @@ def build_samples(root: Path, products: list[str], size: int, source: str, cache
                 r = calibrate_refinement(maps[:nv], gts[:nv], imgs[:nv])
                 print(f"  {p}: {r.reason}", flush=True)
                 maps = apply_refinement(maps, r, imgs).astype(np.float32)
-            thr = iou_threshold(maps[:nv], gts[:nv])
+            thr = estimate_thresholds(maps[:nv], gts[:nv], prefer="iou").threshold  # as calibrate picks it
             masks = maps >= thr
             if source == "padim-refined":  # training only: the unrefined map's regions too (calibrate does this)
                 from calibration.fit import raw_view_threshold
