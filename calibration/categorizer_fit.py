@@ -6,9 +6,9 @@ labelled anomalous image that touches its labelled defect becomes one training r
 from ``linewatch.categorize.region_features``); regions that miss it -- a detector's false
 blobs, which the worker serves as well -- become "spurious" rows. Images labelled ``combined``
 carry no per-region label, so they teach the frame level: a frame classifier on the regions'
-out-of-fold probabilities (``linewatch.categorize.frame_features``) is trained on every
-labelled frame, and the fallback rule (two regions of different kinds make ``combined``) is
-tuned on them too. The result is a plain dict (lists of floats) for
+out-of-fold probabilities and feature summaries (``linewatch.categorize.frame_features``) is
+trained on every labelled frame, and the fallback rule (two regions of different kinds make
+``combined``) is tuned on them too. The result is a plain dict (lists of floats) for
 ``Profile.categorizer``; inference (``linewatch.categorize``) needs only numpy.
 """
 
@@ -92,7 +92,7 @@ def _fit_classifier(x: np.ndarray, y: np.ndarray, kind: str, seed: int, weights:
     if kind == "logreg":
         clf = LogisticRegression(C=0.5, class_weight="balanced", max_iter=5000)
     elif kind == "forest":
-        clf = RandomForestClassifier(n_estimators=100, max_depth=6, min_samples_leaf=2, class_weight="balanced",
+        clf = RandomForestClassifier(n_estimators=100, max_depth=10, min_samples_leaf=2, class_weight="balanced",
                                      random_state=seed, n_jobs=1)
     else:
         raise UserError(f"categorizer kind {kind!r} is not logreg, forest or ensemble")
@@ -249,7 +249,7 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
         probs = oof.get(i)
         if probs is None:
             probs = categorize_regions(params, d.feats)[1]
-        frames.append((s.category, d.areas, probs))
+        frames.append((s.category, d.areas, probs, d.feats))
     params["frame_rule"] = _tune_rule(frames, params["classes"])
     frame_weights = [float(product_weight) if product and s.product == product else 1.0 for s in samples]
     if frame_model != "rule":
@@ -270,14 +270,15 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
     return params
 
 
-def _fit_frame_classifier(frames: Sequence[tuple[str, np.ndarray, np.ndarray]], classes: Sequence[str],
+def _fit_frame_classifier(frames: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], classes: Sequence[str],
                           kind: str, seed: int, weights: Sequence[float]) -> dict[str, Any] | None:
-    """A classifier from ``frame_features`` (the regions' out-of-fold probabilities) to the
-    frame's category, or None when some category has fewer than two labelled frames."""
+    """A classifier from ``frame_features`` (the regions' out-of-fold probabilities and feature
+    summaries) to the frame's category, or None when some category has fewer than two labelled
+    frames."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.preprocessing import StandardScaler
 
-    rows = [(frame_features(p, a, classes), c, w) for (c, a, p), w in zip(frames, weights) if len(a)]
+    rows = [(frame_features(p, a, classes, f), c, w) for (c, a, p, f), w in zip(frames, weights) if len(a)]
     if not rows:
         return None
     y = np.asarray([c for _, c, _ in rows])
@@ -296,13 +297,14 @@ def _fit_frame_classifier(frames: Sequence[tuple[str, np.ndarray, np.ndarray]], 
             "scaler_scale": scale.tolist(), "classifier": _export(clf, "forest"), "n_frames": int(len(y))}
 
 
-def _tune_rule(frames: Sequence[tuple[str, np.ndarray, np.ndarray]], classes: Sequence[str]) -> dict[str, float]:
+def _tune_rule(frames: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], classes: Sequence[str],
+               ) -> dict[str, float]:
     best, best_rule = -1.0, {"combined_min_conf": 0.5, "combined_min_rel_area": 0.0}
-    truth = [c for c, _, _ in frames]
+    truth = [c for c, *_ in frames]
     if "combined" not in truth:
         return {**best_rule, "tuned": 0.0}
     base = []  # as linewatch.categorize.frame_decision sees them without a frame classifier
-    for _, areas, probs in frames:
+    for _, areas, probs, _ in frames:
         per, pb = region_kinds(probs, classes)
         base.append((areas, pb, per))
     for conf in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9):

@@ -11,8 +11,9 @@ against a ring of normal material around the region, and how unusual its colours
 for the product -- ``normal_appearance`` of its normal images -- which survives the blurred,
 shifted regions a detector gives), a small tree/linear classifier trained on the few labelled
 validation images of *all* products maps them to a kind (or to "spurious": a detector's false
-blob, never reported), and a frame classifier on summaries of the regions' probabilities
-(``frame_features``) gives the frame's category; without one, a tuned rule does.
+blob, never reported), and a frame classifier on summaries of the regions' probabilities and
+of a few of their features (``frame_features``) gives the frame's category; without one, a
+tuned rule does.
 
 The trained parameters -- the product's normal appearance included -- are plain JSON (lists of
 floats) stored in ``Profile.categorizer``; the inference here is numpy only (no scikit-learn,
@@ -499,6 +500,14 @@ FRAME_FEATURES = (
     "real_max",  # the most certainly real region's P(real)
     "real_share",  # area-weighted P(real)
 )
+# region features the frame classifier also reads, (area x P(real))-weighted over the frame's
+# regions ("w_") and of its weightiest region ("top_"): the region forest only learns from frames
+# of one kind, the frame classifier from all four -- ``combined`` included -- and a product's own
+# mix of evidence shows in the features before the region forest's probabilities flatten it
+FRAME_REGION_FEATURES = ("log_area_frac", "elongation", "dL", "dab", "frac_dark", "nov_frac", "nov_L", "core_frac",
+                         "tex_ratio", "map_max")
+FRAME_FEATURES = FRAME_FEATURES + tuple(f"w_{f}" for f in FRAME_REGION_FEATURES) \
+    + tuple(f"top_{f}" for f in FRAME_REGION_FEATURES)
 
 
 def base_probabilities(probs: np.ndarray, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -522,14 +531,16 @@ def region_kinds(probs: np.ndarray, classes: Sequence[str]) -> tuple[list[tuple[
     return [(BASE_KINDS[int(np.argmax(q))], float(np.max(q) * r)) for q, r in zip(pb, real)], pb
 
 
-def frame_features(probs: np.ndarray, areas: Sequence[float], classes: Sequence[str]) -> np.ndarray:
+def frame_features(probs: np.ndarray, areas: Sequence[float], classes: Sequence[str],
+                   feats: np.ndarray | None = None) -> np.ndarray:
     """(len(FRAME_FEATURES),) summary of a frame's regions for the frame classifier.
 
     Why a classifier and not only the rule: a detector splits one defect into fragments and
     adds spurious blobs, so "two regions of different kinds" fires on single-kind frames; the
     frame classifier learns from labelled frames -- ``combined`` ones included, which carry no
     per-region label -- how much mixed evidence a real combined frame shows. Each region
-    weighs by its area times the probability that it is real.
+    weighs by its area times the probability that it is real. ``feats``: the regions' ``FEATURES``
+    rows (the ``FRAME_REGION_FEATURES`` summaries are 0 without them).
     """
     a0 = np.asarray(areas, np.float64)
     if len(a0) == 0:
@@ -545,14 +556,24 @@ def frame_features(probs: np.ndarray, areas: Sequence[float], classes: Sequence[
             mixed = max(mixed, (1.0 - float(p[i] @ p[j])) * math.sqrt(min(rel[i], rel[j])))
     kinds = {int(np.argmax(p[i])) for i in range(len(a)) if p[i].max() >= 0.5 and rel[i] >= 0.1}
     ent = float(-(wmean * np.log(wmean + 1e-9)).sum())
+    reg = np.zeros(2 * len(FRAME_REGION_FEATURES))
+    if feats is not None:
+        x = np.nan_to_num(np.asarray(feats, np.float64).reshape(len(a), -1)[:, _FRAME_REGION_IDX],
+                          nan=0.0, posinf=10.0, neginf=-10.0)
+        reg = np.concatenate([(x * w[:, None]).sum(0), x[int(np.argmax(a))]])
     return np.array([*wmean, *p.max(0), *p[int(np.argmax(a))], math.log1p(len(a)),
                      srt[1] / srt[0] if len(a) > 1 else 0.0, mixed, float(len(kinds)), ent,
-                     float(real.max()), float((real * a0).sum() / max(a0.sum(), 1e-12))])
+                     float(real.max()), float((real * a0).sum() / max(a0.sum(), 1e-12)), *reg])
 
 
-def frame_decision(params: dict[str, Any], probs: np.ndarray, areas: Sequence[float]) -> tuple[str, float]:
+_FRAME_REGION_IDX = [FEATURES.index(f) for f in FRAME_REGION_FEATURES]
+
+
+def frame_decision(params: dict[str, Any], probs: np.ndarray, areas: Sequence[float],
+                   feats: np.ndarray | None = None) -> tuple[str, float]:
     """The frame's (category, confidence): the stored frame classifier when the parameters have
-    one, else the ``frame_rule`` (``frame_category``) on the regions' base-kind probabilities."""
+    one, else the ``frame_rule`` (``frame_category``) on the regions' base-kind probabilities.
+    ``feats``: the regions' feature rows (``frame_features``)."""
     classes = list(params["classes"])
     fc = params.get("frame_classifier")
     if not len(areas):
@@ -560,7 +581,7 @@ def frame_decision(params: dict[str, Any], probs: np.ndarray, areas: Sequence[fl
     if not fc:
         per, pb = region_kinds(probs, classes)
         return frame_category(per, areas, pb, BASE_KINDS, params.get("frame_rule"))
-    x = _scaled(fc, frame_features(probs, areas, classes)[None], FRAME_FEATURES)
+    x = _scaled(fc, frame_features(probs, areas, classes, feats)[None], FRAME_FEATURES)
     p = classifier_proba(fc["classifier"], x)[0]
     j = int(np.argmax(p))
     return str(fc["classes"][j]), float(p[j])
@@ -603,7 +624,7 @@ def categorize_frame(image: np.ndarray, anomaly_map: np.ndarray | None = None, m
     feats = region_features(image, amap, lab, threshold, background, normal=params.get("normal"))
     per, probs = categorize_regions(params, feats)
     areas = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(float)
-    cat, conf = frame_decision(params, probs, areas)
+    cat, conf = frame_decision(params, probs, areas, feats)
     if cat not in CATEGORIES and cat != UNKNOWN:  # never outside the four
         cat, conf = UNKNOWN, 0.0
     return FrameCategories(cat, conf, per, _with_categories(regions, per), probs.tolist())

@@ -126,6 +126,9 @@ def main() -> int:
                     help="novelty features against each product's normal appearance (--no-normal: without)")
     ap.add_argument("--contrast-views", type=int, default=3,
                     help="contrast-scaled copies of the training regions (calibration.categorizer_fit.contrast_views; 0: none)")
+    ap.add_argument("--train-seeds", type=int, default=1,
+                    help="train N times with different classifier seeds (seed + 1000 k) and print the spread: "
+                         "one forest seed moves the pooled figures by a few hundredths")
     ap.add_argument("--val-fraction", type=float, default=1 / 3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default="/tmp/lw_maps")
@@ -141,20 +144,21 @@ def main() -> int:
     for source in args.regions.split(","):
         data = build_samples(root, products, args.size, source, Path(args.cache), args.val_fraction, args.seed,
                              args.normal)
-        for kind in args.kind.split(","):
-            key = f"{source}/{kind}"
+        for kind, k in ((kind, k) for kind in args.kind.split(",") for k in range(args.train_seeds)):
+            key = f"{source}/{kind}" + (f"/t{k}" if args.train_seeds > 1 else "")
+            tseed = args.seed + 1000 * k
             report[key] = {}
-            print(f"\n=== regions from {source}, classifier {kind} ===")
+            print(f"\n=== regions from {source}, classifier {kind}, training seed {tseed} ===")
             pooled_within, pooled_lopo = [], []
             for p in products:
                 all_val = [s for q in products for s in data[q][0]]
                 other_val = [s for q in products if q != p for s in data[q][0]]
                 test = data[p][1]
                 normal = test[0].normal if test else None  # the tested product's own, as its profile holds it
-                within = train_categorizer(all_val, kind=kind, product=p, seed=args.seed, region_source=source,
+                within = train_categorizer(all_val, kind=kind, product=p, seed=tseed, region_source=source,
                                            normal=normal, frame_model=args.frame_model,
                                            n_contrast_views=args.contrast_views)
-                lopo = train_categorizer(other_val, kind=kind, seed=args.seed, region_source=source, normal=normal,
+                lopo = train_categorizer(other_val, kind=kind, seed=tseed, region_source=source, normal=normal,
                                          frame_model=args.frame_model, n_contrast_views=args.contrast_views)
                 rw, rl = evaluate_categorizer(within, test), evaluate_categorizer(lopo, test)
                 pooled_within.append((within, test))
@@ -178,6 +182,12 @@ def main() -> int:
                 report[key][f"pooled_{name}"] = res
                 print(f"\npooled {name}: macro-F1 {res['macro_f1']:.3f} accuracy {res['accuracy']:.3f} (n={len(truth)})")
                 print(format_confusion(res))
+        if args.train_seeds > 1:
+            for kind in args.kind.split(","):
+                for name in ("within", "lopo"):
+                    v = [report[f"{source}/{kind}/t{k}"][f"pooled_{name}"]["macro_f1"] for k in range(args.train_seeds)]
+                    print(f"{source}/{kind} pooled {name} over {len(v)} training seeds: macro-F1 mean {np.mean(v):.3f} "
+                          f"sd {np.std(v):.3f} ({' '.join(f'{x:.3f}' for x in v)})")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
