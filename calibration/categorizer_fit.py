@@ -354,11 +354,15 @@ def predict_frames(params: dict[str, Any] | None, samples: Sequence[CategorySamp
 def evaluate_categorizer(params: dict[str, Any] | None, samples: Sequence[CategorySample]) -> dict[str, Any]:
     """Macro-F1 over the four categories, accuracy, and the confusion matrix (rows = truth,
     columns = prediction, the last column "unknown" = no region found / no categorizer)."""
+    _check_labels(samples)
+    return category_scores([s.category for s in samples], [c for c, _ in predict_frames(params, samples)])
+
+
+def category_scores(truth: Sequence[str], pred: Sequence[str]) -> dict[str, Any]:
+    """``evaluate_categorizer``'s figures from frame categories already predicted (pooling the
+    predictions of several categorizers needs no second pass)."""
     from sklearn.metrics import confusion_matrix
 
-    _check_labels(samples)
-    truth = [s.category for s in samples]
-    pred = [c for c, _ in predict_frames(params, samples)]
     cols = [*CATEGORIES, UNKNOWN]
     cm = confusion_matrix(truth, pred, labels=cols)[: len(CATEGORIES)]
     return {"macro_f1": macro_f1(truth, pred), "accuracy": float(np.mean([a == b for a, b in zip(truth, pred)]))

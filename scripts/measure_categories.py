@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.categorizer_fit import (CategorySample, evaluate_categorizer, format_confusion,
+from calibration.categorizer_fit import (CategorySample, category_scores, format_confusion, predict_frames,
                                          train_categorizer)
 from calibration.thresholds import estimate_thresholds
 from linewatch.categorize import normal_appearance
@@ -149,9 +149,9 @@ def main() -> int:
             tseed = args.seed + 1000 * k
             report[key] = {}
             print(f"\n=== regions from {source}, classifier {kind}, training seed {tseed} ===")
-            pooled_within, pooled_lopo = [], []
+            pooled: dict[str, tuple[list[str], list[str]]] = {"within": ([], []), "lopo": ([], [])}  # truth, pred
+            all_val = [s for q in products for s in data[q][0]]
             for p in products:
-                all_val = [s for q in products for s in data[q][0]]
                 other_val = [s for q in products if q != p for s in data[q][0]]
                 test = data[p][1]
                 normal = test[0].normal if test else None  # the tested product's own, as its profile holds it
@@ -160,25 +160,18 @@ def main() -> int:
                                            n_contrast_views=args.contrast_views)
                 lopo = train_categorizer(other_val, kind=kind, seed=tseed, region_source=source, normal=normal,
                                          frame_model=args.frame_model, n_contrast_views=args.contrast_views)
-                rw, rl = evaluate_categorizer(within, test), evaluate_categorizer(lopo, test)
-                pooled_within.append((within, test))
-                pooled_lopo.append((lopo, test))
+                truth = [s.category for s in test]
+                pw, pl = ([c for c, _ in predict_frames(m, test)] for m in (within, lopo))
+                rw, rl = category_scores(truth, pw), category_scores(truth, pl)
+                for name, pred in (("within", pw), ("lopo", pl)):
+                    pooled[name][0].extend(truth)
+                    pooled[name][1].extend(pred)
                 report[key][p] = {"within": rw, "lopo": rl, "n_val": len(data[p][0]), "n_test": len(test)}
                 print(f"{p:6s} within macro-F1 {rw['macro_f1']:.3f} acc {rw['accuracy']:.3f} | "
                       f"leave-one-product-out macro-F1 {rl['macro_f1']:.3f} acc {rl['accuracy']:.3f} "
                       f"(val {len(data[p][0])}, test {len(test)})")
-            for name, pairs in (("within", pooled_within), ("lopo", pooled_lopo)):
-                from calibration.categorizer_fit import macro_f1, predict_frames
-
-                truth, pred = [], []
-                cm = None
-                for params, test in pairs:
-                    truth += [s.category for s in test]
-                    pred += [c for c, _ in predict_frames(params, test)]
-                    r = evaluate_categorizer(params, test)
-                    cm = np.asarray(r["confusion"]) if cm is None else cm + np.asarray(r["confusion"])
-                res = {"macro_f1": macro_f1(truth, pred), "accuracy": float(np.mean(np.array(truth) == np.array(pred))),
-                       "labels": r["labels"], "confusion": cm.tolist(), "n": len(truth)}
+            for name, (truth, pred) in pooled.items():
+                res = category_scores(truth, pred)
                 report[key][f"pooled_{name}"] = res
                 print(f"\npooled {name}: macro-F1 {res['macro_f1']:.3f} accuracy {res['accuracy']:.3f} (n={len(truth)})")
                 print(format_confusion(res))
