@@ -14,8 +14,9 @@ trained on every labelled frame, and the fallback rule (two regions of different
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -26,6 +27,9 @@ from linewatch.categorize import (BASE_KINDS, FEATURES, FRAME_FEATURES, PARAMS_V
                                   region_features, region_kinds)
 from linewatch.errors import UserError
 from linewatch.messages import CATEGORIES
+from linewatch.region_backbone import DEEP_FEATURES, deep_region_features, usable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,8 +60,9 @@ class SampleFeatures:
     overlap: np.ndarray  # (n_regions,) bool: touches the true defect (all True without gt_mask)
 
 
-def describe(sample: CategorySample, min_region_px: int = 16) -> SampleFeatures:
-    """Region features of one sample (components smaller than ``min_region_px`` dropped)."""
+def describe(sample: CategorySample, min_region_px: int = 16, deep: bool = False) -> SampleFeatures:
+    """Region features of one sample (components smaller than ``min_region_px`` dropped); with
+    ``deep``, the backbone columns (``DEEP_FEATURES``, from the sample's normal appearance) follow."""
     lab, n = _labels_of(sample.mask)
     areas = np.bincount(lab.ravel(), minlength=n + 1)[1:]
     keep = np.flatnonzero(areas >= max(1, min_region_px)) + 1
@@ -66,6 +71,8 @@ def describe(sample: CategorySample, min_region_px: int = 16) -> SampleFeatures:
     lab = lut[lab]
     feats = region_features(sample.image, sample.amap, lab, sample.threshold, sample.background,
                             FramePlanes.of(sample.image), normal=sample.normal)
+    if deep:
+        feats = np.concatenate([feats, deep_region_features(sample.image, lab, sample.normal["deep"])], axis=1)
     areas = areas[keep - 1].astype(float) if len(keep) else np.zeros(0)
     if sample.gt_mask is not None and len(keep):
         gt = np.asarray(sample.gt_mask) > 0
@@ -120,6 +127,7 @@ def _export(clf: Any, kind: str) -> dict[str, Any]:
     return {"kind": "forest", "trees": trees}
 
 
+EXPERT_WEIGHT = 0.4  # the product's own expert's share of the blended probabilities
 MIN_SPURIOUS_ROWS = 4  # fewer regions off the labelled defects than this: no "spurious" class
 
 # features whose size grows with how strongly a product's defects contrast with its material (a
@@ -173,7 +181,8 @@ def _rows(described: Sequence[SampleFeatures], samples: Sequence[CategorySample]
             prods.append(s.product)
     y = np.asarray(ys)
     keep = np.ones(len(y), bool) if (y == SPURIOUS).sum() >= MIN_SPURIOUS_ROWS else y != SPURIOUS
-    return (np.asarray(xs, np.float64).reshape(-1, len(FEATURES))[keep], y[keep], np.asarray(groups)[keep],
+    width = described[0].feats.shape[1] if described else len(FEATURES)
+    return (np.asarray(xs, np.float64).reshape(-1, width)[keep], y[keep], np.asarray(groups)[keep],
             np.asarray(prods)[keep])
 
 
@@ -182,11 +191,13 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
                       features: Sequence[str] = FEATURES, region_source: str = "unspecified",
                       progress: bool = False, normal: dict[str, Any] | None = None,
                       frame_model: str = "forest", n_contrast_views: int = 3,
-                      contrast_spread: float = 2.0) -> dict[str, Any]:
+                      contrast_spread: float = 2.0, expert_weight: float = EXPERT_WEIGHT) -> dict[str, Any]:
     """Train on labelled anomalous samples (any products); returns JSON-able parameters.
 
     ``product`` with ``product_weight`` weighs that product's own examples up (its profile's
-    categorizer), while every product's examples still count. Needs at least two examples of
+    categorizer), while every product's examples still count; with ``expert_weight`` > 0 and a
+    ``normal`` appearance holding backbone statistics, the product's own examples also train its
+    expert (``train_expert``), blended in at inference. Needs at least two examples of
     at least two of the base kinds. ``normal``: the normal appearance of the product the
     parameters are for (stored with them; each sample brings its own product's for training).
     ``frame_model``: "forest" trains a frame classifier on every labelled frame (all four
@@ -199,15 +210,17 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
     from tqdm.auto import tqdm
 
     _check_labels(samples)
-    described = [describe(s, min_region_px) for s in tqdm(samples, desc="categorizer features", unit="img",
-                                                           disable=not progress, leave=False)]
+    deep = any(f in DEEP_FEATURES for f in features)
+    described = [describe(s, min_region_px, deep) for s in tqdm(samples, desc="categorizer features", unit="img",
+                                                                 disable=not progress, leave=False)]
     x, y, groups, prods = _rows(described, samples)
     classes, counts = np.unique(y, return_counts=True)
     base = np.isin(classes, BASE_KINDS)
     if base.sum() < 2 or counts[base].min() < 2:
         raise UserError("categorizer: need at least 2 labelled regions of at least 2 of structural, surface, "
                         f"contamination (got {dict(zip(classes.tolist(), counts.tolist()))})")
-    idx = [FEATURES.index(f) for f in features]
+    names = FEATURES + DEEP_FEATURES if deep else FEATURES
+    idx = [names.index(f) for f in features]
     n_rows = len(y)
     if n_contrast_views > 0:
         views = 1 + int(n_contrast_views)
@@ -258,6 +271,12 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
             params["frame_classifier"] = fc
     if normal is not None:
         params["normal"] = normal
+    if product and expert_weight > 0 and not deep:
+        expert = train_expert([s for s in samples if s.product == product], normal, expert_weight, kind=kind,
+                              seed=seed, min_region_px=min_region_px, n_contrast_views=n_contrast_views,
+                              contrast_spread=contrast_spread)
+        if expert is not None:
+            params["expert"] = expert
     params["trained_on"] = {
         "n_frames": len(samples), "n_regions": int(n_rows),
         "regions_per_kind": dict(zip(classes.tolist(), counts.astype(int).tolist())),
@@ -267,6 +286,37 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
         "contrast_views": int(n_contrast_views), "contrast_spread": float(contrast_spread),
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    return params
+
+
+def train_expert(own: Sequence[CategorySample], normal: dict[str, Any] | None, weight: float = EXPERT_WEIGHT,
+                 **kwargs: Any) -> dict[str, Any] | None:
+    """A categorizer trained on one product's own labelled images alone, on ``FEATURES`` plus the
+    backbone features (``linewatch.region_backbone``), for ``linewatch.categorize.expert_decision``;
+    None (said in the log) without backbone statistics in ``normal`` or with fewer than two
+    labelled frames of each category (it needs its own frame classifier).
+
+    Why: the backbone channels carry product-specific evidence -- used by the pooled categorizer
+    they cost leave-one-product-out macro-F1 0.05, blended in from the product's own expert
+    they add 0.015 within product (docs/results/categories-synthetic.md)."""
+    if not normal or not usable(normal.get("deep")):
+        log.info("categorizer expert: the normal appearance has no backbone statistics")
+        return None
+    cats = [s.category for s in own]
+    if any(cats.count(c) < 2 for c in CATEGORIES):
+        log.info("categorizer expert: needs 2 labelled frames of each category (got %s)",
+                 {c: cats.count(c) for c in CATEGORIES})
+        return None
+    own = [s if s.normal is normal else replace(s, normal=normal) for s in own]
+    try:
+        params = train_categorizer(own, features=FEATURES + DEEP_FEATURES, normal=None, expert_weight=0.0,
+                                   **kwargs)
+    except UserError as exc:
+        log.info("categorizer expert not trained: %s", exc)
+        return None
+    if "frame_classifier" not in params:
+        return None
+    params["weight"] = float(weight)
     return params
 
 

@@ -23,6 +23,7 @@ no pickle), called by the worker and by the offline evaluation alike. Training l
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ import cv2
 import numpy as np
 
 from linewatch.messages import CATEGORIES
+from linewatch.region_backbone import DEEP_FEATURES, deep_region_features, usable
+
+log = logging.getLogger(__name__)
 
 BASE_KINDS = ("structural", "surface", "contamination")
 UNKNOWN = "unknown"
@@ -291,9 +295,11 @@ def _smooth(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def normal_appearance(normal_images: np.ndarray, max_images: int = 64) -> dict[str, Any]:
+def normal_appearance(normal_images: np.ndarray, max_images: int = 64, deep: bool = True) -> dict[str, Any]:
     """Colour and (lightness, texture) histograms of a product's normal images, as negative
-    log-likelihood tables with the normal pixels' own spread (JSON lists, for the profile).
+    log-likelihood tables with the normal pixels' own spread (JSON lists, for the profile);
+    with ``deep``, also the backbone channels' statistics its own categorizer expert needs
+    (``linewatch.region_backbone.deep_stats``; left out, said in the log, without the backbone).
 
     Why: a detector's region is a blurred blob around the defect; measuring how *unusual for
     this product* its pixels are keeps the defect's evidence (foreign colour, a hole's backing,
@@ -331,7 +337,23 @@ def normal_appearance(normal_images: np.ndarray, max_images: int = 64) -> dict[s
     for name, v in (("lab", np.concatenate(vals_c)), ("tex", np.concatenate(vals_t))):
         med, q99, q999 = (float(x) for x in np.quantile(v, [0.5, 0.99, 0.999]))
         out[f"{name}_median"], out[f"{name}_q99"], out[f"{name}_q999"] = med, max(q99, med + 1e-3), q999
+    if deep:
+        out.update(_deep_part(imgs))
     return out
+
+
+def _deep_part(imgs: np.ndarray) -> dict[str, Any]:
+    try:
+        from linewatch.models.base import ModelError
+        from linewatch.region_backbone import deep_stats
+    except ImportError as exc:
+        log.info("normal appearance without backbone statistics (no categorizer expert): %s", exc)
+        return {}
+    try:
+        return {"deep": deep_stats(imgs)}
+    except ModelError as exc:
+        log.info("normal appearance without backbone statistics (no categorizer expert): %s", exc)
+        return {}
 
 
 _MEMO: dict[int, tuple[Any, Any]] = {}
@@ -438,9 +460,14 @@ def _scaled(params: dict[str, Any], feats: np.ndarray, all_names: Sequence[str])
     return (x - np.asarray(params["scaler_mean"])) / np.asarray(params["scaler_scale"])
 
 
+def feature_names(feats: np.ndarray) -> tuple[str, ...]:
+    """The columns of region feature rows: ``FEATURES``, then ``DEEP_FEATURES`` when present."""
+    return FEATURES if np.asarray(feats).reshape(len(feats), -1).shape[1] == len(FEATURES) else FEATURES + DEEP_FEATURES
+
+
 def predict_proba(params: dict[str, Any], feats: np.ndarray) -> np.ndarray:
     """(n, len(classes)) region probabilities from stored parameters ("logreg", "forest" or "ensemble")."""
-    return classifier_proba(params["classifier"], _scaled(params, feats, FEATURES))
+    return classifier_proba(params["classifier"], _scaled(params, feats, feature_names(feats)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -587,6 +614,40 @@ def frame_decision(params: dict[str, Any], probs: np.ndarray, areas: Sequence[fl
     return str(fc["classes"][j]), float(p[j])
 
 
+def frame_probabilities(params: dict[str, Any], probs: np.ndarray, areas: Sequence[float],
+                        feats: np.ndarray | None = None) -> dict[str, float] | None:
+    """The frame classifier's probability per category (None without a frame classifier)."""
+    fc = params.get("frame_classifier")
+    if not fc or not len(areas):
+        return None
+    x = _scaled(fc, frame_features(probs, areas, list(params["classes"]), feats)[None], FRAME_FEATURES)
+    return dict(zip(fc["classes"], classifier_proba(fc["classifier"], x)[0].tolist()))
+
+
+def expert_decision(params: dict[str, Any], probs: np.ndarray, areas: Sequence[float], feats: np.ndarray,
+                    deep: np.ndarray) -> tuple[str, float, np.ndarray] | None:
+    """Frame (category, confidence) and region probabilities (over ``params["classes"]``) of the
+    product-agnostic categorizer blended with the product's own expert (``params["expert"]``,
+    weight ``expert["weight"]``), or None when either lacks a frame classifier.
+
+    Why a blend: the expert knows this product's defects, also through backbone features
+    (``linewatch.region_backbone``), but learnt from a handful of images; the product-agnostic
+    categorizer learnt from every product's."""
+    ex = params["expert"]
+    w = float(ex.get("weight", 0.0))
+    xfeats = np.concatenate([np.asarray(feats, np.float32).reshape(len(feats), -1), deep], axis=1)
+    e_probs = predict_proba(ex, xfeats)
+    pm, pe = frame_probabilities(params, probs, areas, feats), frame_probabilities(ex, e_probs, areas, xfeats)
+    if pm is None or pe is None:
+        return None
+    blend = {c: (1 - w) * pm.get(c, 0.0) + w * pe.get(c, 0.0) for c in CATEGORIES}
+    cat = max(blend, key=blend.__getitem__)
+    classes = list(params["classes"])
+    e_cls = list(ex["classes"])
+    e_aligned = np.stack([e_probs[:, e_cls.index(c)] if c in e_cls else np.zeros(len(e_probs)) for c in classes], 1)
+    return cat, float(blend[cat]), (1 - w) * np.asarray(probs) + w * e_aligned
+
+
 def categorize_regions(params: dict[str, Any], feats: np.ndarray) -> tuple[list[tuple[str, float]], np.ndarray]:
     """Per region (base kind, confidence) -- the confidence is P(kind | defect) * P(real) -- and
     the full (n, len(classes)) probabilities."""
@@ -621,10 +682,18 @@ def categorize_frame(image: np.ndarray, anomaly_map: np.ndarray | None = None, m
         per = [(UNKNOWN, 0.0)] * n
         return FrameCategories(UNKNOWN, 0.0, per, _with_categories(regions, per))
     lab, n = _labels_of(src)
-    feats = region_features(image, amap, lab, threshold, background, normal=params.get("normal"))
+    normal = params.get("normal")
+    feats = region_features(image, amap, lab, threshold, background, normal=normal)
     per, probs = categorize_regions(params, feats)
     areas = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(float)
-    cat, conf = frame_decision(params, probs, areas, feats)
+    hit = None
+    if n and params.get("expert") and normal and usable(normal.get("deep")):
+        hit = expert_decision(params, probs, areas, feats, deep_region_features(image, lab, normal["deep"]))
+    if hit is not None:
+        cat, conf, probs = hit
+        per = region_kinds(probs, list(params["classes"]))[0]
+    else:
+        cat, conf = frame_decision(params, probs, areas, feats)
     if cat not in CATEGORIES and cat != UNKNOWN:  # never outside the four
         cat, conf = UNKNOWN, 0.0
     return FrameCategories(cat, conf, per, _with_categories(regions, per), probs.tolist())
