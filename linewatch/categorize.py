@@ -462,7 +462,8 @@ def _scaled(params: dict[str, Any], feats: np.ndarray, all_names: Sequence[str])
 
 def feature_names(feats: np.ndarray) -> tuple[str, ...]:
     """The columns of region feature rows: ``FEATURES``, then ``DEEP_FEATURES`` when present."""
-    return FEATURES if np.asarray(feats).reshape(len(feats), -1).shape[1] == len(FEATURES) else FEATURES + DEEP_FEATURES
+    width = np.asarray(feats).reshape(len(feats), -1).shape[1]
+    return FEATURES if width == len(FEATURES) else FEATURES + DEEP_FEATURES
 
 
 def predict_proba(params: dict[str, Any], feats: np.ndarray) -> np.ndarray:
@@ -601,17 +602,14 @@ def frame_decision(params: dict[str, Any], probs: np.ndarray, areas: Sequence[fl
     """The frame's (category, confidence): the stored frame classifier when the parameters have
     one, else the ``frame_rule`` (``frame_category``) on the regions' base-kind probabilities.
     ``feats``: the regions' feature rows (``frame_features``)."""
-    classes = list(params["classes"])
-    fc = params.get("frame_classifier")
     if not len(areas):
         return UNKNOWN, 0.0
-    if not fc:
-        per, pb = region_kinds(probs, classes)
+    fp = frame_probabilities(params, probs, areas, feats)
+    if fp is None:
+        per, pb = region_kinds(probs, list(params["classes"]))
         return frame_category(per, areas, pb, BASE_KINDS, params.get("frame_rule"))
-    x = _scaled(fc, frame_features(probs, areas, classes, feats)[None], FRAME_FEATURES)
-    p = classifier_proba(fc["classifier"], x)[0]
-    j = int(np.argmax(p))
-    return str(fc["classes"][j]), float(p[j])
+    cat = max(fp, key=fp.__getitem__)
+    return str(cat), float(fp[cat])
 
 
 def frame_probabilities(params: dict[str, Any], probs: np.ndarray, areas: Sequence[float],

@@ -79,8 +79,8 @@ def test_expert_is_trained_for_the_own_product_and_blended_in(samples, cap_norma
         assert np.allclose(r.probabilities, (1 - w) * pm + w * aligned)
     # offline evaluation runs the same path as the worker
     cap = [x for x in samples if x.product == "cap"]
-    assert [c for c, _ in predict_frames(params, cap)] == [categorize_frame(s.image, None, s.mask, params=params).category
-                                                           for s in cap]
+    worker = [categorize_frame(s.image, None, s.mask, params=params).category for s in cap]
+    assert [c for c, _ in predict_frames(params, cap)] == worker
 
 
 def test_no_expert_without_own_labels_or_backbone_statistics(samples, cap_normal):
