@@ -274,7 +274,7 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
     if product and expert_weight > 0 and not deep:
         expert = train_expert([s for s in samples if s.product == product], normal, expert_weight, kind=kind,
                               seed=seed, min_region_px=min_region_px, n_contrast_views=n_contrast_views,
-                              contrast_spread=contrast_spread)
+                              contrast_spread=contrast_spread, region_source=region_source)
         if expert is not None:
             params["expert"] = expert
     params["trained_on"] = {

@@ -59,6 +59,10 @@ def test_calibrate_product_one_shot(line, tmp_path):
     # "spurious" (a detector's false blob) is an internal class of the region classifier, never reported
     assert prof.categorizer is not None and set(prof.categorizer["classes"]) <= {"structural", "surface",
                                                                               "contamination", "spurious"}
+    # its own labelled validation frames (every category twice or more) also train its backbone expert
+    expert = prof.categorizer["expert"]
+    assert expert["trained_on"]["products"] == ["pcb"] and expert["trained_on"]["region_source"] == "predicted"
+    assert "deep" in prof.categorizer["normal"] and "normal" not in expert
     assert 0.5 < prof.calibration_metrics["test"]["pixel_auroc"] <= 1.0
     stored, model = Registry(reg).load("pcb")
     assert stored.threshold == prof.threshold and model.kind == "meandiff"
