@@ -46,6 +46,7 @@ def e2e_registry(tmp_path_factory) -> Path:
         profile = calibrate_product(root, product, registry, "padim", input_size=INPUT_SIZE, seed=3,
                                     options={"d": 32}, progress=False)
         assert profile.version == 1 and profile.categorizer is not None
+        assert "expert" in profile.categorizer  # the worker below runs the backbone expert too
     return registry
 
 
