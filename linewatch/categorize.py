@@ -13,11 +13,14 @@ shifted regions a detector gives), a small tree/linear classifier trained on the
 validation images of *all* products maps them to a kind (or to "spurious": a detector's false
 blob, never reported), and a frame classifier on summaries of the regions' probabilities and
 of a few of their features (``frame_features``) gives the frame's category; without one, a
-tuned rule does.
+tuned rule does. A product with enough labelled frames of its own also carries an "expert"
+trained on them alone, which reads pretrained backbone features too and is blended in
+(``expert_decision``, ``linewatch.region_backbone``).
 
 The trained parameters -- the product's normal appearance included -- are plain JSON (lists of
 floats) stored in ``Profile.categorizer``; the inference here is numpy only (no scikit-learn,
-no pickle), called by the worker and by the offline evaluation alike. Training lives in
+no pickle; torch only for an expert's backbone features), called by the worker and by the
+offline evaluation alike. Training lives in
 ``calibration/categorizer_fit.py``; :func:`train_categorizer` is re-exported from there.
 """
 
