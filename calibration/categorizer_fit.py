@@ -298,7 +298,7 @@ def train_expert(own: Sequence[CategorySample], normal: dict[str, Any] | None, w
 
     Why: the backbone channels carry product-specific evidence -- used by the pooled categorizer
     they cost leave-one-product-out macro-F1 0.05, blended in from the product's own expert
-    they add 0.015 within product (docs/results/categories-synthetic.md)."""
+    they add 0.013 within product (docs/results/categories-synthetic.md)."""
     if not normal or not usable(normal.get("deep")):
         log.info("categorizer expert: the normal appearance has no backbone statistics")
         return None

@@ -81,3 +81,21 @@ def kafka_settings(kafka_broker, request):
     )
     ensure_topics(settings)
     return settings
+
+
+@pytest.fixture(scope="session")
+def synth_samples():
+    """Ground-truth regions of synthetic defects (cap and turf, every category, 6 each), 128 px,
+    for the categorizer tests (shared; tests must not modify them)."""
+    from calibration.categorizer_fit import CategorySample
+    from linewatch.messages import CATEGORIES
+    from linewatch.synth import SyntheticProduct
+
+    out = []
+    for prod in ("cap", "turf"):
+        sp = SyntheticProduct(prod, 128, seed=0)
+        for cat in CATEGORIES:
+            for i in range(6):
+                s = sp.defective(i, cat)
+                out.append(CategorySample(s.image, cat, s.mask > 0, None, None, s.background, prod))
+    return out

@@ -88,19 +88,6 @@ def test_profile_without_categorizer_is_unknown():
     assert [x.category for x in r.regions] == ["unknown"]
 
 
-@pytest.fixture(scope="module")
-def synth_samples():
-    """Ground-truth regions of synthetic defects (two products, every category), 128 px."""
-    out = []
-    for prod in ("cap", "turf"):
-        sp = SyntheticProduct(prod, 128, seed=0)
-        for cat in CATEGORIES:
-            for i in range(6):
-                s = sp.defective(i, cat)
-                out.append(CategorySample(s.image, cat, s.mask > 0, None, None, s.background, prod))
-    return out
-
-
 def test_trained_parameters_are_json_and_never_leave_the_four(synth_samples):
     params = train_categorizer(synth_samples, kind="logreg", region_source="gt")
     text = json.dumps(params)  # plain JSON: no pickle anywhere

@@ -4,6 +4,7 @@ product's own labelled frames only, blended with the product-agnostic categorize
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -24,17 +25,9 @@ def cap_normal():
 
 
 @pytest.fixture(scope="module")
-def samples(cap_normal):
-    """Ground-truth regions, every category: cap (with its normal appearance) and turf."""
-    out = []
-    for prod in ("cap", "turf"):
-        sp = SyntheticProduct(prod, 128, seed=0)
-        for cat in CATEGORIES:
-            for i in range(5):
-                s = sp.defective(i, cat)
-                out.append(CategorySample(s.image, cat, s.mask > 0, None, None, s.background, prod,
-                                          normal=cap_normal if prod == "cap" else None))
-    return out
+def samples(synth_samples, cap_normal):
+    """The shared cap and turf samples, cap's with its normal appearance."""
+    return [replace(s, normal=cap_normal) if s.product == "cap" else s for s in synth_samples]
 
 
 def test_deep_region_features_see_foreign_material(cap_normal):
