@@ -128,7 +128,7 @@ def run_benchmark(dataset_root: str | Path, products: Sequence[str], families: S
             t0 = time.perf_counter()
             model.fit(train, progress=progress)
             fit_s = time.perf_counter() - t0
-            report, _ = threshold_model(model, val, "iou", require_anomalies=False)
+            report, _ = threshold_model(model, val, "iou", require_anomalies=False, extent=False)
             t0 = time.perf_counter()
             maps, scores = model.predict(test.images)
             ips = len(test.images) / max(time.perf_counter() - t0, 1e-9)

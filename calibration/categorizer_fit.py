@@ -111,9 +111,11 @@ def _classes(clf: Any) -> np.ndarray:
     return clf[0].classes_ if isinstance(clf, list) else clf.classes_
 
 
-def _export(clf: Any, kind: str) -> dict[str, Any]:
+def export_classifier(clf: Any, kind: str) -> dict[str, Any]:
+    """A fitted scikit-learn classifier as plain JSON (``linewatch.categorize.classifier_proba`` reads it)."""
     if kind == "ensemble":
-        return {"kind": "ensemble", "members": [_export(clf[0], "logreg"), _export(clf[1], "forest")]}
+        return {"kind": "ensemble",
+                "members": [export_classifier(clf[0], "logreg"), export_classifier(clf[1], "forest")]}
     if kind == "logreg":
         return {"kind": "logreg", "coef": clf.coef_.tolist(), "intercept": clf.intercept_.tolist()}
     trees = []
@@ -240,7 +242,7 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
         "classes": _classes(clf).tolist(),
         "scaler_mean": scaler.mean_.tolist(),
         "scaler_scale": scale.tolist(),
-        "classifier": _export(clf, kind),
+        "classifier": export_classifier(clf, kind),
         "min_region_px": int(min_region_px),
         "frame_rule": {"combined_min_conf": 0.5, "combined_min_rel_area": 0.0},
     }
@@ -253,7 +255,7 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
             if len(np.unique(y[tr])) < len(classes):
                 continue
             sub = _fit_classifier(xs[tr], y[tr], kind, seed, None if weights is None else weights[tr])
-            p_sub = {**params, "classifier": _export(sub, kind), "classes": _classes(sub).tolist()}
+            p_sub = {**params, "classifier": export_classifier(sub, kind), "classes": _classes(sub).tolist()}
             for g in np.unique(groups[te]):
                 d = described[g]
                 oof[int(g)] = categorize_regions(p_sub, d.feats)[1]
@@ -344,7 +346,7 @@ def _fit_frame_classifier(frames: Sequence[tuple[str, np.ndarray, np.ndarray, np
                                  random_state=seed, n_jobs=1)
     clf.fit((x - scaler.mean_) / scale, y, sample_weight=np.asarray([w for _, _, w in rows]))
     return {"features": list(FRAME_FEATURES), "classes": clf.classes_.tolist(), "scaler_mean": scaler.mean_.tolist(),
-            "scaler_scale": scale.tolist(), "classifier": _export(clf, "forest"), "n_frames": int(len(y))}
+            "scaler_scale": scale.tolist(), "classifier": export_classifier(clf, "forest"), "n_frames": int(len(y))}
 
 
 def _tune_rule(frames: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], classes: Sequence[str],

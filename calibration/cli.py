@@ -102,7 +102,7 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     cat = fit_categorizer(val, apply_refinement(val_maps, Refinement.of(report), val.images),
                           report.threshold, args.product or "product", raw_maps=val_maps,
                           normal=_normal_appearance(info, args.product, model.input_size),
-                          pooled=pooled)
+                          pooled=pooled, extent=report.extent)
     cat_path = Path(args.model) / "categorizer.json"
     if cat is not None:
         cat_path.write_text(json.dumps(cat))
@@ -181,7 +181,7 @@ def _eval_models(args: argparse.Namespace):
         rep = ThresholdReport(methods=methods, chosen=chosen, threshold=prof.threshold, reason=prof.threshold_reason,
                               n_images=0, n_anomalous=int(prof.calibration_metrics.get("n_val_anomalous", 0)),
                               n_normal=int(prof.calibration_metrics.get("n_val_normal", 0)), n_pixels=0, exact=False,
-                              k_std=3.0, quantile=0.999, **mask_step(prof))
+                              k_std=3.0, quantile=0.999, **mask_step(prof), extent=prof.extent)
         out.append([prof.model_kind, model, rep, prof.product, f"{prof.product}-v{prof.version}", prof.categorizer])
     if not out:
         raise UserError("evaluate: pass at least one --model DIR or --profile PRODUCT[@VERSION]")

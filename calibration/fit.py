@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from calibration.data import LabelledSet, load_product_splits, load_train, open_product
+from calibration.extent_fit import ExtentFit, fit_extent
 from calibration.thresholds import (METHODS, ThresholdReport, estimate_image_threshold, estimate_thresholds,
                                    pixel_curves)
 from linewatch.categorize import normal_appearance
@@ -244,13 +245,17 @@ def calibrate_refinement(maps: np.ndarray, masks: np.ndarray, images: np.ndarray
 def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", k_std: float = 3.0,
                     quantile: float = 0.999, require_anomalies: bool = True,
                     batch_size: int = 16, refine: bool = True,
-                    choose_setting: bool = True) -> tuple[ThresholdReport, np.ndarray]:
+                    choose_setting: bool = True, extent: bool = True) -> tuple[ThresholdReport, np.ndarray]:
     """All five methods on the validation set; one chosen. Returns (report, raw validation maps).
 
     ``refine``: also calibrate the map refinement (guided filter by the frame + peak-relative
     rule, ``calibrate_refinement``) on the validation set; the thresholds are then estimated on
     the refined maps and the report carries the refinement (the profile and the worker's
     ``judge`` apply it the same way). Off when it does not raise validation IoU.
+
+    ``extent``: also fit the learned region extent on the validation masks
+    (``calibration.extent_fit.fit_extent``; adopted unless it costs IoU on held-out validation
+    images); the profile and the worker apply it after thresholding.
 
     ``choose_setting``: also choose between the model's own settings (``choose_variant``; the
     model is left on the chosen one and must be saved with it); recalibration passes False,
@@ -275,12 +280,16 @@ def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", 
     if refine and choose_setting:
         maps, scores, ref, variant_note = choose_variant(model, val, maps, scores, ref, k_std=k_std,
                                                          quantile=quantile, batch_size=batch_size)
-    report = estimate_thresholds(apply_refinement(maps, ref, val.images), val.masks, prefer=prefer, k_std=k_std,
-                                 quantile=quantile)
+    served = apply_refinement(maps, ref, val.images)
+    report = estimate_thresholds(served, val.masks, prefer=prefer, k_std=k_std, quantile=quantile)
     img_thr, img_reason = estimate_image_threshold(scores, val.anomalous)
+    ext = (fit_extent(maps, served, val.images, val.masks, report.threshold) if extent
+           else ExtentFit(reason="region extent off (not requested)"))
     report = report.model_copy(update={"image_threshold": img_thr, "image_threshold_reason": img_reason,
                                        **ref.settings(), "refine_reason": ref.reason,
-                                       "notes": [*report.notes, *([variant_note] if variant_note else []), ref.reason]})
+                                       "extent": ext.params, "extent_reason": ext.reason,
+                                       "notes": [*report.notes, *([variant_note] if variant_note else []), ref.reason,
+                                                 ext.reason]})
     return report, maps
 
 
@@ -366,7 +375,7 @@ def make_profile(product: str, model: AnomalyModel, report: ThresholdReport,
                                                                   "f1": m.val_f1} for m in report.methods},
                                         "n_val_anomalous": report.n_anomalous, "n_val_normal": report.n_normal,
                                         "notes": report.notes, **(metrics or {})},
-                   **mask_step(report), categorizer=categorizer, background=background,
+                   **mask_step(report), extent=report.extent, categorizer=categorizer, background=background,
                    background_source="override" if background is not None else "unknown",
                    notes=notes, parent_version=parent_version)
 
@@ -430,20 +439,53 @@ def evaluate_model(name: str, product: str, model: AnomalyModel, test: LabelledS
     ev = evaluate_maps(name, product, test, maps, scores, report.thresholds(), report.chosen, report, val_curves,
                        raw_maps=raw)
     ev.extra["refinement"] = ref.model_dump()
-    ev.category_eval = categorizer_evaluation(categorizer, test, maps, report.threshold, product, raw)
+    if report.extent:
+        ev.extra["extent"] = extent_iou(maps, raw, test, report.threshold, report.extent)
+    ev.category_eval = categorizer_evaluation(categorizer, test, maps, report.threshold, product, raw, report.extent)
     return ev
 
 
+def served_mask(maps: np.ndarray, i: int, threshold: float, raw_maps: np.ndarray | None,
+                images: np.ndarray, extent: dict[str, Any] | None) -> np.ndarray:
+    """Image ``i``'s mask as the worker serves it: the (refined) map thresholded, then the learned
+    region extent when the profile has one (``workers.pipeline.judge`` does the same)."""
+    mask = maps[i] >= threshold
+    if not extent or not mask.any():
+        return mask
+    from workers.extent import apply_extent
+
+    return apply_extent(extent, maps[i] if raw_maps is None else raw_maps[i], images[i], mask, threshold)
+
+
+def extent_iou(maps: np.ndarray, raw_maps: np.ndarray, data: LabelledSet, threshold: float,
+               extent: dict[str, Any]) -> dict[str, Any]:
+    """Mean per-image IoU of the anomalous images at the chosen threshold, without and with the
+    learned region extent (the served masks)."""
+    anom = np.flatnonzero(data.anomalous)
+    plain, served = [], []
+    for i in anom.tolist():
+        gt = data.masks[i] > 0
+        for out, m in ((plain, maps[i] >= threshold), (served, served_mask(maps, i, threshold, raw_maps, data.images,
+                                                                           extent))):
+            u = np.logical_or(m, gt).sum()
+            out.append(1.0 if u == 0 else float(np.logical_and(m, gt).sum() / u))
+    return {"n_anomalous": int(len(anom)), "iou_thresholded": float(np.mean(plain)) if plain else None,
+            "iou_served": float(np.mean(served)) if served else None, "reason": extent.get("reason", "")}
+
+
 def _category_samples(data: LabelledSet, maps: np.ndarray, threshold: float, product: str,
-                      raw_maps: np.ndarray | None = None, normal: dict[str, Any] | None = None):
+                      raw_maps: np.ndarray | None = None, normal: dict[str, Any] | None = None,
+                      extent: dict[str, Any] | None = None):
     """Labelled anomalous images as the categorizer sees them at inference: regions from the
-    (refined) thresholded map, map features from the RAW map -- exactly what the worker passes
-    to categorize_frame -- and the true mask kept to tell which regions are real."""
+    (refined) thresholded map and the learned extent (``served_mask``), map features from the RAW
+    map -- exactly what the worker passes to categorize_frame -- and the true mask kept to tell
+    which regions are real."""
     from calibration.categorizer_fit import CategorySample
     from linewatch.messages import CATEGORIES
 
     feats = maps if raw_maps is None else raw_maps
-    return [CategorySample(image=data.images[i], category=c, mask=maps[i] >= threshold, amap=feats[i],
+    return [CategorySample(image=data.images[i], category=c,
+                           mask=served_mask(maps, i, threshold, raw_maps, data.images, extent), amap=feats[i],
                            threshold=threshold, background=data.background[i], product=product,
                            gt_mask=data.masks[i], normal=normal)
             for i, c in enumerate(data.categories) if c in CATEGORIES]
@@ -474,7 +516,7 @@ def pooled_category_samples(dataset_root: Path, products: list[str], input_size:
         if prof is not None and model is not None and model.input_size == input_size:
             raw, _ = model.predict(val.images)
             maps = apply_refinement(raw, Refinement.of(prof), val.images)
-            out += _category_samples(val, maps, prof.threshold, q, raw, normal)
+            out += _category_samples(val, maps, prof.threshold, q, raw, normal, prof.extent)
             out += raw_view_samples(val, raw, maps, q, normal)  # as fit_categorizer trains on its own product
         else:
             log.info("categorizer pool: %s regions from its labelled masks (no profile at size %d)", q, input_size)
@@ -507,7 +549,7 @@ def raw_view_samples(val: LabelledSet, raw_maps: np.ndarray, served_maps: np.nda
 
 def fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, product: str,
                     raw_maps: np.ndarray | None = None, normal: dict[str, Any] | None = None,
-                    pooled: list | None = None) -> dict[str, Any] | None:
+                    pooled: list | None = None, extent: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Categorizer parameters (JSON) trained on the validation images -- this product's weighed
     up, plus ``pooled`` samples of other products (``pooled_category_samples``) -- or None (said
     in the log) when linewatch.categorize is absent or the labels are too few. ``normal``: this
@@ -517,7 +559,7 @@ def fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, pr
         from calibration.categorizer_fit import train_categorizer
     except ImportError:
         return None
-    samples = _category_samples(val, val_maps, threshold, product, raw_maps, normal)
+    samples = _category_samples(val, val_maps, threshold, product, raw_maps, normal, extent)
     pooled = list(pooled or [])
     if raw_maps is not None:
         pooled += raw_view_samples(val, raw_maps, val_maps, product, normal)
@@ -536,12 +578,12 @@ def fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, pr
 
 def categorizer_evaluation(params: dict[str, Any] | None, test: LabelledSet, maps: np.ndarray,
                            threshold: float, product: str, raw_maps: np.ndarray | None = None,
-                           ) -> dict[str, Any] | None:
+                           extent: dict[str, Any] | None = None) -> dict[str, Any] | None:
     if not params:
         return None
     from calibration.categorizer_fit import evaluate_categorizer
 
-    samples = _category_samples(test, maps, threshold, product, raw_maps)
+    samples = _category_samples(test, maps, threshold, product, raw_maps, extent=extent)
     if not samples:
         return None
     try:
@@ -592,10 +634,12 @@ def calibrate_product(dataset_root: str | Path, product: str, registry_dir: str 
     pooled = pooled_category_samples(root, pool, input_size, Path(registry_dir), val_fraction, seed) if pool else []
     categorizer = fit_categorizer(val, apply_refinement(val_maps, Refinement.of(report), val.images),
                                   report.threshold, product, raw_maps=val_maps, normal=normal_appearance(train),
-                                  pooled=pooled)
+                                  pooled=pooled, extent=report.extent)
     ev = evaluate_model(model_kind, product, model, test, report, val, val_maps, categorizer)
     metrics = {"test": ev.headline(), "fit_seconds": round(secs, 2), "n_train": int(len(train)),
                "n_val": len(val), "n_test": len(test)}
+    if "extent" in ev.extra:
+        metrics["extent"] = ev.extra["extent"]
     if ev.category_eval:
         metrics["categories"] = {k: ev.category_eval[k] for k in ("accuracy", "macro_f1", "n") if k in ev.category_eval}
     if report_dir is not None:

@@ -201,10 +201,16 @@ def write_report(evals: list[ModelEvaluation], out_dir: Path, title: str = "line
             [r for r in e.rows if r["group"] == "all"],
             ["method", "threshold", "iou", "dice", "pooled_iou", "precision", "recall", "normal_false_alarm_rate",
              "oracle_iou", "regret"])))
+        ext = e.extra.get("extent")
+        if ext and ext.get("iou_served") is not None:
+            parts.append(f"<p><b>Region extent</b> (learned on the validation masks, reshapes the thresholded "
+                         f"regions): test IoU at the chosen threshold {ext['iou_thresholded']:.4f} &rarr; "
+                         f"{ext['iou_served']:.4f} as served over {ext['n_anomalous']} anomalous images "
+                         f"(the overlays below show the thresholded regions). {html.escape(ext.get('reason', ''))}</p>")
         ce = e.category_eval
         if ce and ce.get("n"):
             parts.append(f"<h3>Defect categories</h3><p>accuracy {ce['accuracy']:.3f}, macro-F1 {ce['macro_f1']:.3f} "
-                         f"over {ce['n']} anomalous test images (regions from the thresholded map; "
+                         f"over {ce['n']} anomalous test images (regions as the worker serves them; "
                          "confusion matrix below)</p>")
         for f in figs:
             parts.append(f'<p><img src="{html.escape(f.name)}" alt="{html.escape(f.stem)}" style="max-width:100%"></p>')

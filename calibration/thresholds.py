@@ -24,7 +24,7 @@ methods 4-5 can run, and the report says so instead of silently falling back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -83,6 +83,8 @@ class ThresholdReport(BaseModel):
     cue_window: int = 33
     cue_sigma: float = 0.0
     refine_reason: str = ""
+    extent: dict[str, Any] | None = Field(None, description="learned region extent (workers.extent); None = off")
+    extent_reason: str = ""
 
     def method(self, name: str) -> MethodResult:
         for m in self.methods:

@@ -424,20 +424,27 @@ def _forest_arrays(clf: dict[str, Any]) -> tuple[np.ndarray, ...]:
 
 
 def _forest_proba(x: np.ndarray, clf: dict[str, Any]) -> np.ndarray:
-    """Walk every tree at once: node indices (n_samples, n_trees), one step per depth level."""
+    """Walk every tree at once: node indices (n_samples, n_trees), one step per depth level.
+
+    The padded (n_trees, max_nodes) arrays are read flat, with each tree's offset added to its
+    local child indices: 1-D ``take`` is about twice as fast as 2-D fancy indexing, which
+    matters for the region extent's thousands of pixels per frame."""
     left, right, feat, thr, value, depth = _memo(clf, _forest_arrays)
-    n_trees = left.shape[0]
-    t_idx = np.arange(n_trees)[None, :]
-    node = np.zeros((len(x), n_trees), np.int64)
-    rows = np.arange(len(x))[:, None]
+    n_trees, n_nodes = left.shape
+    off = (np.arange(n_trees, dtype=np.int64) * n_nodes)[None, :]
+    left, right, feat, thr = left.ravel(), right.ravel(), feat.ravel(), thr.ravel()
+    x = np.ascontiguousarray(x, np.float64)
+    xf = x.ravel()
+    rows = (np.arange(len(x), dtype=np.int64) * x.shape[1])[:, None]
+    node = np.repeat(off, len(x), axis=0)  # global node ids, every tree at its root
     for _ in range(int(depth) + 1):
-        lf = left[t_idx, node]
+        lf = left.take(node)
         leaf = lf < 0
         if leaf.all():
             break
-        go_left = x[rows, feat[t_idx, node]] <= thr[t_idx, node]
-        node = np.where(leaf, node, np.where(go_left, lf, right[t_idx, node]))
-    return value[t_idx, node].mean(axis=1)
+        go_left = xf.take(rows + feat.take(node)) <= thr.take(node)
+        node = np.where(leaf, node, np.where(go_left, lf, right.take(node)) + off)
+    return value.reshape(n_trees * n_nodes, -1)[node].mean(axis=1)
 
 
 def classifier_proba(clf: dict[str, Any], x: np.ndarray) -> np.ndarray:

@@ -68,6 +68,9 @@ class Profile(BaseModel):
     cue_window: int = Field(33, ge=3, le=255, description="odd side (model-size pixels) of the cue's normal box")
     cue_sigma: float = Field(0.0, ge=0.0, le=32.0, description=(
         "Gaussian blur (model-size pixels) of the colour cue's damping factor (0 = per pixel, as in older profiles)"))
+    extent: dict[str, Any] | None = Field(None, description=(
+        "learned region extent (workers.extent): a pixel forest, fitted on the validation masks, that reshapes "
+        "the thresholded regions; None = off (older profiles, or it did not beat the plain regions)"))
     thresholds: dict[str, float | None] = {}
     threshold_reason: str = ""
     calibration_metrics: dict[str, Any] = {}

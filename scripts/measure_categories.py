@@ -14,7 +14,8 @@ Regions come from the ground-truth masks (``--regions gt``) or from PaDiM's thre
 ``calibrate`` chooses it;
 PaDiM maps are cached as .npy in ``--cache``; ``--regions padim-refined``: the maps after the
 calibrated refinement, as the worker thresholds them -- training also sees the validation
-images' unrefined-map regions, as ``calibration.fit.fit_categorizer`` does). Every product's normal appearance
+images' unrefined-map regions, as ``calibration.fit.fit_categorizer`` does; then the learned region
+extent reshapes them when it beats them on held-out validation images, ``--no-extent``: never). Every product's normal appearance
 (``linewatch.categorize.normal_appearance`` of its train/good images, which need no labels) goes
 with its samples and with the parameters applied to it, as its profile would carry it.
 
@@ -69,7 +70,7 @@ def padim_maps(root: Path, product: str, size: int, items, cache: Path, val_item
 
 
 def build_samples(root: Path, products: list[str], size: int, source: str, cache: Path, val_fraction: float,
-                  seed: int, with_normal: bool = True):
+                  seed: int, with_normal: bool = True, extent: bool = True):
     out = {}
     for p in products:
         ds = load_mvtec(root, p)
@@ -97,6 +98,13 @@ def build_samples(root: Path, products: list[str], size: int, source: str, cache
                 maps = apply_refinement(maps, r, imgs).astype(np.float32)
             thr = estimate_thresholds(maps[:nv], gts[:nv], prefer="iou").threshold  # as calibrate picks it
             masks = maps >= thr
+            if source == "padim-refined" and extent:  # the learned region extent, fitted on validation as calibrate does
+                from calibration.extent_fit import fit_extent
+                from calibration.fit import served_mask
+
+                ext = fit_extent(raw[:nv], maps[:nv], imgs[:nv], gts[:nv], thr)
+                print(f"  {p}: {ext.reason}", flush=True)
+                masks = np.stack([served_mask(maps, k, thr, raw, imgs, ext.params) for k in range(len(items))])
             if source == "padim-refined":  # training only: the unrefined map's regions too (calibrate does this)
                 from calibration.fit import raw_view_threshold
 
@@ -129,6 +137,9 @@ def main() -> int:
     ap.add_argument("--train-seeds", type=int, default=1,
                     help="train N times with different classifier seeds (seed + 1000 k) and print the spread: "
                          "one forest seed moves the pooled figures by a few hundredths")
+    ap.add_argument("--extent", action=argparse.BooleanOptionalAction, default=True,
+                    help="padim-refined: the learned region extent (workers.extent), fitted on validation as "
+                         "calibrate does (--no-extent: the thresholded regions alone)")
     ap.add_argument("--val-fraction", type=float, default=1 / 3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default="/tmp/lw_maps")
@@ -143,7 +154,7 @@ def main() -> int:
     report: dict = {}
     for source in args.regions.split(","):
         data = build_samples(root, products, args.size, source, Path(args.cache), args.val_fraction, args.seed,
-                             args.normal)
+                             args.normal, args.extent)
         for kind, k in ((kind, k) for kind in args.kind.split(",") for k in range(args.train_seeds)):
             key = f"{source}/{kind}" + (f"/t{k}" if args.train_seeds > 1 else "")
             tseed = args.seed + 1000 * k

@@ -64,6 +64,11 @@ def test_calibrate_product_one_shot(line, tmp_path):
     assert expert["trained_on"]["products"] == ["pcb"] and expert["trained_on"]["region_source"] == "predicted"
     assert "deep" in prof.categorizer["normal"] and "normal" not in expert
     assert 0.5 < prof.calibration_metrics["test"]["pixel_auroc"] <= 1.0
+    # the learned region extent was judged on held-out validation images, and said so
+    note = next(n for n in prof.calibration_metrics["notes"] if n.startswith("region extent"))
+    assert "held-out validation IoU" in note and "4-fold" in note
+    # meandiff's 64 px maps: the forest costs held-out IoU, so the profile serves the thresholded regions
+    assert "extent off" in note and prof.extent is None and "extent" not in prof.calibration_metrics
     stored, model = Registry(reg).load("pcb")
     assert stored.threshold == prof.threshold and model.kind == "meandiff"
     html = (tmp_path / "report" / "index.html").read_text()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from calibration.categorizer_fit import (CONTRAST_FEATURES, CategorySample, contrast_views, evaluate_categorizer,
-                                         train_categorizer, _fit_classifier, _export)
+                                         train_categorizer, _fit_classifier, export_classifier)
 from linewatch.categorize import (BASE_KINDS, FEATURES, FRAME_FEATURES, categorize_frame, detect_background,
                                   frame_decision, frame_features, normal_appearance, predict_proba, region_features)
 from linewatch.messages import CATEGORIES, Region
@@ -115,7 +115,7 @@ def test_numpy_inference_equals_sklearn(kind):
     models = clf if isinstance(clf, list) else [clf]
     params = {"features": list(FEATURES), "classes": models[0].classes_.tolist(),
               "scaler_mean": [0.0] * len(FEATURES), "scaler_scale": [1.0] * len(FEATURES),
-              "classifier": json.loads(json.dumps(_export(clf, kind)))}
+              "classifier": json.loads(json.dumps(export_classifier(clf, kind)))}
     expected = np.mean([m.predict_proba(x) for m in models], axis=0)
     np.testing.assert_allclose(predict_proba(params, x), expected, atol=1e-4)
 

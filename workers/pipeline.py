@@ -335,8 +335,14 @@ def find_regions(amap: np.ndarray, threshold: float, min_region_px: int, width: 
     """Connected regions of ``amap >= threshold`` (8-connectivity) with at least
     ``min_region_px`` map pixels. Returns (regions with boxes/areas in original-frame pixels,
     mask uint8 0/255 of the kept regions, labels int32 renumbered 1..k for the kept regions)."""
+    return regions_of_mask(amap >= threshold, amap, min_region_px, width, height)
+
+
+def regions_of_mask(binary: np.ndarray, amap: np.ndarray, min_region_px: int, width: int, height: int,
+                    ) -> tuple[list[Region], np.ndarray, np.ndarray]:
+    """``find_regions`` for a given bool mask (the learned extent's); scores read from ``amap``."""
     mh, mw = amap.shape
-    raw = (amap >= threshold).view(np.uint8)
+    raw = np.ascontiguousarray(binary, dtype=bool).view(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(raw, connectivity=8, ltype=cv2.CV_32S)
     if n <= 1:
         return [], np.zeros((mh, mw), np.uint8), np.zeros((mh, mw), np.int32)
@@ -377,7 +383,9 @@ def judge(amap: np.ndarray, score: float, profile: Profile, width: int, height: 
     image score alone decides (regions are still reported when there are any).
     Regions come from ``segmentation_map`` with the profile's colour cue and guided filter (both
     need ``image``, the model-size RGB frame) and peak-relative refinement -- all off by
-    default -- exactly as the offline evaluation does. The image score stays the raw map's max.
+    default -- exactly as the offline evaluation does -- and, when the profile has one, the learned
+    region extent (``workers.extent``: reshapes the regions, never adds one). The image score
+    stays the raw map's max.
     """
     thr = float(profile.threshold)
     img_thr = float(profile.effective_image_threshold)
@@ -398,6 +406,11 @@ def judge(amap: np.ndarray, score: float, profile: Profile, width: int, height: 
         if seg is None:
             seg = refine_map(amap, profile.refine_fraction, profile.refine_window)
         regions, mask, labels = find_regions(seg, thr, profile.min_region_px, width, height)
+        if profile.extent and regions and image is not None:
+            from workers.extent import apply_extent  # imports this module
+
+            served = apply_extent(profile.extent, amap, image, seg >= thr, thr)
+            regions, mask, labels = regions_of_mask(served, seg, profile.min_region_px, width, height)
     else:
         regions, mask, labels = [], None, None
     if profile.image_threshold is None:

@@ -1,0 +1,115 @@
+"""Learned region extent: fitted on validation masks, never adds a region, the same offline and in the worker."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from calibration.extent_fit import fit_extent
+from calibration.fit import served_mask
+from linewatch.profiles import Profile
+from workers.extent import EXTENT_FEATURES, apply_extent, extent_features
+from workers.pipeline import judge
+
+S = 96
+
+
+def disc_frames(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Textured grey frames with one dark disc each; the map peaks at the disc's centre and falls
+    off inside it, so a threshold at 0.6 cuts about the inner half (what PaDiM does to a defect
+    whose edge it sees only weakly). Returns (images, maps, true masks)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
+    images, maps, masks = [], [], []
+    for _ in range(n):
+        img = np.clip(150 + rng.normal(0, 6, (S, S, 3)), 0, 255)
+        cy, cx, r = rng.uniform(30, 66), rng.uniform(30, 66), rng.uniform(8, 13)
+        d = np.hypot(yy - cy, xx - cx)
+        disc = d <= r
+        img[disc] = np.clip(70 + rng.normal(0, 6, (int(disc.sum()), 3)), 0, 255)
+        amap = np.exp(-(d / (0.75 * r)) ** 2 * 1.1).astype(np.float32) + rng.uniform(0, 0.03, (S, S)).astype(np.float32)
+        images.append(img.astype(np.uint8))
+        maps.append(amap)
+        masks.append(disc)
+    return np.stack(images), np.stack(maps), np.stack(masks)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    images, maps, masks = disc_frames(16)
+    return fit_extent(maps, maps, images, masks, 0.6, seed=0)
+
+
+def test_extent_learns_whole_defects_from_validation_masks(fitted):
+    assert fitted.params is not None and fitted.reason.startswith("region extent on")
+    assert fitted.iou_extent > fitted.iou_plain + 0.15  # held-out validation images
+    params = json.loads(json.dumps(fitted.params))  # plain JSON, no pickle
+    assert params["features"] == list(EXTENT_FEATURES)
+    images, maps, masks = disc_frames(8, seed=1)  # frames the forest never saw
+    plain = np.mean([_iou(maps[k] >= 0.6, masks[k]) for k in range(8)])
+    grown = np.mean([_iou(apply_extent(params, maps[k], images[k], maps[k] >= 0.6, 0.6), masks[k])
+                     for k in range(8)])
+    assert plain < 0.5 and grown > plain + 0.2
+
+
+def test_extent_never_adds_a_region_and_keeps_every_detection(fitted):
+    images, maps, masks = disc_frames(1, seed=2)
+    img, amap = images[0].copy(), maps[0]
+    img[5:15, 80:90] = 60  # a second dark patch the map does not flag
+    thresholded = amap >= 0.6
+    out = apply_extent(fitted.params, amap, img, thresholded, 0.6)
+    assert not out[5:15, 80:90].any()  # no region where the threshold found none
+    assert (out & thresholded).any()
+    # a thresholded region the forest would erase keeps its own shape
+    lone = np.zeros_like(thresholded)
+    lone[80:84, 10:14] = True  # plain material: the forest calls it background
+    out2 = apply_extent(fitted.params, amap, images[0], thresholded | lone, 0.6)
+    assert out2[80:84, 10:14].all()
+    assert not apply_extent(fitted.params, amap, img, np.zeros_like(thresholded), 0.6).any()
+
+
+def test_extent_stays_off_without_enough_images_or_when_it_costs_iou(monkeypatch):
+    images, maps, masks = disc_frames(3)
+    off = fit_extent(maps, maps, images, masks, 0.6)
+    assert off.params is None and "need 4" in off.reason
+    images, maps, masks = disc_frames(16)
+    import calibration.extent_fit as ef
+
+    # a forest whose masks lose the defect's rim on held-out images must be refused
+    monkeypatch.setattr(ef, "apply_extent", lambda params, raw, img, m, thr: m & (raw >= 0.8))
+    refused = ef.fit_extent(maps, maps, images, masks, 0.6)
+    assert refused.params is None and "costs more than" in refused.reason
+    assert refused.iou_extent < refused.iou_plain - 0.005
+
+
+def test_worker_serves_the_offline_extent(fitted):
+    images, maps, masks = disc_frames(4, seed=3)
+    prof = Profile(product="w", model_kind="padim", backbone="none", input_size=S, threshold=0.6,
+                   threshold_method="iou", min_region_px=0, extent=fitted.params)
+    prof = Profile.model_validate_json(prof.model_dump_json())  # as the worker loads it
+    for k in range(4):
+        fv = judge(maps[k], float(maps[k].max()), prof, S, S, images[k])
+        offline = served_mask(maps, k, 0.6, maps, images, prof.extent)
+        assert fv.verdict == "defect" and ((fv.mask > 0) == offline).all()
+        assert fv.regions[0].area_px == int(offline.sum())
+        assert offline.sum() > (maps[k] >= 0.6).sum()  # the extent grew the region
+    # without the frame (or without an extent) the worker serves the thresholded regions
+    fv = judge(maps[0], float(maps[0].max()), prof, S, S)
+    assert ((fv.mask > 0) == (maps[0] >= 0.6)).all()
+    data = prof.model_dump(mode="json")
+    del data["extent"]
+    assert Profile.model_validate(data).extent is None  # profiles written before the extent: off
+
+
+def test_extent_features_are_finite_and_in_order():
+    images, maps, masks = disc_frames(1)
+    f = extent_features(maps[0], images[0], maps[0] >= 0.6, 0.6)
+    assert f.shape == (S, S, len(EXTENT_FEATURES)) and np.isfinite(f).all()
+    inside = EXTENT_FEATURES.index("inside")
+    assert ((f[..., inside] > 0) == (maps[0] >= 0.6)).all()
