@@ -42,6 +42,7 @@ class ModelEvaluation:
     maps: np.ndarray
     category_eval: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    served_masks: np.ndarray | None = None  # the worker's masks at the chosen threshold (learned extent on)
 
     def headline(self) -> dict[str, Any]:
         """The numbers that decide: overall row, category-averaged IoU at the chosen method."""

@@ -440,7 +440,9 @@ def evaluate_model(name: str, product: str, model: AnomalyModel, test: LabelledS
                        raw_maps=raw)
     ev.extra["refinement"] = ref.model_dump()
     if report.extent:
-        ev.extra["extent"] = extent_iou(maps, raw, test, report.threshold, report.extent)
+        ev.served_masks = np.stack([served_mask(maps, i, report.threshold, raw, test.images, report.extent)
+                                    for i in range(len(maps))])
+        ev.extra["extent"] = extent_iou(maps, ev.served_masks, test, report.threshold, report.extent)
     ev.category_eval = categorizer_evaluation(categorizer, test, maps, report.threshold, product, raw, report.extent)
     return ev
 
@@ -457,20 +459,20 @@ def served_mask(maps: np.ndarray, i: int, threshold: float, raw_maps: np.ndarray
     return apply_extent(extent, maps[i] if raw_maps is None else raw_maps[i], images[i], mask, threshold)
 
 
-def extent_iou(maps: np.ndarray, raw_maps: np.ndarray, data: LabelledSet, threshold: float,
+def extent_iou(maps: np.ndarray, served: np.ndarray, data: LabelledSet, threshold: float,
                extent: dict[str, Any]) -> dict[str, Any]:
     """Mean per-image IoU of the anomalous images at the chosen threshold, without and with the
-    learned region extent (the served masks)."""
+    learned region extent (``served``: the served masks, ``served_mask``)."""
     anom = np.flatnonzero(data.anomalous)
-    plain, served = [], []
-    for i in anom.tolist():
-        gt = data.masks[i] > 0
-        for out, m in ((plain, maps[i] >= threshold), (served, served_mask(maps, i, threshold, raw_maps, data.images,
-                                                                           extent))):
-            u = np.logical_or(m, gt).sum()
-            out.append(1.0 if u == 0 else float(np.logical_and(m, gt).sum() / u))
+
+    def iou(m: np.ndarray, gt: np.ndarray) -> float:
+        u = np.logical_or(m, gt).sum()
+        return 1.0 if u == 0 else float(np.logical_and(m, gt).sum() / u)
+
+    plain = [iou(maps[i] >= threshold, data.masks[i] > 0) for i in anom.tolist()]
+    out = [iou(served[i], data.masks[i] > 0) for i in anom.tolist()]
     return {"n_anomalous": int(len(anom)), "iou_thresholded": float(np.mean(plain)) if plain else None,
-            "iou_served": float(np.mean(served)) if served else None, "reason": extent.get("reason", "")}
+            "iou_served": float(np.mean(out)) if out else None, "reason": extent.get("reason", "")}
 
 
 def _category_samples(data: LabelledSet, maps: np.ndarray, threshold: float, product: str,

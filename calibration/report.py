@@ -95,9 +95,10 @@ def plot_pr_roc(e: ModelEvaluation, path: Path) -> Path:
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, amap: np.ndarray, threshold: float,
-            vmin: float, vmax: float) -> np.ndarray:
-    """Image | heat map blend, true outline green, predicted outline red."""
-    pred = (amap >= threshold).astype(np.uint8)
+            vmin: float, vmax: float, predicted: np.ndarray | None = None) -> np.ndarray:
+    """Image | heat map blend, true outline green, predicted outline red (``predicted``, else the
+    map thresholded)."""
+    pred = (amap >= threshold if predicted is None else predicted).astype(np.uint8)
     heat = np.clip((amap - vmin) / max(vmax - vmin, 1e-9), 0, 1)
     heat = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
     left = image.copy()
@@ -127,13 +128,15 @@ def plot_overlays(e: ModelEvaluation, path: Path, per_category: int = 2, seed: i
     for ax in axes:
         ax.set_axis_off()
     for ax, i in zip(axes, picks):
-        ax.imshow(overlay(e.test.images[i], e.test.masks[i], e.maps[i], thr, vmin, vmax))
-        m, t = e.test.masks[i], e.maps[i] >= thr
+        served = None if e.served_masks is None else e.served_masks[i]
+        ax.imshow(overlay(e.test.images[i], e.test.masks[i], e.maps[i], thr, vmin, vmax, served))
+        m, t = e.test.masks[i], (e.maps[i] >= thr) if served is None else served
         iou = (m & t).sum() / max((m | t).sum(), 1) if m.any() else None
         ax.set_title(f"{cats[i]} {e.test.paths[i].name}" + (f"  IoU {iou:.2f}" if iou is not None else
                      f"  {int(t.sum())} px flagged"), fontsize=8)
-    fig.suptitle(f"{e.name} / {e.product}: green = true defect, red = predicted at {e.chosen} threshold {thr:.4g}",
-                 fontsize=9)
+    what = f"predicted at {e.chosen} threshold {thr:.4g}" + (" + learned extent (as served)"
+                                                             if e.served_masks is not None else "")
+    fig.suptitle(f"{e.name} / {e.product}: green = true defect, red = {what}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -206,7 +209,7 @@ def write_report(evals: list[ModelEvaluation], out_dir: Path, title: str = "line
             parts.append(f"<p><b>Region extent</b> (learned on the validation masks, reshapes the thresholded "
                          f"regions): test IoU at the chosen threshold {ext['iou_thresholded']:.4f} &rarr; "
                          f"{ext['iou_served']:.4f} as served over {ext['n_anomalous']} anomalous images "
-                         f"(the overlays below show the thresholded regions). {html.escape(ext.get('reason', ''))}</p>")
+                         f"(the overlays below show the served regions). {html.escape(ext.get('reason', ''))}</p>")
         ce = e.category_eval
         if ce and ce.get("n"):
             parts.append(f"<h3>Defect categories</h3><p>accuracy {ce['accuracy']:.3f}, macro-F1 {ce['macro_f1']:.3f} "

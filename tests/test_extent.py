@@ -16,10 +16,11 @@ from workers.pipeline import judge
 S = 96
 
 
-def disc_frames(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def disc_frames(n: int, seed: int = 0, varied: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Textured grey frames with one dark disc each; the map peaks at the disc's centre and falls
     off inside it, so a threshold at 0.6 cuts about the inner half (what PaDiM does to a defect
-    whose edge it sees only weakly). Returns (images, maps, true masks)."""
+    whose edge it sees only weakly). ``varied``: peaks from 0.7 to 2.5, so that no single
+    threshold fits every disc. Returns (images, maps, true masks)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
     images, maps, masks = [], [], []
@@ -29,7 +30,9 @@ def disc_frames(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarr
         d = np.hypot(yy - cy, xx - cx)
         disc = d <= r
         img[disc] = np.clip(70 + rng.normal(0, 6, (int(disc.sum()), 3)), 0, 255)
-        amap = np.exp(-(d / (0.75 * r)) ** 2 * 1.1).astype(np.float32) + rng.uniform(0, 0.03, (S, S)).astype(np.float32)
+        amp = rng.uniform(0.7, 2.5) if varied else 1.0
+        amap = (amp * np.exp(-(d / (0.75 * r)) ** 2 * 1.1)).astype(np.float32) + \
+            rng.uniform(0, 0.03, (S, S)).astype(np.float32)
         images.append(img.astype(np.uint8))
         maps.append(amap)
         masks.append(disc)
@@ -113,3 +116,53 @@ def test_extent_features_are_finite_and_in_order():
     assert f.shape == (S, S, len(EXTENT_FEATURES)) and np.isfinite(f).all()
     inside = EXTENT_FEATURES.index("inside")
     assert ((f[..., inside] > 0) == (maps[0] >= 0.6)).all()
+
+
+class LookupModel:
+    """A stand-in model that returns the stored map of each known frame."""
+
+    kind = "padim"
+    backbone_name = "none"
+    input_size = S
+
+    def __init__(self, images: np.ndarray, maps: np.ndarray):
+        self.by_frame = {img.tobytes(): m for img, m in zip(images, maps)}
+
+    def predict(self, images: np.ndarray, batch_size: int = 16):
+        m = np.stack([self.by_frame[img.tobytes()] for img in images])
+        return m, m.reshape(len(m), -1).max(1)
+
+
+def test_calibration_fits_the_extent_and_the_report_shows_served_regions(tmp_path):
+    """threshold_model -> profile -> evaluate_model -> HTML report, through the real calibration path."""
+    from pathlib import Path
+
+    from calibration.data import LabelledSet
+    from calibration.fit import evaluate_model, make_profile, threshold_model
+    from calibration.report import write_report
+
+    images, maps, masks = disc_frames(24, seed=4, varied=True)
+
+    def labelled(sl: slice) -> LabelledSet:
+        n = len(images[sl])
+        return LabelledSet([Path(f"/x/{k}.png") for k in range(n)], images[sl], masks[sl], ["surface"] * n,
+                           [True] * n, ["d"] * n)
+
+    model = LookupModel(images, maps)
+    val, test = labelled(slice(0, 16)), labelled(slice(16, 24))
+    report, _ = threshold_model(model, val, refine=False)  # type: ignore[arg-type]
+    assert report.extent is not None and report.extent_reason.startswith("region extent on")
+    assert any(n.startswith("region extent on") for n in report.notes)
+    profile = make_profile("w", model, report)  # type: ignore[arg-type]
+    assert profile.extent == report.extent
+    ev = evaluate_model("padim", "w", model, test, report, val)  # type: ignore[arg-type]
+    ext = ev.extra["extent"]
+    assert ext["n_anomalous"] == 8 and ext["iou_served"] > ext["iou_thresholded"] + 0.05
+    # it grows the regions of weak discs and trims those of strong ones: no single threshold can
+    assert ev.served_masks is not None
+    grown = ev.served_masks.sum((1, 2)) - (ev.maps >= report.threshold).sum((1, 2))
+    assert (grown > 0).any() and (grown < 0).any()
+    index = write_report([ev], tmp_path, title="w")
+    html = index.read_text()
+    assert "Region extent" in html and "overlays below show the served regions" in html
+    assert (tmp_path / "w_padim_overlays.png").stat().st_size > 1000
