@@ -91,7 +91,7 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     val = _load_set(args, "val", model.input_size, not args.quiet)
     pooled = _categorizer_pool(args, model.input_size)  # first: a bad pool leaves the work folder untouched
     fitted_config = json.dumps(model.config(), sort_keys=True)  # a copy: the options dict is live
-    report, val_maps = threshold_model(model, val, args.method, args.k_std, args.quantile)
+    report, val_maps = threshold_model(model, val, args.method, args.k_std, args.quantile, progress=not args.quiet)
     if json.dumps(model.config(), sort_keys=True) != fitted_config:  # the calibration chose a model setting (PaDiM's texture term)
         model.save(args.model)
     path = save_threshold(args.model, report)

@@ -245,7 +245,8 @@ def calibrate_refinement(maps: np.ndarray, masks: np.ndarray, images: np.ndarray
 def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", k_std: float = 3.0,
                     quantile: float = 0.999, require_anomalies: bool = True,
                     batch_size: int = 16, refine: bool = True,
-                    choose_setting: bool = True, extent: bool = True) -> tuple[ThresholdReport, np.ndarray]:
+                    choose_setting: bool = True, extent: bool = True,
+                    progress: bool = False) -> tuple[ThresholdReport, np.ndarray]:
     """All five methods on the validation set; one chosen. Returns (report, raw validation maps).
 
     ``refine``: also calibrate the map refinement (guided filter by the frame + peak-relative
@@ -283,7 +284,7 @@ def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", 
     served = apply_refinement(maps, ref, val.images)
     report = estimate_thresholds(served, val.masks, prefer=prefer, k_std=k_std, quantile=quantile)
     img_thr, img_reason = estimate_image_threshold(scores, val.anomalous)
-    ext = (fit_extent(maps, served, val.images, val.masks, report.threshold) if extent
+    ext = (fit_extent(maps, served, val.images, val.masks, report.threshold, progress=progress) if extent
            else ExtentFit(reason="region extent off (not requested)"))
     report = report.model_copy(update={"image_threshold": img_thr, "image_threshold_reason": img_reason,
                                        **ref.settings(), "refine_reason": ref.reason,
@@ -631,7 +632,7 @@ def calibrate_product(dataset_root: str | Path, product: str, registry_dir: str 
     train = load_train(root, product, input_size, progress)
     val, test = load_product_splits(root, product, input_size, val_fraction, seed, progress=progress)
     model, secs = fit_model(train, model_kind, input_size, options, progress)
-    report, val_maps = threshold_model(model, val, method, k_std, quantile)
+    report, val_maps = threshold_model(model, val, method, k_std, quantile, progress=progress)
     pool = resolve_categorizer_products(root, product, categorizer_products)
     pooled = pooled_category_samples(root, pool, input_size, Path(registry_dir), val_fraction, seed) if pool else []
     categorizer = fit_categorizer(val, apply_refinement(val_maps, Refinement.of(report), val.images),
