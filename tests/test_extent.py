@@ -75,6 +75,9 @@ def test_extent_never_adds_a_region_and_keeps_every_detection(fitted):
     out2 = apply_extent(fitted.params, amap, images[0], thresholded | lone, 0.6)
     assert out2[80:84, 10:14].all()
     assert not apply_extent(fitted.params, amap, img, np.zeros_like(thresholded), 0.6).any()
+    # parameters fitted on another version's features: the thresholded regions, unchanged
+    other = {**fitted.params, "features": ["map_rel", "something_else"]}
+    assert (apply_extent(other, amap, img, thresholded, 0.6) == thresholded).all()
 
 
 def test_extent_stays_off_without_enough_images_or_when_it_costs_iou(monkeypatch):

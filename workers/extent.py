@@ -16,6 +16,7 @@ worker (``workers.pipeline.judge``), so the served masks are the calibrated ones
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import cv2
@@ -23,6 +24,9 @@ import numpy as np
 
 from linewatch.categorize import classifier_proba
 from workers.pipeline import colour_cue
+
+log = logging.getLogger(__name__)
+_WARNED: list[bool] = []  # warn once per process, not once per frame
 
 EXTENT_FEATURES = ("map_rel", "map_local_peak", "map_frame_peak", "cue", "cue_blur", "inside", "signed_dist",
                    "grad_L", "L_minus_median")
@@ -79,6 +83,12 @@ def apply_extent(params: dict[str, Any], raw_map: np.ndarray, image_rgb: np.ndar
     """
     m = np.asarray(mask) > 0
     if not m.any():
+        return m
+    if list(params.get("features", [])) != list(EXTENT_FEATURES):  # written by another linewatch version
+        if not _WARNED:
+            log.warning("region extent fitted on features %s, this version computes %s: serving the thresholded "
+                        "regions; recalibrate the product", params.get("features"), list(EXTENT_FEATURES))
+            _WARNED.append(True)
         return m
     zone = extent_zone(m, int(params.get("zone", ZONE_PX)))
     feats = extent_features(raw_map, image_rgb, m, threshold)
