@@ -70,7 +70,7 @@ class Profile(BaseModel):
         "Gaussian blur (model-size pixels) of the colour cue's damping factor (0 = per pixel, as in older profiles)"))
     extent: dict[str, Any] | None = Field(None, description=(
         "learned region extent (workers.extent): a pixel forest, fitted on the validation masks, that reshapes "
-        "the thresholded regions; None = off (older profiles, or it did not beat the plain regions)"))
+        "the thresholded regions; None = off (older profiles, or it cost held-out validation IoU)"))
     thresholds: dict[str, float | None] = {}
     threshold_reason: str = ""
     calibration_metrics: dict[str, Any] = {}

@@ -15,7 +15,7 @@ Regions come from the ground-truth masks (``--regions gt``) or from PaDiM's thre
 PaDiM maps are cached as .npy in ``--cache``; ``--regions padim-refined``: the maps after the
 calibrated refinement, as the worker thresholds them -- training also sees the validation
 images' unrefined-map regions, as ``calibration.fit.fit_categorizer`` does; then the learned region
-extent reshapes them when it beats them on held-out validation images, ``--no-extent``: never). Every product's normal appearance
+extent reshapes them unless it costs held-out validation IoU, ``--no-extent``: never). Every product's normal appearance
 (``linewatch.categorize.normal_appearance`` of its train/good images, which need no labels) goes
 with its samples and with the parameters applied to it, as its profile would carry it.
 
