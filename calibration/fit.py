@@ -444,7 +444,8 @@ def evaluate_model(name: str, product: str, model: AnomalyModel, test: LabelledS
         ev.served_masks = np.stack([served_mask(maps, i, report.threshold, raw, test.images, report.extent)
                                     for i in range(len(maps))])
         ev.extra["extent"] = extent_iou(maps, ev.served_masks, test, report.threshold, report.extent)
-    ev.category_eval = categorizer_evaluation(categorizer, test, maps, report.threshold, product, raw, report.extent)
+    ev.category_eval = categorizer_evaluation(categorizer, test, maps, report.threshold, product, raw, report.extent,
+                                              served=ev.served_masks)
     return ev
 
 
@@ -464,31 +465,29 @@ def extent_iou(maps: np.ndarray, served: np.ndarray, data: LabelledSet, threshol
                extent: dict[str, Any]) -> dict[str, Any]:
     """Mean per-image IoU of the anomalous images at the chosen threshold, without and with the
     learned region extent (``served``: the served masks, ``served_mask``)."""
-    anom = np.flatnonzero(data.anomalous)
+    from calibration.metrics import segmentation_metrics
 
-    def iou(m: np.ndarray, gt: np.ndarray) -> float:
-        u = np.logical_or(m, gt).sum()
-        return 1.0 if u == 0 else float(np.logical_and(m, gt).sum() / u)
-
-    plain = [iou(maps[i] >= threshold, data.masks[i] > 0) for i in anom.tolist()]
-    out = [iou(served[i], data.masks[i] > 0) for i in anom.tolist()]
-    return {"n_anomalous": int(len(anom)), "iou_thresholded": float(np.mean(plain)) if plain else None,
-            "iou_served": float(np.mean(out)) if out else None, "reason": extent.get("reason", "")}
+    plain = segmentation_metrics(maps, data.masks, threshold)
+    out = segmentation_metrics(served.astype(np.float32), data.masks, 0.5)
+    return {"n_anomalous": plain.n_anomalous, "iou_thresholded": plain.iou, "iou_served": out.iou,
+            "reason": extent.get("reason", "")}
 
 
 def _category_samples(data: LabelledSet, maps: np.ndarray, threshold: float, product: str,
                       raw_maps: np.ndarray | None = None, normal: dict[str, Any] | None = None,
-                      extent: dict[str, Any] | None = None):
+                      extent: dict[str, Any] | None = None, served: np.ndarray | None = None):
     """Labelled anomalous images as the categorizer sees them at inference: regions from the
-    (refined) thresholded map and the learned extent (``served_mask``), map features from the RAW
-    map -- exactly what the worker passes to categorize_frame -- and the true mask kept to tell
-    which regions are real."""
+    (refined) thresholded map and the learned extent (``served_mask``; ``served``: those masks,
+    already made by the caller), map features from the RAW map -- exactly what the worker passes
+    to categorize_frame -- and the true mask kept to tell which regions are real."""
     from calibration.categorizer_fit import CategorySample
     from linewatch.messages import CATEGORIES
 
     feats = maps if raw_maps is None else raw_maps
     return [CategorySample(image=data.images[i], category=c,
-                           mask=served_mask(maps, i, threshold, raw_maps, data.images, extent), amap=feats[i],
+                           mask=served[i] if served is not None else served_mask(maps, i, threshold, raw_maps,
+                                                                                  data.images, extent),
+                           amap=feats[i],
                            threshold=threshold, background=data.background[i], product=product,
                            gt_mask=data.masks[i], normal=normal)
             for i, c in enumerate(data.categories) if c in CATEGORIES]
@@ -581,12 +580,13 @@ def fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, pr
 
 def categorizer_evaluation(params: dict[str, Any] | None, test: LabelledSet, maps: np.ndarray,
                            threshold: float, product: str, raw_maps: np.ndarray | None = None,
-                           extent: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                           extent: dict[str, Any] | None = None, served: np.ndarray | None = None,
+                           ) -> dict[str, Any] | None:
     if not params:
         return None
     from calibration.categorizer_fit import evaluate_categorizer
 
-    samples = _category_samples(test, maps, threshold, product, raw_maps, extent=extent)
+    samples = _category_samples(test, maps, threshold, product, raw_maps, extent=extent, served=served)
     if not samples:
         return None
     try:
