@@ -80,6 +80,30 @@ def test_extent_never_adds_a_region_and_keeps_every_detection(fitted):
     assert (apply_extent(other, amap, img, thresholded, 0.6) == thresholded).all()
 
 
+def test_extent_on_a_crop_equals_the_whole_frame(fitted):
+    """The worker computes the pixel features on the zone's bounding box only: same masks."""
+    from workers.extent import _crop, extent_zone
+
+    images, maps, _ = disc_frames(2, seed=4)
+    rng = np.random.default_rng(4)
+    big_img = np.clip(150 + rng.normal(0, 6, (240, 224, 3)), 0, 255).astype(np.uint8)
+    big_map = rng.uniform(0, 0.03, (240, 224)).astype(np.float32)
+    big_img[130:226, 120:216], big_map[130:226, 120:216] = images[0], maps[0]  # near a corner
+    big_img[0:96, 0:96], big_map[0:96, 0:96] = images[1], maps[1] * 1.6  # the frame's peak: outside the first crop
+    for sub in (np.s_[120:, 110:], np.s_[:, :]):  # one region; then two far apart (box: most of the frame)
+        m = np.zeros(big_map.shape, bool)
+        m[sub] = big_map[sub] >= 0.6
+        box = _crop(extent_zone(m), 2)
+        assert box[0].start % 2 == 0 and box[1].start % 2 == 0
+        cropped = apply_extent(fitted.params, big_map, big_img, m, 0.6)
+        whole = apply_extent(fitted.params, big_map, big_img, m, 0.6, crop=False)
+        assert (cropped != whole).sum() <= 2 and cropped.sum() > m.sum()
+    one = np.zeros(big_map.shape, bool)
+    one[120:, 110:] = big_map[120:, 110:] >= 0.6
+    ys, xs = _crop(extent_zone(one), 2)
+    assert (ys.stop - ys.start) * (xs.stop - xs.start) < 0.5 * one.size
+
+
 def test_extent_stays_off_without_enough_images_or_when_it_costs_iou(monkeypatch):
     images, maps, masks = disc_frames(3)
     off = fit_extent(maps, maps, images, masks, 0.6)
@@ -88,7 +112,7 @@ def test_extent_stays_off_without_enough_images_or_when_it_costs_iou(monkeypatch
     import calibration.extent_fit as ef
 
     # a forest whose masks lose the defect's rim on held-out images must be refused
-    monkeypatch.setattr(ef, "apply_extent", lambda params, raw, img, m, thr: m & (raw >= 0.8))
+    monkeypatch.setattr(ef, "apply_extent", lambda params, raw, img, m, thr, crop=True: m & (raw >= 0.8))
     refused = ef.fit_extent(maps, maps, images, masks, 0.6)
     assert refused.params is None and "costs more than" in refused.reason
     assert refused.iou_extent < refused.iou_plain - 0.005

@@ -262,7 +262,7 @@ CUE_REL = 0.5  # pixels whose map value is below this fraction of the frame's pe
 CUE_VAR_FLOOR = 4.0  # Lab units^2 added to the local variance: sensor noise never counts as a change
 
 
-def colour_cue(amap: np.ndarray, image_rgb: np.ndarray, window: int) -> np.ndarray:
+def colour_cue(amap: np.ndarray, image_rgb: np.ndarray, window: int, peak: float | None = None) -> np.ndarray:
     """Per-pixel colour distance to the frame's own normal material nearby.
 
     For each pixel: the RMS over the L, a, b channels of its z-score against the mean and
@@ -270,13 +270,14 @@ def colour_cue(amap: np.ndarray, image_rgb: np.ndarray, window: int) -> np.ndarr
     normal (map < ``CUE_REL`` x its maximum). Box sums make it O(pixels) whatever the window.
     It needs no normal images and no alignment: the reference is the part itself, around the
     defect, so rotation and position jitter do not matter. Near 1 on normal material, several
-    units on foreign colour, a hole, a bright scratch or a stain.
+    units on foreign colour, a hole, a bright scratch or a stain. ``peak``: the frame's map
+    maximum when ``amap`` is a crop of it (the "normal" cut-off is the whole frame's).
     """
     img = np.ascontiguousarray(image_rgb)
     if img.shape[:2] != amap.shape:
         img = cv2.resize(img, (amap.shape[1], amap.shape[0]), interpolation=cv2.INTER_AREA)
     lab = cv2.GaussianBlur(cv2.cvtColor(img, cv2.COLOR_RGB2LAB).astype(np.float32), (0, 0), 1.0)
-    w = (amap < np.float32(CUE_REL) * amap.max()).astype(np.float32)
+    w = (amap < np.float32(CUE_REL) * (amap.max() if peak is None else peak)).astype(np.float32)
     k = (int(window), int(window))
 
     def box(x: np.ndarray) -> np.ndarray:  # all channels in one call
