@@ -130,6 +130,7 @@ def export_classifier(clf: Any, kind: str) -> dict[str, Any]:
 
 
 EXPERT_WEIGHT = 0.4  # the product's own expert's share of the blended probabilities
+SELF_TRAINING_MIN_CONF = 0.6  # frame confidence from which an unlabelled image joins as its predicted category
 MIN_SPURIOUS_ROWS = 4  # fewer regions off the labelled defects than this: no "spurious" class
 
 # features whose size grows with how strongly a product's defects contrast with its material (a
@@ -288,6 +289,38 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
         "contrast_views": int(n_contrast_views), "contrast_spread": float(contrast_spread),
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    return params
+
+
+def self_train(samples: Sequence[CategorySample], unlabelled: Sequence[CategorySample], product: str,
+               min_conf: float = SELF_TRAINING_MIN_CONF, progress: bool = False,
+               **kwargs: Any) -> dict[str, Any]:
+    """A categorizer for a product with no category labels of its own: trained on the other
+    products' ``samples``, then once more with the product's own ``unlabelled`` anomalous
+    validation images added under the category it predicts for them with confidence >=
+    ``min_conf`` (one round of self-training; ``kwargs`` go to ``train_categorizer``).
+
+    Why: the categories transfer across products only in part (a hole on turf looks like no
+    defect of the other products); the product's own validation images -- which calibration has
+    anyway, with their masks, just not their categories -- show the categorizer this product's
+    appearance. Leave-one-product-out macro-F1 0.677 -> 0.691 over six synthetic lines,
+    docs/results/categories-synthetic.md. The images join at weight 1 and train no expert: their
+    labels are guesses. ``trained_on["self_training"]`` says how many joined, per category.
+    """
+    kwargs = {**kwargs, "product": product, "progress": progress, "expert_weight": 0.0}
+    first = train_categorizer(samples, **kwargs)
+    if not unlabelled:
+        return first
+    guesses = predict_frames(first, unlabelled)
+    joined = [replace(s, category=c, product=product) for s, (c, conf) in zip(unlabelled, guesses)
+              if c in CATEGORIES and conf >= min_conf]
+    info = {"unlabelled": len(unlabelled), "joined": len(joined), "min_conf": float(min_conf),
+            "per_category": {c: sum(s.category == c for s in joined) for c in CATEGORIES}}
+    if not joined:
+        first["trained_on"]["self_training"] = info
+        return first
+    params = train_categorizer([*samples, *joined], **{**kwargs, "product_weight": 1.0})
+    params["trained_on"]["self_training"] = info
     return params
 
 

@@ -475,13 +475,19 @@ def extent_iou(maps: np.ndarray, served: np.ndarray, data: LabelledSet, threshol
 
 def _category_samples(data: LabelledSet, maps: np.ndarray, threshold: float, product: str,
                       raw_maps: np.ndarray | None = None, normal: dict[str, Any] | None = None,
-                      extent: dict[str, Any] | None = None, served: np.ndarray | None = None):
+                      extent: dict[str, Any] | None = None, served: np.ndarray | None = None,
+                      labelled: bool = True):
     """Labelled anomalous images as the categorizer sees them at inference: regions from the
     (refined) thresholded map and the learned extent (``served_mask``; ``served``: those masks,
     already made by the caller), map features from the RAW map -- exactly what the worker passes
-    to categorize_frame -- and the true mask kept to tell which regions are real."""
+    to categorize_frame -- and the true mask kept to tell which regions are real.
+    ``labelled=False``: the anomalous images without a category instead (category "unknown")."""
     from calibration.categorizer_fit import CategorySample
+    from linewatch.datasets import UNKNOWN
     from linewatch.messages import CATEGORIES
+
+    def wanted(c: str) -> bool:
+        return c in CATEGORIES if labelled else c == UNKNOWN
 
     feats = maps if raw_maps is None else raw_maps
     return [CategorySample(image=data.images[i], category=c,
@@ -490,7 +496,7 @@ def _category_samples(data: LabelledSet, maps: np.ndarray, threshold: float, pro
                            amap=feats[i],
                            threshold=threshold, background=data.background[i], product=product,
                            gt_mask=data.masks[i], normal=normal)
-            for i, c in enumerate(data.categories) if c in CATEGORIES]
+            for i, c in enumerate(data.categories) if wanted(c)]
 
 
 def pooled_category_samples(dataset_root: Path, products: list[str], input_size: int,
@@ -536,7 +542,7 @@ def raw_view_threshold(raw_maps: np.ndarray, masks: np.ndarray) -> float | None:
 
 
 def raw_view_samples(val: LabelledSet, raw_maps: np.ndarray, served_maps: np.ndarray, product: str,
-                     normal: dict[str, Any] | None = None) -> list:
+                     normal: dict[str, Any] | None = None, labelled: bool = True) -> list:
     """The validation images once more, with the regions of the unrefined map thresholded at its
     own IoU-curve threshold: a second, differently cut view of every labelled defect for
     training only (the worker still serves the refined regions). Why: more and more varied
@@ -546,7 +552,7 @@ def raw_view_samples(val: LabelledSet, raw_maps: np.ndarray, served_maps: np.nda
     if served_maps is raw_maps or np.array_equal(served_maps, raw_maps):
         return []
     thr = raw_view_threshold(raw_maps, val.masks)
-    return [] if thr is None else _category_samples(val, raw_maps, thr, product, raw_maps, normal)
+    return [] if thr is None else _category_samples(val, raw_maps, thr, product, raw_maps, normal, labelled=labelled)
 
 
 def fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, product: str,
@@ -556,13 +562,31 @@ def fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, pr
     up, plus ``pooled`` samples of other products (``pooled_category_samples``) -- or None (said
     in the log) when linewatch.categorize is absent or the labels are too few. ``normal``: this
     product's normal appearance, stored with the parameters for the worker. With ``raw_maps``
-    that differ from ``val_maps`` (a refinement is on), ``raw_view_samples`` join the training."""
+    that differ from ``val_maps`` (a refinement is on), ``raw_view_samples`` join the training.
+    A product whose anomalous validation images carry no category at all learns from ``pooled``
+    and then, self-trained, from its own images under the categories predicted for them
+    (``calibration.categorizer_fit.self_train``)."""
     try:
-        from calibration.categorizer_fit import train_categorizer
+        from calibration.categorizer_fit import self_train, train_categorizer
     except ImportError:
         return None
     samples = _category_samples(val, val_maps, threshold, product, raw_maps, normal, extent)
     pooled = list(pooled or [])
+    if not samples and pooled:
+        unlabelled = _category_samples(val, val_maps, threshold, product, raw_maps, normal, extent, labelled=False)
+        if raw_maps is not None and unlabelled:
+            unlabelled += raw_view_samples(val, raw_maps, val_maps, product, normal, labelled=False)
+        if unlabelled:
+            try:
+                params = self_train(pooled, unlabelled, product, region_source="predicted", normal=normal)
+            except UserError as exc:
+                log.warning("categorizer not trained for %s: %s", product, exc)
+                return None
+            st = params["trained_on"].get("self_training", {})
+            log.info("categorizer for %s: no category labels of its own; %d of its %d unlabelled validation "
+                     "views joined under their predicted category (%s)", product, st.get("joined", 0),
+                     st.get("unlabelled", 0), st.get("per_category"))
+            return params
     if raw_maps is not None:
         pooled += raw_view_samples(val, raw_maps, val_maps, product, normal)
     try:

@@ -7,7 +7,10 @@ four categories plus the confusion matrix:
 
 - within product: trained on the validation images of all products (the product's own
   included, weighted up), tested on that product's test images;
-- leave-one-product-out: trained on the other products' validation images only.
+- leave-one-product-out: trained on the other products' validation images only, then
+  self-trained on the product's own validation images with their categories hidden (what
+  ``calibrate`` does for a product without category labels, ``calibration.categorizer_fit.self_train``;
+  ``--no-self-training``: the other products' images alone).
 
 Regions come from the ground-truth masks (``--regions gt``) or from PaDiM's thresholded maps
 (``--regions padim``: fit on train/good, the IoU-curve threshold of the validation split as
@@ -27,12 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from calibration.categorizer_fit import (CategorySample, category_scores, format_confusion, predict_frames,
-                                         train_categorizer)
+                                         self_train, train_categorizer)
 from calibration.thresholds import estimate_thresholds
 from linewatch.categorize import normal_appearance
 from linewatch.datasets import load_mvtec, split_validation_test
@@ -140,6 +144,9 @@ def main() -> int:
     ap.add_argument("--extent", action=argparse.BooleanOptionalAction, default=True,
                     help="padim-refined: the learned region extent (workers.extent), fitted on validation as "
                          "calibrate does (--no-extent: the thresholded regions alone)")
+    ap.add_argument("--self-training", action=argparse.BooleanOptionalAction, default=True,
+                    help="leave-one-product-out: self-train on the product's own validation images, their "
+                         "categories hidden, as calibrate does for a product without labels")
     ap.add_argument("--val-fraction", type=float, default=1 / 3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default="/tmp/lw_maps")
@@ -169,8 +176,14 @@ def main() -> int:
                 within = train_categorizer(all_val, kind=kind, product=p, seed=tseed, region_source=source,
                                            normal=normal, frame_model=args.frame_model,
                                            n_contrast_views=args.contrast_views)
-                lopo = train_categorizer(other_val, kind=kind, seed=tseed, region_source=source, normal=normal,
-                                         frame_model=args.frame_model, n_contrast_views=args.contrast_views)
+                if args.self_training:  # the product's own validation images, categories hidden
+                    hidden = [replace(s, category="unknown") for s in data[p][0]]
+                    lopo = self_train(other_val, hidden, p, kind=kind, seed=tseed, region_source=source,
+                                      normal=normal, frame_model=args.frame_model,
+                                      n_contrast_views=args.contrast_views)
+                else:
+                    lopo = train_categorizer(other_val, kind=kind, seed=tseed, region_source=source, normal=normal,
+                                             frame_model=args.frame_model, n_contrast_views=args.contrast_views)
                 truth = [s.category for s in test]
                 pw, pl = ([c for c, _ in predict_frames(m, test)] for m in (within, lopo))
                 rw, rl = category_scores(truth, pw), category_scores(truth, pl)

@@ -285,6 +285,32 @@ def test_meandiff_save_load_onnx_identical(line, tmp_path):
     np.testing.assert_allclose(onnx_maps, maps[:3], atol=1e-5)
 
 
+def test_a_product_without_category_labels_self_trains_on_its_own_images(line):
+    """Calibrating a product whose anomalous validation images have masks but no categories: the
+    categorizer learns from the other products' labelled images, then from the product's own
+    images under the categories it predicts for them (both views when a refinement is on)."""
+    from dataclasses import replace
+
+    from calibration.data import load_product_splits
+    from calibration.fit import _category_samples, fit_categorizer
+
+    def blurred(s):
+        return np.stack([cv2.GaussianBlur(m.astype(np.float32), (0, 0), 2) for m in s.masks]) + 0.01
+
+    val, _ = load_product_splits(line, "pcb", SIZE, progress=False)
+    pooled = [smp for part in load_product_splits(line, "brick", SIZE, progress=False)  # brick: all its labels
+              for smp in _category_samples(part, blurred(part), 0.3, "brick")]
+    hidden = replace(val, categories=["good" if c == "good" else "unknown" for c in val.categories])
+    n_anomalous = sum(c != "good" for c in val.categories)
+    params = fit_categorizer(hidden, blurred(val), 0.3, "pcb", pooled=pooled)
+    st = params["trained_on"]["self_training"]
+    assert st["unlabelled"] == n_anomalous and 0 < st["joined"] <= n_anomalous
+    assert params["trained_on"]["n_frames"] == len(pooled) + st["joined"]
+    refined = fit_categorizer(hidden, blurred(val) ** 2, 0.1, "pcb", raw_maps=blurred(val), pooled=pooled)
+    assert refined["trained_on"]["self_training"]["unlabelled"] == 2 * n_anomalous  # the unrefined view too
+    assert fit_categorizer(hidden, blurred(val), 0.3, "pcb") is None  # nothing labelled to start from
+
+
 def test_fit_categorizer_also_trains_on_the_unrefined_view(line):
     """With a refinement on, the validation images' unrefined-map regions join the training (a
     second cut of every labelled defect); without one, nothing is added."""

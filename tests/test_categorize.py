@@ -266,3 +266,27 @@ def test_training_with_contrast_views_counts_the_real_regions(synth_samples):
     assert with_views["trained_on"]["n_regions"] == without["trained_on"]["n_regions"]
     assert with_views["trained_on"]["contrast_views"] == 3 and without["trained_on"]["contrast_views"] == 0
     assert evaluate_categorizer(with_views, synth_samples)["macro_f1"] > 0.6
+
+
+def test_self_training_adds_the_products_own_images_under_their_predicted_categories(synth_samples):
+    """A product with no category labels (turf here) learns from the other products (cap), then
+    once more with its own anomalous images joined under the categories that first categorizer
+    predicts with confidence >= 0.6; their true categories are never given."""
+    from dataclasses import replace
+
+    from calibration.categorizer_fit import SELF_TRAINING_MIN_CONF, predict_frames, self_train
+
+    cap = [s for s in synth_samples if s.product == "cap"]
+    turf = [replace(s, category="unknown") for s in synth_samples if s.product == "turf"]
+    params = json.loads(json.dumps(self_train(cap, turf, "turf", kind="forest")))
+    st = params["trained_on"]["self_training"]
+    assert st["unlabelled"] == len(turf) and 0 < st["joined"] <= len(turf) and "expert" not in params
+    assert params["trained_on"]["n_frames"] == len(cap) + st["joined"]
+    first = train_categorizer(cap, kind="forest", product="turf", expert_weight=0.0)
+    guesses = predict_frames(first, turf)
+    assert st["per_category"] == {c: sum(g == c and conf >= SELF_TRAINING_MIN_CONF for g, conf in guesses)
+                                  for c in CATEGORIES}
+    s = turf[0]
+    assert categorize_frame(s.image, None, s.mask, params=params).category in ALLOWED
+    none = self_train(cap, turf, "turf", kind="forest", min_conf=1.01)  # no guess is that sure
+    assert none["trained_on"]["self_training"]["joined"] == 0 and none["trained_on"]["n_frames"] == len(cap)
