@@ -293,8 +293,7 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
 
 
 def self_train(samples: Sequence[CategorySample], unlabelled: Sequence[CategorySample], product: str,
-               min_conf: float = SELF_TRAINING_MIN_CONF, progress: bool = False,
-               **kwargs: Any) -> dict[str, Any]:
+               min_conf: float = SELF_TRAINING_MIN_CONF, **kwargs: Any) -> dict[str, Any]:
     """A categorizer for a product with no category labels of its own: trained on the other
     products' ``samples``, then once more with the product's own ``unlabelled`` anomalous
     validation images added under the category it predicts for them with confidence >=
@@ -307,7 +306,7 @@ def self_train(samples: Sequence[CategorySample], unlabelled: Sequence[CategoryS
     docs/results/categories-synthetic.md. The images join at weight 1 and train no expert: their
     labels are guesses. ``trained_on["self_training"]`` says how many joined, per category.
     """
-    kwargs = {**kwargs, "product": product, "progress": progress, "expert_weight": 0.0}
+    kwargs = {**kwargs, "product": product, "expert_weight": 0.0}
     first = train_categorizer(samples, **kwargs)
     if not unlabelled:
         return first

@@ -38,7 +38,7 @@ import numpy as np
 from calibration.categorizer_fit import (CategorySample, category_scores, format_confusion, predict_frames,
                                          self_train, train_categorizer)
 from calibration.thresholds import estimate_thresholds
-from linewatch.categorize import normal_appearance
+from linewatch.categorize import UNKNOWN, normal_appearance
 from linewatch.datasets import load_mvtec, split_validation_test
 
 
@@ -177,7 +177,7 @@ def main() -> int:
                                            normal=normal, frame_model=args.frame_model,
                                            n_contrast_views=args.contrast_views)
                 if args.self_training:  # the product's own validation images, categories hidden
-                    hidden = [replace(s, category="unknown") for s in data[p][0]]
+                    hidden = [replace(s, category=UNKNOWN) for s in data[p][0]]
                     lopo = self_train(other_val, hidden, p, kind=kind, seed=tseed, region_source=source,
                                       normal=normal, frame_model=args.frame_model,
                                       n_contrast_views=args.contrast_views)
