@@ -7,7 +7,8 @@ four categories plus the confusion matrix:
 
 - within product: trained on the validation images of all products (the product's own
   included, weighted up), tested on that product's test images;
-- leave-one-product-out: trained on the other products' validation images only, then
+- leave-one-product-out: trained on the other products' validation images only (``--pool-products``:
+  and these products', which are never tested themselves), then
   self-trained on the product's own validation images with their categories hidden (what
   ``calibrate`` does for a product without category labels, ``calibration.categorizer_fit.self_train``;
   ``--no-self-training``: the other products' images alone).
@@ -129,6 +130,9 @@ def main() -> int:
     ap.add_argument("--root", default="/tmp/lw_cat")
     ap.add_argument("--generate", action="store_true", help="write the synthetic line to --root first if missing")
     ap.add_argument("--products", default="cap,pcb,brick,turf")
+    ap.add_argument("--pool-products", default="",
+                    help="comma-separated products whose validation images join every training pool but which "
+                         "are never tested or held out (a plant's other labelled products; e.g. gravel)")
     ap.add_argument("--n-per-category", type=int, default=24)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--regions", default="gt", help="comma-separated: gt (true masks), padim (thresholded maps), padim-refined (maps after the calibrated refinement)")
@@ -154,23 +158,25 @@ def main() -> int:
     args = ap.parse_args()
     root = Path(args.root)
     products = args.products.split(",")
+    pool_only = [q for q in args.pool_products.split(",") if q and q not in products]
     if args.generate and not (root / "categories.csv").is_file():
         from linewatch.synth import generate_dataset
 
-        generate_dataset(root, products, size=args.size, seed=args.seed, n_test_per_category=args.n_per_category)
+        generate_dataset(root, products + pool_only, size=args.size, seed=args.seed,
+                         n_test_per_category=args.n_per_category)
     report: dict = {}
     for source in args.regions.split(","):
-        data = build_samples(root, products, args.size, source, Path(args.cache), args.val_fraction, args.seed,
-                             args.normal, args.extent)
+        data = build_samples(root, products + pool_only, args.size, source, Path(args.cache), args.val_fraction,
+                             args.seed, args.normal, args.extent)
         for kind, k in ((kind, k) for kind in args.kind.split(",") for k in range(args.train_seeds)):
             key = f"{source}/{kind}" + (f"/t{k}" if args.train_seeds > 1 else "")
             tseed = args.seed + 1000 * k
             report[key] = {}
             print(f"\n=== regions from {source}, classifier {kind}, training seed {tseed} ===")
             pooled: dict[str, tuple[list[str], list[str]]] = {"within": ([], []), "lopo": ([], [])}  # truth, pred
-            all_val = [s for q in products for s in data[q][0]]
+            all_val = [s for q in products + pool_only for s in data[q][0]]
             for p in products:
-                other_val = [s for q in products if q != p for s in data[q][0]]
+                other_val = [s for q in products + pool_only if q != p for s in data[q][0]]
                 test = data[p][1]
                 normal = test[0].normal if test else None  # the tested product's own, as its profile holds it
                 within = train_categorizer(all_val, kind=kind, product=p, seed=tseed, region_source=source,
