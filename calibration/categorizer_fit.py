@@ -164,6 +164,21 @@ def contrast_views(x: np.ndarray, groups: np.ndarray, n_views: int, spread: floa
     return np.concatenate(out) if out else np.zeros((0, x.shape[1]))
 
 
+def _image_groups(samples: Sequence[CategorySample]) -> np.ndarray:
+    """Per sample, the index of the first sample with the same image bytes.
+
+    Why: one validation image enters training several times (the served regions and the
+    unrefined map's regions, self-training's guesses, a file copied twice); out-of-fold
+    probabilities are only honest when every view of an image sits in the same fold.
+    """
+    import hashlib
+
+    first: dict[bytes, int] = {}
+    return np.asarray([first.setdefault(hashlib.blake2b(np.ascontiguousarray(s.image).tobytes(),
+                                                        digest_size=16).digest(), i)
+                       for i, s in enumerate(samples)], dtype=np.int64)
+
+
 def _rows(described: Sequence[SampleFeatures], samples: Sequence[CategorySample]):
     """Training rows: regions touching the labelled defect of single-kind frames get the frame's
     kind; regions of *any* labelled frame that miss its defect (a detector's false blobs; only
@@ -250,9 +265,10 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
     # out-of-fold region probabilities for the training frames (honest confidences), the full
     # model for the combined frames; then tune the frame rule on every labelled frame
     oof: dict[int, np.ndarray] = {}
-    n_groups = len(np.unique(groups))
+    folds = _image_groups(samples)[groups]  # every view of one image in one fold
+    n_groups = len(np.unique(folds))
     if n_groups >= 3:
-        for tr, te in GroupKFold(n_splits=min(5, n_groups)).split(xs, y, groups):
+        for tr, te in GroupKFold(n_splits=min(5, n_groups)).split(xs, y, folds):
             if len(np.unique(y[tr])) < len(classes):
                 continue
             sub = _fit_classifier(xs[tr], y[tr], kind, seed, None if weights is None else weights[tr])

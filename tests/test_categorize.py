@@ -290,3 +290,29 @@ def test_self_training_adds_the_products_own_images_under_their_predicted_catego
     assert categorize_frame(s.image, None, s.mask, params=params).category in ALLOWED
     none = self_train(cap, turf, "turf", kind="forest", min_conf=1.01)  # no guess is that sure
     assert none["trained_on"]["self_training"]["joined"] == 0 and none["trained_on"]["n_frames"] == len(cap)
+
+
+def test_out_of_fold_probabilities_keep_every_view_of_an_image_in_one_fold(synth_samples, monkeypatch):
+    """Calibration trains on each validation image twice (served regions and the unrefined map's,
+    here a dilated copy of the mask); the frame classifier learns from out-of-fold region
+    probabilities, honest only if a fold never holds one view of an image while training on the other."""
+    from dataclasses import replace
+
+    import sklearn.model_selection
+
+    cap = [s for s in synth_samples if s.product == "cap"]
+    wider = [replace(s, mask=cv2.dilate(s.mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0,
+                     image=s.image.copy()) for s in cap]  # same pixels, another array
+    seen: list[np.ndarray] = []
+
+    class Spy(sklearn.model_selection.GroupKFold):
+        def split(self, X, y=None, groups=None):
+            seen.append(np.asarray(groups))
+            return super().split(X, y, groups)
+
+    monkeypatch.setattr(sklearn.model_selection, "GroupKFold", Spy)
+    train_categorizer(cap + wider, kind="forest", region_source="gt", n_contrast_views=2)
+    assert len(seen) == 1
+    folds = seen[0]
+    assert set(folds.tolist()) <= set(range(len(cap)))  # the wider views fall into their originals' groups
+    assert len(np.unique(folds)) >= 3
