@@ -158,25 +158,24 @@ def main() -> int:
     args = ap.parse_args()
     root = Path(args.root)
     products = args.products.split(",")
-    pool_only = [q for q in args.pool_products.split(",") if q and q not in products]
+    pool = products + [q for q in args.pool_products.split(",") if q and q not in products]  # tested + pool-only
     if args.generate and not (root / "categories.csv").is_file():
         from linewatch.synth import generate_dataset
 
-        generate_dataset(root, products + pool_only, size=args.size, seed=args.seed,
-                         n_test_per_category=args.n_per_category)
+        generate_dataset(root, pool, size=args.size, seed=args.seed, n_test_per_category=args.n_per_category)
     report: dict = {}
     for source in args.regions.split(","):
-        data = build_samples(root, products + pool_only, args.size, source, Path(args.cache), args.val_fraction,
-                             args.seed, args.normal, args.extent)
+        data = build_samples(root, pool, args.size, source, Path(args.cache), args.val_fraction, args.seed,
+                             args.normal, args.extent)
         for kind, k in ((kind, k) for kind in args.kind.split(",") for k in range(args.train_seeds)):
             key = f"{source}/{kind}" + (f"/t{k}" if args.train_seeds > 1 else "")
             tseed = args.seed + 1000 * k
             report[key] = {}
             print(f"\n=== regions from {source}, classifier {kind}, training seed {tseed} ===")
             pooled: dict[str, tuple[list[str], list[str]]] = {"within": ([], []), "lopo": ([], [])}  # truth, pred
-            all_val = [s for q in products + pool_only for s in data[q][0]]
+            all_val = [s for q in pool for s in data[q][0]]
             for p in products:
-                other_val = [s for q in products + pool_only if q != p for s in data[q][0]]
+                other_val = [s for q in pool if q != p for s in data[q][0]]
                 test = data[p][1]
                 normal = test[0].normal if test else None  # the tested product's own, as its profile holds it
                 within = train_categorizer(all_val, kind=kind, product=p, seed=tseed, region_source=source,
