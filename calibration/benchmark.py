@@ -102,7 +102,7 @@ def run_benchmark(dataset_root: str | Path, products: Sequence[str], families: S
     """
     from calibration.data import load_product_splits, load_train
     from calibration.evaluate import evaluate_maps
-    from calibration.fit import Refinement, apply_refinement, build, threshold_model
+    from calibration.fit import build, threshold_model
     from linewatch.models.registry import FAMILIES
 
     products, families = list(products), list(families)
@@ -135,7 +135,7 @@ def run_benchmark(dataset_root: str | Path, products: Sequence[str], families: S
             model_dir = out_dir / "models" / product / family
             model.save(model_dir)
             ev = evaluate_maps(family, product, test,
-                               apply_refinement(maps, Refinement.of(report), test.images), scores,
+                               report.mask_step.apply_all(maps, test.images), scores,
                                report.thresholds(), report.chosen, report, raw_maps=maps)
             costs[family]["fit_s"].append(fit_s)
             costs[family]["images_per_s"].append(ips)

@@ -1,33 +1,34 @@
-"""Fit the product-agnostic defect categorizer with scikit-learn and store it as JSON arrays.
+"""Fit the product-agnostic defect categorizer with scikit-learn.
 
 Why: categories are learnt from the same few labelled validation images calibration uses, of
 all products together (a scratch is a scratch on a cap or on a carpet). Each region of a
 labelled anomalous image that touches its labelled defect becomes one training row (features
-from ``linewatch.categorize.region_features``); regions that miss it -- a detector's false
+from ``linewatch.inspection.categorize.region_features``); regions that miss it -- a detector's false
 blobs, which the worker serves as well -- become "spurious" rows. Images labelled ``combined``
 carry no per-region label, so they teach the frame level: a frame classifier on the regions'
-out-of-fold probabilities and feature summaries (``linewatch.categorize.frame_features``) is
+out-of-fold probabilities and feature summaries (``linewatch.inspection.categorize.frame_features``) is
 trained on every labelled frame, and the fallback rule (two regions of different kinds make
-``combined``) is tuned on them too. The result is a plain dict (lists of floats) for
-``Profile.categorizer``; inference (``linewatch.categorize``) needs only numpy.
+``combined``) is tuned on them too. The result is a dict for ``Profile.categorizer``: JSON
+settings plus the fitted estimators, which the registry stores as skops files
+(``linewatch.inspection.forest``); inference is ``linewatch.inspection.categorize``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
-from linewatch.categorize import (BASE_KINDS, FEATURES, FRAME_FEATURES, PARAMS_VERSION, SPURIOUS, UNKNOWN,
-                                  FramePlanes, _labels_of, categorize_regions, frame_category, frame_features,
-                                  region_features, region_kinds)
+from linewatch.inspection.categorize import (BASE_KINDS, FEATURES, FRAME_FEATURES, PARAMS_VERSION, SPURIOUS, UNKNOWN,
+                                             categorize_regions, frame_category, frame_features, region_features,
+                                             region_kinds)
 from linewatch.errors import UserError
+from linewatch.inspection.planes import FramePlanes, labels_of
 from linewatch.messages import CATEGORIES
-from linewatch.region_backbone import DEEP_FEATURES, deep_region_features, usable
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class CategorySample:
 
     ``mask`` is where the regions are (ground truth, or a model's thresholded map at inference
     size); ``gt_mask`` (optional) keeps training rows to regions that touch the true defect;
-    ``normal`` the sample's product's ``linewatch.categorize.normal_appearance`` (novelty
+    ``normal`` the sample's product's ``linewatch.inspection.categorize.normal_appearance`` (novelty
     features; None -> 0).
     """
 
@@ -60,10 +61,9 @@ class SampleFeatures:
     overlap: np.ndarray  # (n_regions,) bool: touches the true defect (all True without gt_mask)
 
 
-def describe(sample: CategorySample, min_region_px: int = 16, deep: bool = False) -> SampleFeatures:
-    """Region features of one sample (components smaller than ``min_region_px`` dropped); with
-    ``deep``, the backbone columns (``DEEP_FEATURES``, from the sample's normal appearance) follow."""
-    lab, n = _labels_of(sample.mask)
+def describe(sample: CategorySample, min_region_px: int = 16) -> SampleFeatures:
+    """Region features of one sample (components smaller than ``min_region_px`` dropped)."""
+    lab, n = labels_of(sample.mask)
     areas = np.bincount(lab.ravel(), minlength=n + 1)[1:]
     keep = np.flatnonzero(areas >= max(1, min_region_px)) + 1
     lut = np.zeros(n + 1, np.int32)
@@ -71,8 +71,6 @@ def describe(sample: CategorySample, min_region_px: int = 16, deep: bool = False
     lab = lut[lab]
     feats = region_features(sample.image, sample.amap, lab, sample.threshold, sample.background,
                             FramePlanes.of(sample.image), normal=sample.normal)
-    if deep:
-        feats = np.concatenate([feats, deep_region_features(sample.image, lab, sample.normal["deep"])], axis=1)
     areas = areas[keep - 1].astype(float) if len(keep) else np.zeros(0)
     if sample.gt_mask is not None and len(keep):
         gt = np.asarray(sample.gt_mask) > 0
@@ -111,26 +109,6 @@ def _classes(clf: Any) -> np.ndarray:
     return clf[0].classes_ if isinstance(clf, list) else clf.classes_
 
 
-def export_classifier(clf: Any, kind: str) -> dict[str, Any]:
-    """A fitted scikit-learn classifier as plain JSON (``linewatch.categorize.classifier_proba`` reads it)."""
-    if kind == "ensemble":
-        return {"kind": "ensemble",
-                "members": [export_classifier(clf[0], "logreg"), export_classifier(clf[1], "forest")]}
-    if kind == "logreg":
-        return {"kind": "logreg", "coef": clf.coef_.tolist(), "intercept": clf.intercept_.tolist()}
-    trees = []
-    for est in clf.estimators_:
-        t = est.tree_
-        value = t.value[:, 0, :]  # a forest's trees all see every class, in clf.classes_ order
-        full = value / np.maximum(value.sum(axis=1, keepdims=True), 1e-12)
-        trees.append({"left": t.children_left.tolist(), "right": t.children_right.tolist(),
-                      "feature": t.feature.tolist(), "threshold": [round(float(v), 6) for v in t.threshold],
-                      "value": np.round(full, 5).tolist(), "depth": int(t.max_depth)})
-    return {"kind": "forest", "trees": trees}
-
-
-EXPERT_WEIGHT = 0.4  # the product's own expert's share of the blended probabilities
-SELF_TRAINING_MIN_CONF = 0.6  # frame confidence from which an unlabelled image joins as its predicted category
 MIN_SPURIOUS_ROWS = 4  # fewer regions off the labelled defects than this: no "spurious" class
 
 # features whose size grows with how strongly a product's defects contrast with its material (a
@@ -209,13 +187,11 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
                       features: Sequence[str] = FEATURES, region_source: str = "unspecified",
                       progress: bool = False, normal: dict[str, Any] | None = None,
                       frame_model: str = "forest", n_contrast_views: int = 3,
-                      contrast_spread: float = 2.0, expert_weight: float = EXPERT_WEIGHT) -> dict[str, Any]:
-    """Train on labelled anomalous samples (any products); returns JSON-able parameters.
+                      contrast_spread: float = 2.0) -> dict[str, Any]:
+    """Train on labelled anomalous samples (any products); returns the parameters.
 
     ``product`` with ``product_weight`` weighs that product's own examples up (its profile's
-    categorizer), while every product's examples still count; with ``expert_weight`` > 0 and a
-    ``normal`` appearance holding backbone statistics, the product's own examples also train its
-    expert (``train_expert``), blended in at inference. Needs at least two examples of
+    categorizer), while every product's examples still count. Needs at least two examples of
     at least two of the base kinds. ``normal``: the normal appearance of the product the
     parameters are for (stored with them; each sample brings its own product's for training).
     ``frame_model``: "forest" trains a frame classifier on every labelled frame (all four
@@ -228,8 +204,7 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
     from tqdm.auto import tqdm
 
     _check_labels(samples)
-    deep = any(f in DEEP_FEATURES for f in features)
-    described = [describe(s, min_region_px, deep) for s in tqdm(samples, desc="categorizer features", unit="img",
+    described = [describe(s, min_region_px) for s in tqdm(samples, desc="categorizer features", unit="img",
                                                                  disable=not progress, leave=False)]
     x, y, groups, prods = _rows(described, samples)
     classes, counts = np.unique(y, return_counts=True)
@@ -237,8 +212,7 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
     if base.sum() < 2 or counts[base].min() < 2:
         raise UserError("categorizer: need at least 2 labelled regions of at least 2 of structural, surface, "
                         f"contamination (got {dict(zip(classes.tolist(), counts.tolist()))})")
-    names = FEATURES + DEEP_FEATURES if deep else FEATURES
-    idx = [names.index(f) for f in features]
+    idx = [FEATURES.index(f) for f in features]
     n_rows = len(y)
     if n_contrast_views > 0:
         views = 1 + int(n_contrast_views)
@@ -258,7 +232,7 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
         "classes": _classes(clf).tolist(),
         "scaler_mean": scaler.mean_.tolist(),
         "scaler_scale": scale.tolist(),
-        "classifier": export_classifier(clf, kind),
+        "classifier": clf,
         "min_region_px": int(min_region_px),
         "frame_rule": {"combined_min_conf": 0.5, "combined_min_rel_area": 0.0},
     }
@@ -272,7 +246,7 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
             if len(np.unique(y[tr])) < len(classes):
                 continue
             sub = _fit_classifier(xs[tr], y[tr], kind, seed, None if weights is None else weights[tr])
-            p_sub = {**params, "classifier": export_classifier(sub, kind), "classes": _classes(sub).tolist()}
+            p_sub = {**params, "classifier": sub, "classes": _classes(sub).tolist()}
             for g in np.unique(groups[te]):
                 d = described[g]
                 oof[int(g)] = categorize_regions(p_sub, d.feats)[1]
@@ -290,12 +264,6 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
             params["frame_classifier"] = fc
     if normal is not None:
         params["normal"] = normal
-    if product and expert_weight > 0 and not deep:
-        expert = train_expert([s for s in samples if s.product == product], normal, expert_weight, kind=kind,
-                              seed=seed, min_region_px=min_region_px, n_contrast_views=n_contrast_views,
-                              contrast_spread=contrast_spread, region_source=region_source)
-        if expert is not None:
-            params["expert"] = expert
     params["trained_on"] = {
         "n_frames": len(samples), "n_regions": int(n_rows),
         "regions_per_kind": dict(zip(classes.tolist(), counts.astype(int).tolist())),
@@ -305,68 +273,6 @@ def train_categorizer(samples: Sequence[CategorySample], kind: str = "forest", s
         "contrast_views": int(n_contrast_views), "contrast_spread": float(contrast_spread),
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return params
-
-
-def self_train(samples: Sequence[CategorySample], unlabelled: Sequence[CategorySample], product: str,
-               min_conf: float = SELF_TRAINING_MIN_CONF, **kwargs: Any) -> dict[str, Any]:
-    """A categorizer for a product with no category labels of its own: trained on the other
-    products' ``samples``, then once more with the product's own ``unlabelled`` anomalous
-    validation images added under the category it predicts for them with confidence >=
-    ``min_conf`` (one round of self-training; ``kwargs`` go to ``train_categorizer``).
-
-    Why: the categories transfer across products only in part (a hole on turf looks like no
-    defect of the other products); the product's own validation images -- which calibration has
-    anyway, with their masks, just not their categories -- show the categorizer this product's
-    appearance. Leave-one-product-out macro-F1 0.677 -> 0.691 over six synthetic lines,
-    docs/results/categories-synthetic.md. The images join at weight 1 and train no expert: their
-    labels are guesses. ``trained_on["self_training"]`` says how many joined, per category.
-    """
-    kwargs = {**kwargs, "product": product, "expert_weight": 0.0}
-    first = train_categorizer(samples, **kwargs)
-    if not unlabelled:
-        return first
-    guesses = predict_frames(first, unlabelled)
-    joined = [replace(s, category=c, product=product) for s, (c, conf) in zip(unlabelled, guesses)
-              if c in CATEGORIES and conf >= min_conf]
-    info = {"unlabelled": len(unlabelled), "joined": len(joined), "min_conf": float(min_conf),
-            "per_category": {c: sum(s.category == c for s in joined) for c in CATEGORIES}}
-    if not joined:
-        first["trained_on"]["self_training"] = info
-        return first
-    params = train_categorizer([*samples, *joined], **{**kwargs, "product_weight": 1.0})
-    params["trained_on"]["self_training"] = info
-    return params
-
-
-def train_expert(own: Sequence[CategorySample], normal: dict[str, Any] | None, weight: float = EXPERT_WEIGHT,
-                 **kwargs: Any) -> dict[str, Any] | None:
-    """A categorizer trained on one product's own labelled images alone, on ``FEATURES`` plus the
-    backbone features (``linewatch.region_backbone``), for ``linewatch.categorize.expert_decision``;
-    None (said in the log) without backbone statistics in ``normal`` or with fewer than two
-    labelled frames of each category (it needs its own frame classifier).
-
-    Why: the backbone channels carry product-specific evidence -- used by the pooled categorizer
-    they cost leave-one-product-out macro-F1 0.05, blended in from the product's own expert
-    they add 0.013 within product (docs/results/categories-synthetic.md)."""
-    if not normal or not usable(normal.get("deep")):
-        log.info("categorizer expert: the normal appearance has no backbone statistics")
-        return None
-    cats = [s.category for s in own]
-    if any(cats.count(c) < 2 for c in CATEGORIES):
-        log.info("categorizer expert: needs 2 labelled frames of each category (got %s)",
-                 {c: cats.count(c) for c in CATEGORIES})
-        return None
-    own = [s if s.normal is normal else replace(s, normal=normal) for s in own]
-    try:
-        params = train_categorizer(own, features=FEATURES + DEEP_FEATURES, normal=None, expert_weight=0.0,
-                                   **kwargs)
-    except UserError as exc:
-        log.info("categorizer expert not trained: %s", exc)
-        return None
-    if "frame_classifier" not in params:
-        return None
-    params["weight"] = float(weight)
     return params
 
 
@@ -394,7 +300,7 @@ def _fit_frame_classifier(frames: Sequence[tuple[str, np.ndarray, np.ndarray, np
                                  random_state=seed, n_jobs=1)
     clf.fit((x - scaler.mean_) / scale, y, sample_weight=np.asarray([w for _, _, w in rows]))
     return {"features": list(FRAME_FEATURES), "classes": clf.classes_.tolist(), "scaler_mean": scaler.mean_.tolist(),
-            "scaler_scale": scale.tolist(), "classifier": export_classifier(clf, "forest"), "n_frames": int(len(y))}
+            "scaler_scale": scale.tolist(), "classifier": clf, "n_frames": int(len(y))}
 
 
 def _tune_rule(frames: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], classes: Sequence[str],
@@ -403,7 +309,7 @@ def _tune_rule(frames: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
     truth = [c for c, *_ in frames]
     if "combined" not in truth:
         return {**best_rule, "tuned": 0.0}
-    base = []  # as linewatch.categorize.frame_decision sees them without a frame classifier
+    base = []  # as linewatch.inspection.categorize.frame_decision sees them without a frame classifier
     for _, areas, probs, _ in frames:
         per, pb = region_kinds(probs, classes)
         base.append((areas, pb, per))
@@ -431,12 +337,12 @@ def macro_f1(truth: Sequence[str], pred: Sequence[str], labels: Sequence[str] = 
 def predict_frames(params: dict[str, Any] | None, samples: Sequence[CategorySample],
                    min_region_px: int | None = None) -> list[tuple[str, float]]:
     """Frame (category, confidence) for each sample, exactly as the workers compute it."""
-    from linewatch.categorize import categorize_frame
+    from linewatch.inspection.categorize import categorize_frame
 
     out = []
     for s in samples:
         px = params.get("min_region_px", 16) if (params and min_region_px is None) else (min_region_px or 16)
-        lab, n = _labels_of(s.mask)
+        lab, n = labels_of(s.mask)
         areas = np.bincount(lab.ravel(), minlength=n + 1)[1:]
         keep = np.flatnonzero(areas >= px) + 1
         lut = np.zeros(n + 1, np.int32)

@@ -95,17 +95,15 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     if json.dumps(model.config(), sort_keys=True) != fitted_config:  # the calibration chose a model setting (PaDiM's texture term)
         model.save(args.model)
     path = save_threshold(args.model, report)
-    from calibration.fit import fit_categorizer
+    from calibration.fit import CATEGORIZER_FILE, fit_categorizer, save_categorizer
 
-    from calibration.fit import Refinement, apply_refinement
-
-    cat = fit_categorizer(val, apply_refinement(val_maps, Refinement.of(report), val.images),
+    cat = fit_categorizer(val, report.mask_step.apply_all(val_maps, val.images),
                           report.threshold, args.product or "product", raw_maps=val_maps,
                           normal=_normal_appearance(info, args.product, model.input_size),
                           pooled=pooled, extent=report.extent)
-    cat_path = Path(args.model) / "categorizer.json"
+    cat_path = Path(args.model) / CATEGORIZER_FILE
     if cat is not None:
-        cat_path.write_text(json.dumps(cat))
+        save_categorizer(args.model, cat)
     elif cat_path.exists():
         cat_path.unlink()  # a stale categorizer from an earlier threshold run would not match
     print(report.table())
@@ -125,7 +123,7 @@ def _normal_appearance(info: Any, product: str | None, size: int) -> dict[str, A
     import logging
 
     from calibration.data import load_train
-    from linewatch.categorize import normal_appearance
+    from linewatch.inspection.categorize import normal_appearance
     from linewatch.errors import UserError
 
     if info is None or not product:
@@ -160,17 +158,16 @@ def _categorizer_products_option(p: argparse.ArgumentParser) -> None:
 
 def _eval_models(args: argparse.Namespace):
     """(name, model, ThresholdReport) for every --model folder and --profile."""
-    from calibration.fit import load_model_dir, read_fit_info, read_threshold
+    from calibration.fit import load_model_dir, read_categorizer, read_fit_info, read_threshold
     from calibration.thresholds import METHOD_TITLES, MethodResult, ThresholdReport
     from linewatch.errors import UserError
-    from linewatch.profiles import Registry, mask_step
+    from linewatch.profiles import Registry
 
     out = []
     for d in args.model or []:
         model = load_model_dir(d)
         info = read_fit_info(d)
-        cat_path = Path(d) / "categorizer.json"
-        cat = json.loads(cat_path.read_text()) if cat_path.is_file() else None
+        cat = read_categorizer(Path(d))
         out.append([model.kind, model, read_threshold(d), info.product if info else None, Path(d).name, cat])
     for spec in args.profile or []:
         product, _, ver = spec.partition("@")
@@ -181,7 +178,7 @@ def _eval_models(args: argparse.Namespace):
         rep = ThresholdReport(methods=methods, chosen=chosen, threshold=prof.threshold, reason=prof.threshold_reason,
                               n_images=0, n_anomalous=int(prof.calibration_metrics.get("n_val_anomalous", 0)),
                               n_normal=int(prof.calibration_metrics.get("n_val_normal", 0)), n_pixels=0, exact=False,
-                              k_std=3.0, quantile=0.999, **mask_step(prof), extent=prof.extent)
+                              k_std=3.0, quantile=0.999, mask_step=prof.mask_step, extent=prof.extent)
         out.append([prof.model_kind, model, rep, prof.product, f"{prof.product}-v{prof.version}", prof.categorizer])
     if not out:
         raise UserError("evaluate: pass at least one --model DIR or --profile PRODUCT[@VERSION]")

@@ -1,6 +1,6 @@
 """What calibration needs from a dataset: labelled image sets at model size, checked.
 
-A thin adapter over ``linewatch.datasets`` (MVTec AD, BTAD, folder + CSV layouts, the
+A thin adapter over ``calibration.datasets`` (MVTec AD, BTAD, folder + CSV layouts, the
 categories CSV, the reproducible stratified val/test split and every bad-input check: missing
 or empty folders, non-images, masks of the wrong size or not binary, labels outside the
 four). Calibration works on ``LabelledSet``: arrays at model size plus their labels.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from linewatch import datasets as lwd
+from calibration import datasets as lwd
 from linewatch.errors import UserError
 
 GOOD = lwd.GOOD

@@ -1,13 +1,9 @@
-"""Fit the learned region extent (``workers.extent``) on a product's validation images.
+"""Fit the learned region extent (``linewatch.inspection.extent``) on a product's validation images.
 
 Judged on images it was not fitted on: a k-fold split of the anomalous validation images gives
-each image's IoU without and with the extent. It is adopted unless it costs more than
-``MAX_LOSS`` held-out IoU. Why not demand a gain, as the mask step's other settings do: the
-extent's second job is whole defects for the categorizer, and the categorizer learns from
-every product's regions at once, so regions must be cut the same way on every product. On the
-synthetic line, extents on two products and not on the other two (a gain rule's outcome on
-seed 0) cut within-product macro-F1 from 0.806 to 0.787, while extents on all four raised it
-to 0.81. The forest is then refitted on every image.
+each image's IoU without and with the extent, and the extent is adopted by the project's one
+rule (``calibration.adoption.clears``: paired gain > max(0.005, 2 SE)). The forest is then
+refitted on every image.
 """
 
 from __future__ import annotations
@@ -21,22 +17,25 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.model_selection import KFold
 from tqdm.auto import tqdm
 
-from calibration.categorizer_fit import export_classifier
-from workers.extent import EXTENT_FEATURES, STRIDE, ZONE_PX, apply_extent, extent_features, extent_zone
+from calibration.adoption import clears
+from calibration.metrics import iou_per_image
+from linewatch.inspection.extent import (EXTENT_FEATURES, STRIDE, ZONE_PX, ExtentModel, ExtentSettings,
+                                         extent_features, extent_zone)
 
 log = logging.getLogger(__name__)
 
-MAX_LOSS = 0.005  # held-out mean validation IoU the extent may cost (calibration.fit.REFINE_MIN_GAIN)
 MIN_IMAGES = 4  # anomalous validation images with thresholded regions, at least (one per fold)
 FOLDS = 4
 ROWS_PER_IMAGE = 3000  # zone pixels sampled per image for training
 FOREST = {"n_estimators": 30, "max_depth": 10, "min_samples_leaf": 20}
-CUTOFF = 0.4  # P(defect) a pixel needs: below 0.5, whole defects over tight edges (seed 0, held-out IoU:
-# 0.4 / 0.5 / 0.6 gave mean gains +0.016 / +0.014 / -0.003 over the four products)
+CUTOFF = 0.4  # P(defect) a pixel needs: below 0.5, whole defects over tight edges (docs/calibration.md)
 
 
 class ExtentFit(BaseModel):
-    """The stored parameters (None when not adopted) and the reason, with the held-out figures."""
+    """The parameters (``ExtentSettings`` fields plus the fitted forest under "classifier"; None
+    when not adopted) and the reason, with the held-out figures."""
+
+    model_config = {"arbitrary_types_allowed": True}
 
     params: dict[str, Any] | None = None
     reason: str
@@ -44,17 +43,12 @@ class ExtentFit(BaseModel):
     iou_extent: float | None = None
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    u = np.logical_or(a, b).sum()
-    return 1.0 if u == 0 else float(np.logical_and(a, b).sum() / u)
-
-
 def _fit_forest(x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, Any]:
     clf = RandomForestClassifier(**FOREST, n_jobs=1, random_state=seed).fit(x, y)
     if len(clf.classes_) < 2:
         raise ValueError("one class only")
-    return {"kind": "extent-forest", "features": list(EXTENT_FEATURES), "zone": ZONE_PX, "cutoff": CUTOFF,
-            "stride": STRIDE, "classifier": export_classifier(clf, "forest")}
+    return {**ExtentSettings(features=EXTENT_FEATURES, zone=ZONE_PX, cutoff=CUTOFF, stride=STRIDE).model_dump(),
+            "classifier": clf}
 
 
 def fit_extent(raw_maps: np.ndarray, served_maps: np.ndarray, images: np.ndarray, masks: np.ndarray,
@@ -90,15 +84,17 @@ def fit_extent(raw_maps: np.ndarray, served_maps: np.ndarray, images: np.ndarray
             return ExtentFit(reason="region extent off: a fold's training pixels hold one class only")
         for i in order[held_idx].tolist():
             gt = np.asarray(masks[i]) > 0
-            plain.append(_iou(thresholded[i], gt))
-            extent.append(_iou(apply_extent(params, raw_maps[i], images[i], thresholded[i], threshold), gt))
-    gain = np.asarray(extent) - np.asarray(plain)
-    se = float(gain.std(ddof=1) / np.sqrt(len(gain)))
+            model = ExtentModel(ExtentSettings(**{k: v for k, v in params.items() if k != "classifier"}),
+                                params["classifier"])
+            plain.append(iou_per_image(thresholded[i][None], gt[None])[0])
+            extent.append(iou_per_image(model.apply(raw_maps[i], images[i], thresholded[i], threshold)[None],
+                                        gt[None])[0])
+    ok, gain = clears(np.asarray(extent) - np.asarray(plain))
     figures = (f"held-out validation IoU {np.mean(plain):.4f} -> {np.mean(extent):.4f} "
-               f"(gain {gain.mean():+.4f} +- {se:.4f}, {FOLDS}-fold over {len(usable)} images)")
+               f"({gain}, {FOLDS}-fold over {len(usable)} images)")
     out = ExtentFit(reason="", iou_plain=float(np.mean(plain)), iou_extent=float(np.mean(extent)))
-    if float(gain.mean()) < -MAX_LOSS:
-        out.reason = f"region extent off: {figures}, it costs more than {MAX_LOSS}"
+    if not ok:
+        out.reason = f"region extent off: {figures}, under the adoption bar"
         return out
     out.params = fit(usable)
     out.reason = f"region extent on: {figures}"

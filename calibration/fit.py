@@ -26,14 +26,20 @@ from calibration.data import LabelledSet, load_product_splits, load_train, open_
 from calibration.extent_fit import ExtentFit, fit_extent
 from calibration.thresholds import (METHODS, ThresholdReport, estimate_image_threshold, estimate_thresholds,
                                    pixel_curves)
-from linewatch.categorize import normal_appearance
+from calibration.adoption import clears
+from linewatch.inspection.categorize import normal_appearance
+from linewatch.inspection.extent import ExtentModel, ExtentSettings
+from linewatch.inspection.forest import externalise, internalise
+from linewatch.inspection.mask import MaskStep
 from linewatch.errors import UserError
-from linewatch.models.base import CONFIG_FILE, WEIGHTS_FILE, AnomalyModel, ModelError
-from linewatch.profiles import MASK_STEP_FIELDS, Profile, ProfileError, Registry, mask_step
+from linewatch.models.base import AnomalyModel, ModelError
+from linewatch.models.registry import CONFIG_FILE, WEIGHTS_FILE, load_model
+from linewatch.profiles import Profile, ProfileError, Registry
 
 log = logging.getLogger(__name__)
 FIT_FILE = "fit.json"
 THRESHOLD_FILE = "threshold.json"
+CATEGORIZER_FILE = "categorizer.json"
 
 
 class FitInfo(BaseModel):
@@ -69,7 +75,7 @@ def load_model_dir(directory: Path) -> AnomalyModel:
     if not directory.is_dir():
         raise UserError(f"{directory}: model folder does not exist")
     try:
-        return AnomalyModel.load(directory)
+        return load_model(directory)
     except ModelError as exc:
         msg = str(exc)
         if str(directory) not in msg:
@@ -111,66 +117,9 @@ def read_fit_info(work_dir: Path) -> FitInfo | None:
 REFINE_FRACTIONS: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
 REFINE_WINDOWS: tuple[int, ...] = (17, 33, 49)
 GUIDES: tuple[tuple[int, float], ...] = ((8, 1e-3), (16, 1e-3), (16, 1e-4))  # (radius, eps) of the guided filter
-# (scale, floor) of the colour cue; (1, 0.3) joined with the blur (CUE_SIGMA): a blurred cue has no speckle to
-# let through, so a lower floor is safe (validation picks it for cap and brick; cap seed 2: test 0.631 -> 0.654)
+# (scale, floor) of the colour cue (docs/calibration.md: why these)
 CUES: tuple[tuple[float, float], ...] = ((1.0, 0.5), (1.5, 0.5), (1.5, 0.3), (3.0, 0.5), (1.0, 0.3))
-CUE_WINDOW = 33
-# Gaussian blur (px) of the colour cue's damping factor (workers.pipeline.cue_map). Chosen on the
-# validation splits of the synthetic line (sum of validation IoU over cap/pcb/brick/turf: sigma 0
-# 2.364, 2 2.437, 3 2.446, 4 2.441): per-pixel damping follows the material's grain (speckle
-# outside a defect, holes inside it); a few pixels of blur remove both.
-CUE_SIGMA = 3.0
-REFINE_MIN_GAIN = 0.005  # validation IoU a refinement must add to be switched on
 _SEARCH_BINS = 1024  # threshold grid while searching settings (the final thresholds use the default)
-
-
-class Refinement(BaseModel):
-    """How maps become the map that is thresholded (``workers.pipeline.segmentation_map``)."""
-
-    fraction: float = 0.0
-    window: int = 33
-    guide_radius: int = 0
-    guide_eps: float = 1e-3
-    cue_scale: float = 0.0
-    cue_floor: float = 0.5
-    cue_window: int = CUE_WINDOW
-    cue_sigma: float = 0.0
-    reason: str = "refinement off"
-
-    @classmethod
-    def of(cls, obj: Any) -> "Refinement":
-        """From a ThresholdReport or a Profile (``linewatch.profiles.mask_step``)."""
-        return cls(**{_OWN_NAMES.get(k, k): v for k, v in mask_step(obj).items()},
-                   reason=getattr(obj, "refine_reason", ""))
-
-    def settings(self) -> dict[str, Any]:
-        """The settings under their profile names (``MASK_STEP_FIELDS``)."""
-        return {k: getattr(self, _OWN_NAMES.get(k, k)) for k in MASK_STEP_FIELDS}
-
-
-_OWN_NAMES = {"refine_fraction": "fraction", "refine_window": "window"}  # Refinement's names for two of them
-
-
-def refine_maps(maps: np.ndarray, fraction: float, window: int, images: np.ndarray | None = None,
-                guide_radius: int = 0, guide_eps: float = 1e-3, cue_scale: float = 0.0, cue_floor: float = 0.5,
-                cue_window: int = CUE_WINDOW, cue_sigma: float = 0.0) -> np.ndarray:
-    """``workers.pipeline.segmentation_map`` on each map: the worker's own function, so offline
-    masks and stream masks are the same. ``images``: the model-size RGB frames (guided filter,
-    colour cue)."""
-    from workers.pipeline import segmentation_map
-
-    if fraction <= 0 and ((guide_radius <= 0 and cue_scale <= 0) or images is None):
-        return maps
-    return np.stack([segmentation_map(m, None if images is None else images[i], refine_fraction=fraction,
-                                      refine_window=window, guide_radius=guide_radius, guide_eps=guide_eps,
-                                      cue_scale=cue_scale, cue_floor=cue_floor, cue_window=cue_window,
-                                      cue_sigma=cue_sigma)
-                     for i, m in enumerate(maps)])
-
-
-def apply_refinement(maps: np.ndarray, r: "Refinement", images: np.ndarray | None) -> np.ndarray:
-    s = r.settings()
-    return refine_maps(maps, s.pop("refine_fraction"), s.pop("refine_window"), images, **s)
 
 
 def calibrate_refinement(maps: np.ndarray, masks: np.ndarray, images: np.ndarray | None = None, *,
@@ -178,67 +127,84 @@ def calibrate_refinement(maps: np.ndarray, masks: np.ndarray, images: np.ndarray
                          fractions: tuple[float, ...] = REFINE_FRACTIONS,
                          windows: tuple[int, ...] = REFINE_WINDOWS,
                          guides: tuple[tuple[int, float], ...] = GUIDES,
-                         cues: tuple[tuple[float, float], ...] = CUES,
-                         cue_sigma: float = CUE_SIGMA) -> Refinement:
-    """The colour cue and guided filter (when ``images`` are given) and peak-relative
-    refinement that maximise the mean per-image IoU at the IoU-curve threshold on the
-    *validation* maps.
+                         cues: tuple[tuple[float, float], ...] = CUES) -> MaskStep:
+    """The mask step (``MaskStep``: colour cue and guided filter when ``images`` are given, then
+    peak-relative refinement) that maximises the mean per-image IoU at the IoU-curve threshold
+    on the *validation* maps, adopted only when it clears the project's one rule
+    (``calibration.adoption.clears``) against the plain map, paired per image.
 
     Two stages, to keep the search small: the colour cue (or none) is chosen first, each
     candidate judged with its best refinement fraction at the default window; then the guided
-    filter and the refinement are searched on the maps with that cue. The cue's damping is
-    blurred by ``cue_sigma`` pixels (stored in the profile; 0 reproduces older profiles).
+    filter and the refinement are searched on the maps with that cue.
 
-    Off when there are too few anomalous images to judge it, when maps can be negative (the
-    rule is a fraction of a non-negative peak), or when it adds < REFINE_MIN_GAIN IoU.
+    Off when there are too few anomalous images to judge it, or when maps can be negative (the
+    refinement rule is a fraction of a non-negative peak).
     """
     from calibration.thresholds import MIN_ANOMALOUS
 
     n_anom = int(masks.reshape(len(masks), -1).any(1).sum())
     if n_anom < MIN_ANOMALOUS:
-        return Refinement(reason=f"refinement off: {n_anom} anomalous validation image(s), need {MIN_ANOMALOUS}")
+        return MaskStep(reason=f"mask step off: {n_anom} anomalous validation image(s), need {MIN_ANOMALOUS}")
     if float(maps.min()) < 0:
-        return Refinement(reason="refinement off: the maps have negative values (the rule needs non-negative maps)")
+        return MaskStep(reason="mask step off: the maps have negative values (the rule needs non-negative maps)")
 
     def val_iou(m: np.ndarray) -> float:
         return estimate_thresholds(m, masks, k_std=k_std, quantile=quantile,
                                    bins=_SEARCH_BINS).method("iou").val_iou or 0.0
 
-    base = val_iou(maps)
+    mid = 33 if 33 in windows else (windows[len(windows) // 2] if windows else 33)
     cue, cued = (0.0, 0.5), maps
     if images is not None and cues:
         def staged(m: np.ndarray) -> float:
-            mid = 33 if 33 in windows else windows[len(windows) // 2]
-            return max([val_iou(m)] + [val_iou(refine_maps(m, f, mid)) for f in fractions])
+            return max([val_iou(m)] + [val_iou(MaskStep(refine_fraction=f, refine_window=mid).apply_all(m, None))
+                                       for f in fractions])
 
-        cue_best = staged_plain = staged(maps)
+        cue_best = staged(maps)
         for scale, floor in cues:
-            m = refine_maps(maps, 0.0, 33, images, cue_scale=scale, cue_floor=floor, cue_sigma=cue_sigma)
+            m = MaskStep(cue_scale=scale, cue_floor=floor).apply_all(maps, images)
             iou = staged(m)
-            if iou > cue_best + 1e-9 and iou >= staged_plain + REFINE_MIN_GAIN:  # the cue must earn its place
+            if iou > cue_best + 1e-9:
                 cue_best, cue, cued = iou, (scale, floor), m
-    best = (val_iou(cued), 0.0, 33, 0, 1e-3)
+    best = (val_iou(cued), 0.0, mid, 0, 1e-3)
     for radius, eps in ((0, 1e-3), *(guides if images is not None else ())):
-        guided = refine_maps(cued, 0.0, 33, images, radius, eps)
+        guided = MaskStep(guide_radius=radius, guide_eps=eps).apply_all(cued, images) if radius else cued
         iou = val_iou(guided)
         if iou > best[0] + 1e-9:
-            best = (iou, 0.0, 33, radius, eps)
+            best = (iou, 0.0, mid, radius, eps)
         for w in windows:
             for f in fractions:
-                iou = val_iou(refine_maps(guided, f, w))
+                iou = val_iou(MaskStep(refine_fraction=f, refine_window=w).apply_all(guided, None))
                 if iou > best[0] + 1e-9:
                     best = (iou, f, w, radius, eps)
-    iou, f, w, radius, eps = best
-    if (f == 0.0 and radius == 0 and cue[0] == 0.0) or iou - base < REFINE_MIN_GAIN:
-        return Refinement(reason=f"refinement off: no setting beat the plain map's validation IoU {base:.4f} "
-                                 f"by {REFINE_MIN_GAIN}")
-    parts = ([f"colour cue scale {cue[0]:g}, floor {cue[1]:g}, blur {cue_sigma:g}"] if cue[0] > 0 else []) + \
+    _, f, w, radius, eps = best
+    step = MaskStep(cue_scale=cue[0], cue_floor=cue[1], guide_radius=radius, guide_eps=eps,
+                    refine_fraction=f, refine_window=w)
+    if step.is_off:
+        return MaskStep(reason="mask step off: no setting beat the plain map's validation IoU")
+    plain = per_image_iou(maps, masks, k_std=k_std, quantile=quantile)
+    served = per_image_iou(step.apply_all(maps, images), masks, k_std=k_std, quantile=quantile)
+    ok, figures = clears(served - plain)
+    parts = ([f"colour cue scale {cue[0]:g}, floor {cue[1]:g}"] if cue[0] > 0 else []) + \
             ([f"guided filter radius {radius}, eps {eps:g}"] if radius else []) + \
             ([f"peak-relative refinement fraction {f:g}, window {w}"] if f > 0 else [])
-    return Refinement(fraction=f, window=w, guide_radius=radius, guide_eps=eps, cue_scale=cue[0], cue_floor=cue[1],
-                      cue_sigma=cue_sigma if cue[0] > 0 else 0.0,
-                      reason=f"{' + '.join(parts)}: validation IoU {base:.4f} -> {iou:.4f} "
-                             f"({n_anom} anomalous validation images)")
+    if not ok:
+        return MaskStep(reason=f"mask step off: the best setting ({' + '.join(parts)}) gains {figures} on "
+                               f"{n_anom} anomalous validation images, under the adoption bar")
+    return step.model_copy(update={"reason": f"{' + '.join(parts)}: validation IoU {plain.mean():.4f} -> "
+                                             f"{served.mean():.4f} ({figures}, {n_anom} anomalous validation images)"})
+
+
+def per_image_iou(maps: np.ndarray, masks: np.ndarray, *, k_std: float = 3.0, quantile: float = 0.999,
+                  threshold: float | None = None) -> np.ndarray:
+    """Per-image IoU of the anomalous images at ``threshold`` (default: the maps' own IoU-curve
+    threshold): what the paired adoption tests compare."""
+    from calibration.metrics import iou_per_image
+
+    if threshold is None:
+        threshold = estimate_thresholds(maps, masks, k_std=k_std, quantile=quantile,
+                                        bins=_SEARCH_BINS).method("iou").threshold
+    anom = masks.reshape(len(masks), -1).any(1)
+    return iou_per_image(maps[anom] >= threshold, masks[anom])
 
 
 # -- thresholds ----------------------------------------------------------------------------------
@@ -249,14 +215,13 @@ def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", 
                     progress: bool = False) -> tuple[ThresholdReport, np.ndarray]:
     """All five methods on the validation set; one chosen. Returns (report, raw validation maps).
 
-    ``refine``: also calibrate the map refinement (guided filter by the frame + peak-relative
-    rule, ``calibrate_refinement``) on the validation set; the thresholds are then estimated on
-    the refined maps and the report carries the refinement (the profile and the worker's
-    ``judge`` apply it the same way). Off when it does not raise validation IoU.
+    ``refine``: also calibrate the mask step (``calibrate_refinement``) on the validation set;
+    the thresholds are then estimated on the served maps and the report carries the step (the
+    profile and the worker's ``judge`` apply it the same way).
 
     ``extent``: also fit the learned region extent on the validation masks
-    (``calibration.extent_fit.fit_extent``; adopted unless it costs IoU on held-out validation
-    images); the profile and the worker apply it after thresholding.
+    (``calibration.extent_fit.fit_extent``, adopted by the rule of ``calibration.adoption`` on
+    held-out validation images); the profile and the worker apply it after thresholding.
 
     ``choose_setting``: also choose between the model's own settings (``choose_variant``; the
     model is left on the chosen one and must be saved with it); recalibration passes False,
@@ -276,46 +241,37 @@ def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", 
                         "(or normal_std)")
     maps, scores = model.predict(val.images, batch_size=batch_size)
     ref = (calibrate_refinement(maps, val.masks, val.images, k_std=k_std, quantile=quantile) if refine
-           else Refinement(reason="refinement off (not requested)"))
+           else MaskStep(reason="mask step off (not requested)"))
     variant_note = ""
     if refine and choose_setting:
         maps, scores, ref, variant_note = choose_variant(model, val, maps, scores, ref, k_std=k_std,
                                                          quantile=quantile, batch_size=batch_size)
-    served = apply_refinement(maps, ref, val.images)
+    served = ref.apply_all(maps, val.images)
     report = estimate_thresholds(served, val.masks, prefer=prefer, k_std=k_std, quantile=quantile)
     img_thr, img_reason = estimate_image_threshold(scores, val.anomalous)
     ext = (fit_extent(maps, served, val.images, val.masks, report.threshold, progress=progress) if extent
            else ExtentFit(reason="region extent off (not requested)"))
     report = report.model_copy(update={"image_threshold": img_thr, "image_threshold_reason": img_reason,
-                                       **ref.settings(), "refine_reason": ref.reason,
-                                       "extent": ext.params, "extent_reason": ext.reason,
+                                       "mask_step": ref, "extent": ext.params, "extent_reason": ext.reason,
                                        "notes": [*report.notes, *([variant_note] if variant_note else []), ref.reason,
                                                  ext.reason]})
     return report, maps
 
 
-def _val_ious(maps: np.ndarray, ref: Refinement, val: LabelledSet, k_std: float, quantile: float) -> np.ndarray:
-    """Per-image IoU of the anomalous validation images at the IoU-curve threshold of the refined maps."""
-    refined = apply_refinement(maps, ref, val.images)
-    thr = estimate_thresholds(refined, val.masks, k_std=k_std, quantile=quantile, bins=_SEARCH_BINS).method("iou").threshold
-    anom = val.anomalous
-    pred, gt = refined[anom] >= thr, val.masks[anom]
-    return (pred & gt).sum((1, 2)) / np.maximum((pred | gt).sum((1, 2)), 1)
+def _val_ious(maps: np.ndarray, step: MaskStep, val: LabelledSet, k_std: float, quantile: float) -> np.ndarray:
+    """Per-image IoU of the anomalous validation images at the IoU-curve threshold of the served maps."""
+    return per_image_iou(step.apply_all(maps, val.images), val.masks, k_std=k_std, quantile=quantile)
 
 
-def choose_variant(model: AnomalyModel, val: LabelledSet, maps: np.ndarray, scores: np.ndarray, ref: Refinement, *,
+def choose_variant(model: AnomalyModel, val: LabelledSet, maps: np.ndarray, scores: np.ndarray, ref: MaskStep, *,
                    k_std: float = 3.0, quantile: float = 0.999,
-                   batch_size: int = 16) -> tuple[np.ndarray, np.ndarray, Refinement, str]:
+                   batch_size: int = 16) -> tuple[np.ndarray, np.ndarray, MaskStep, str]:
     """The model setting (``model.calibration_variants()``: PaDiM's texture-term weight) with the
-    best validation IoU, each with its own calibrated refinement. The model's current setting
-    stays unless another beats it by REFINE_MIN_GAIN; the model is left on the chosen one (it is
-    saved with the profile). Returns (maps, scores, refinement, note); the note is empty when
-    the model has no variants or too few anomalous validation images to judge them.
-
-    "Beats" is a paired test on the validation images: the mean per-image IoU gain must exceed
-    both REFINE_MIN_GAIN and twice its standard error. With a dozen or two anomalous images a
-    plain best-of-three on the mean IoU picks noise (measured: +0.02 on validation, -0.02..-0.03
-    on test for brick and pcb), while a real gain (turf: +0.09) clears it easily."""
+    best validation IoU, each with its own calibrated mask step. The model's current setting
+    stays unless another beats it by the rule of ``calibration.adoption`` (paired per image); the
+    model is left on the chosen one (it is saved with the profile). Returns (maps, scores, mask
+    step, note); the note is empty when the model has no variants or too few anomalous
+    validation images to judge them."""
     from calibration.thresholds import MIN_ANOMALOUS
 
     variants = getattr(model, "calibration_variants", lambda: [])()
@@ -332,12 +288,10 @@ def choose_variant(model: AnomalyModel, val: LabelledSet, maps: np.ndarray, scor
         m, sc = model.predict(val.images, batch_size=batch_size)
         r = calibrate_refinement(m, val.masks, val.images, k_std=k_std, quantile=quantile)
         ious = _val_ious(m, r, val, k_std, quantile)
-        gain = ious - base
-        se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("inf")
-        clears = float(gain.mean()) > max(REFINE_MIN_GAIN, 2 * se)
+        ok, figures = clears(ious - base)
         seen.append(f"{', '.join(f'{k} {x:g}' for k, x in v.items())}: {ious.mean():.4f} "
-                    f"(gain {gain.mean():+.4f} +- {se:.4f}{'' if clears else ', not significant'})")
-        if clears and float(ious.mean()) > best[0] + 1e-9:
+                    f"({figures}{'' if ok else ', not significant'})")
+        if ok and float(ious.mean()) > best[0] + 1e-9:
             best = (float(ious.mean()), v, m, sc, r)
     iou, chosen, maps, scores, ref = best
     model.apply_variant(chosen)
@@ -349,8 +303,10 @@ def choose_variant(model: AnomalyModel, val: LabelledSet, maps: np.ndarray, scor
 
 
 def save_threshold(work_dir: Path, report: ThresholdReport) -> Path:
+    """The report as JSON in the work folder, its extent forest beside it (skops)."""
     p = Path(work_dir) / THRESHOLD_FILE
-    p.write_text(report.model_dump_json(indent=2))
+    on_disk = report.model_copy(update={"extent": externalise(report.extent, Path(work_dir), "extent")})
+    p.write_text(on_disk.model_dump_json(indent=2))
     return p
 
 
@@ -358,7 +314,8 @@ def read_threshold(work_dir: Path) -> ThresholdReport:
     p = Path(work_dir) / THRESHOLD_FILE
     if not p.is_file():
         raise UserError(f"{p}: no threshold yet; run `linewatch calibrate threshold` first")
-    return ThresholdReport.model_validate_json(p.read_text())
+    report = ThresholdReport.model_validate_json(p.read_text())
+    return report.model_copy(update={"extent": internalise(report.extent, Path(work_dir))})
 
 
 # -- profiles ------------------------------------------------------------------------------------
@@ -376,7 +333,7 @@ def make_profile(product: str, model: AnomalyModel, report: ThresholdReport,
                                                                   "f1": m.val_f1} for m in report.methods},
                                         "n_val_anomalous": report.n_anomalous, "n_val_normal": report.n_normal,
                                         "notes": report.notes, **(metrics or {})},
-                   **mask_step(report), extent=report.extent, categorizer=categorizer, background=background,
+                   mask_step=report.mask_step, extent=report.extent, categorizer=categorizer, background=background,
                    background_source="override" if background is not None else "unknown",
                    notes=notes, parent_version=parent_version)
 
@@ -394,8 +351,8 @@ def publish_work_dir(work_dir: Path, registry_dir: Path, product: str | None = N
         raise UserError(f"{work_dir / FIT_FILE}: product unknown; pass --product")
     if metrics is None and (work_dir / "evaluation.json").is_file():
         metrics = {"test": json.loads((work_dir / "evaluation.json").read_text())}
-    if categorizer is None and (work_dir / "categorizer.json").is_file():
-        categorizer = json.loads((work_dir / "categorizer.json").read_text())
+    if categorizer is None:
+        categorizer = read_categorizer(work_dir)
     profile = make_profile(product, model, report, metrics, info.background if info else None, categorizer,
                            notes=f"fitted on {info.n_train} images of {info.dataset}" if info else "")
     return Registry(registry_dir).publish(profile, model, export_onnx=export_onnx)
@@ -429,13 +386,13 @@ def evaluate_model(name: str, product: str, model: AnomalyModel, test: LabelledS
     from calibration.evaluate import evaluate_maps
 
     raw, scores = model.predict(test.images, batch_size=batch_size)
-    ref = Refinement.of(report)
-    maps = apply_refinement(raw, ref, test.images)  # what the worker thresholds (workers.pipeline.judge)
+    ref = report.mask_step
+    maps = ref.apply_all(raw, test.images)  # what the worker thresholds (linewatch.inspection.verdict.judge)
     val_curves = None
     if val is not None:
         if val_maps is None:
             val_maps, _ = model.predict(val.images, batch_size=batch_size)
-        val_curves = pixel_curves(apply_refinement(val_maps, ref, val.images), val.masks,
+        val_curves = pixel_curves(ref.apply_all(val_maps, val.images), val.masks,
                                   extra=[t for t in report.thresholds().values() if t is not None])
     ev = evaluate_maps(name, product, test, maps, scores, report.thresholds(), report.chosen, report, val_curves,
                        raw_maps=raw)
@@ -452,13 +409,28 @@ def evaluate_model(name: str, product: str, model: AnomalyModel, test: LabelledS
 def served_mask(maps: np.ndarray, i: int, threshold: float, raw_maps: np.ndarray | None,
                 images: np.ndarray, extent: dict[str, Any] | None) -> np.ndarray:
     """Image ``i``'s mask as the worker serves it: the (refined) map thresholded, then the learned
-    region extent when the profile has one (``workers.pipeline.judge`` does the same)."""
+    region extent when the profile has one (``linewatch.inspection.verdict.judge`` does the same)."""
     mask = maps[i] >= threshold
     if not extent or not mask.any():
         return mask
-    from workers.extent import apply_extent
+    return extent_model(extent).apply(maps[i] if raw_maps is None else raw_maps[i], images[i], mask, threshold)
 
-    return apply_extent(extent, maps[i] if raw_maps is None else raw_maps[i], images[i], mask, threshold)
+
+def extent_model(extent: dict[str, Any]) -> ExtentModel:
+    """A fitted extent's parameters (settings and forest, as ``fit_extent`` gives them) ready to apply."""
+    return ExtentModel(ExtentSettings(**{k: v for k, v in extent.items() if k != "classifier"}), extent["classifier"])
+
+
+def save_categorizer(work_dir: Path, params: dict[str, Any] | None) -> Path:
+    """A work folder's categorizer: JSON, its classifiers beside it (skops)."""
+    p = Path(work_dir) / CATEGORIZER_FILE
+    p.write_text(json.dumps(externalise(params, Path(work_dir), "categorizer"), indent=2))
+    return p
+
+
+def read_categorizer(work_dir: Path) -> dict[str, Any] | None:
+    p = Path(work_dir) / CATEGORIZER_FILE
+    return internalise(json.loads(p.read_text()), Path(work_dir)) if p.is_file() else None
 
 
 def extent_iou(maps: np.ndarray, served: np.ndarray, data: LabelledSet, threshold: float,
@@ -475,19 +447,13 @@ def extent_iou(maps: np.ndarray, served: np.ndarray, data: LabelledSet, threshol
 
 def _category_samples(data: LabelledSet, maps: np.ndarray, threshold: float, product: str,
                       raw_maps: np.ndarray | None = None, normal: dict[str, Any] | None = None,
-                      extent: dict[str, Any] | None = None, served: np.ndarray | None = None,
-                      labelled: bool = True):
+                      extent: dict[str, Any] | None = None, served: np.ndarray | None = None):
     """Labelled anomalous images as the categorizer sees them at inference: regions from the
     (refined) thresholded map and the learned extent (``served_mask``; ``served``: those masks,
     already made by the caller), map features from the RAW map -- exactly what the worker passes
-    to categorize_frame -- and the true mask kept to tell which regions are real.
-    ``labelled=False``: the anomalous images without a category instead (category "unknown")."""
+    to categorize_frame -- and the true mask kept to tell which regions are real."""
     from calibration.categorizer_fit import CategorySample
-    from linewatch.datasets import UNKNOWN
     from linewatch.messages import CATEGORIES
-
-    def wanted(c: str) -> bool:
-        return c in CATEGORIES if labelled else c == UNKNOWN
 
     feats = maps if raw_maps is None else raw_maps
     return [CategorySample(image=data.images[i], category=c,
@@ -496,7 +462,7 @@ def _category_samples(data: LabelledSet, maps: np.ndarray, threshold: float, pro
                            amap=feats[i],
                            threshold=threshold, background=data.background[i], product=product,
                            gt_mask=data.masks[i], normal=normal)
-            for i, c in enumerate(data.categories) if wanted(c)]
+            for i, c in enumerate(data.categories) if c in CATEGORIES]
 
 
 def pooled_category_samples(dataset_root: Path, products: list[str], input_size: int,
@@ -523,7 +489,7 @@ def pooled_category_samples(dataset_root: Path, products: list[str], input_size:
                 log.info("categorizer pool: no profile for %s (%s)", q, exc)
         if prof is not None and model is not None and model.input_size == input_size:
             raw, _ = model.predict(val.images)
-            maps = apply_refinement(raw, Refinement.of(prof), val.images)
+            maps = prof.mask_step.apply_all(raw, val.images)
             out += _category_samples(val, maps, prof.threshold, q, raw, normal, prof.extent)
             out += raw_view_samples(val, raw, maps, q, normal)  # as fit_categorizer trains on its own product
         else:
@@ -542,7 +508,7 @@ def raw_view_threshold(raw_maps: np.ndarray, masks: np.ndarray) -> float | None:
 
 
 def raw_view_samples(val: LabelledSet, raw_maps: np.ndarray, served_maps: np.ndarray, product: str,
-                     normal: dict[str, Any] | None = None, labelled: bool = True) -> list:
+                     normal: dict[str, Any] | None = None) -> list:
     """The validation images once more, with the regions of the unrefined map thresholded at its
     own IoU-curve threshold: a second, differently cut view of every labelled defect for
     training only (the worker still serves the refined regions). Why: more and more varied
@@ -552,42 +518,23 @@ def raw_view_samples(val: LabelledSet, raw_maps: np.ndarray, served_maps: np.nda
     if served_maps is raw_maps or np.array_equal(served_maps, raw_maps):
         return []
     thr = raw_view_threshold(raw_maps, val.masks)
-    return [] if thr is None else _category_samples(val, raw_maps, thr, product, raw_maps, normal, labelled=labelled)
+    return [] if thr is None else _category_samples(val, raw_maps, thr, product, raw_maps, normal)
 
 
 def fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, product: str,
                     raw_maps: np.ndarray | None = None, normal: dict[str, Any] | None = None,
                     pooled: list | None = None, extent: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Categorizer parameters (JSON) trained on the validation images -- this product's weighed
-    up, plus ``pooled`` samples of other products (``pooled_category_samples``) -- or None (said
-    in the log) when linewatch.categorize is absent or the labels are too few. ``normal``: this
-    product's normal appearance, stored with the parameters for the worker. With ``raw_maps``
-    that differ from ``val_maps`` (a refinement is on), ``raw_view_samples`` join the training.
-    A product whose anomalous validation images carry no category at all learns from ``pooled``
-    and then, self-trained, from its own images under the categories predicted for them
-    (``calibration.categorizer_fit.self_train``)."""
-    try:
-        from calibration.categorizer_fit import self_train, train_categorizer
-    except ImportError:
-        return None
+    """Categorizer parameters trained on the validation images -- this product's weighed up,
+    plus ``pooled`` samples of other products (``pooled_category_samples``) -- or None (said in
+    the log) when the labels are too few. ``normal``: this product's normal appearance, stored
+    with the parameters for the worker. With ``raw_maps`` that differ from ``val_maps`` (a mask
+    step is on), ``raw_view_samples`` join the training. A product whose anomalous validation
+    images carry no category learns from ``pooled`` alone."""
+    from calibration.categorizer_fit import train_categorizer
+
     samples = _category_samples(val, val_maps, threshold, product, raw_maps, normal, extent)
     pooled = list(pooled or [])
-    if not samples and pooled:
-        unlabelled = _category_samples(val, val_maps, threshold, product, raw_maps, normal, extent, labelled=False)
-        if raw_maps is not None and unlabelled:
-            unlabelled += raw_view_samples(val, raw_maps, val_maps, product, normal, labelled=False)
-        if unlabelled:
-            try:
-                params = self_train(pooled, unlabelled, product, region_source="predicted", normal=normal)
-            except UserError as exc:
-                log.warning("categorizer not trained for %s: %s", product, exc)
-                return None
-            st = params["trained_on"].get("self_training", {})
-            log.info("categorizer for %s: no category labels of its own; %d of its %d unlabelled validation "
-                     "views joined under their predicted category (%s)", product, st.get("joined", 0),
-                     st.get("unlabelled", 0), st.get("per_category"))
-            return params
-    if raw_maps is not None:
+    if raw_maps is not None and samples:
         pooled += raw_view_samples(val, raw_maps, val_maps, product, normal)
     try:
         return train_categorizer(samples + pooled, product=product, region_source="predicted", normal=normal)
@@ -623,7 +570,7 @@ def categorizer_evaluation(params: dict[str, Any] | None, test: LabelledSet, map
 def resolve_categorizer_products(dataset_root: Path, product: str, names: Sequence[str]) -> list[str]:
     """Other products for the categorizer pool: ``names`` (``"all"`` = every product under the
     dataset root), this product left out; an unknown name is a UserError."""
-    from linewatch.datasets import list_products
+    from calibration.datasets import list_products
 
     names = [n for n in names if n]
     if not names:
@@ -659,7 +606,7 @@ def calibrate_product(dataset_root: str | Path, product: str, registry_dir: str 
     report, val_maps = threshold_model(model, val, method, k_std, quantile, progress=progress)
     pool = resolve_categorizer_products(root, product, categorizer_products)
     pooled = pooled_category_samples(root, pool, input_size, Path(registry_dir), val_fraction, seed) if pool else []
-    categorizer = fit_categorizer(val, apply_refinement(val_maps, Refinement.of(report), val.images),
+    categorizer = fit_categorizer(val, report.mask_step.apply_all(val_maps, val.images),
                                   report.threshold, product, raw_maps=val_maps, normal=normal_appearance(train),
                                   pooled=pooled, extent=report.extent)
     ev = evaluate_model(model_kind, product, model, test, report, val, val_maps, categorizer)

@@ -191,3 +191,11 @@ def threshold_regret(maps: np.ndarray | None = None, masks: np.ndarray | None = 
     return Regret(threshold=float(threshold), iou_at_threshold=at,
                   oracle_threshold=float(curves.thresholds[best]), oracle_iou=oracle,
                   regret=max(0.0, oracle - at))
+
+
+def iou_per_image(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """(N,) IoU of each predicted mask with its true mask (1.0 where both are empty)."""
+    p = np.asarray(pred, bool).reshape(len(pred), -1)
+    g = np.asarray(gt, bool).reshape(len(gt), -1)
+    union = (p | g).sum(1)
+    return np.where(union > 0, (p & g).sum(1) / np.maximum(union, 1), 1.0)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from linewatch.inspection.mask import MaskStep
 from pydantic import BaseModel, Field
 
 MethodName = Literal["iou", "f1", "roc", "normal_std", "normal_quantile"]
@@ -73,17 +74,9 @@ class ThresholdReport(BaseModel):
     notes: list[str] = []
     image_threshold: float | None = Field(None, description="image-score threshold for the frame verdict")
     image_threshold_reason: str = ""
-    refine_fraction: float = Field(0.0, description="peak-relative refinement applied to the maps before "
-                                                    "thresholding (workers.pipeline.refine_map); 0 = off")
-    refine_window: int = 33
-    guide_radius: int = Field(0, description="guided filter of the maps by the image (0 = off)")
-    guide_eps: float = 1e-3
-    cue_scale: float = Field(0.0, description="colour cue fused with the maps (workers.pipeline.cue_map); 0 = off")
-    cue_floor: float = 0.5
-    cue_window: int = 33
-    cue_sigma: float = 0.0
-    refine_reason: str = ""
-    extent: dict[str, Any] | None = Field(None, description="learned region extent (workers.extent); None = off")
+    mask_step: MaskStep = Field(default_factory=MaskStep, description="how the maps become the thresholded map")
+    extent: dict[str, Any] | None = Field(None, description=(
+        "learned region extent (linewatch.inspection.extent: settings and forest); None = off"))
     extent_reason: str = ""
 
     def method(self, name: str) -> MethodResult:

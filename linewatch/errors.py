@@ -1,4 +1,8 @@
-"""User-facing errors: the CLI prints them as one line and exits 2."""
+"""User-facing errors: the CLI prints them as one line and exits 2.
+
+They live here, torch-free, so that a process that runs no model (the sink, the dashboard, every
+``--help``) can catch a model's error without importing the model code.
+"""
 
 
 class UserError(Exception):
@@ -6,3 +10,7 @@ class UserError(Exception):
 
     The message must name the file or field and the problem, on one line.
     """
+
+
+class ModelError(ValueError):
+    """A model cannot be built, fitted or loaded; the message names the cause."""

@@ -24,17 +24,26 @@ import shutil
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from linewatch.models.base import AnomalyModel, ModelError
+from linewatch.errors import ModelError
+from linewatch.inspection.mask import MaskStep
+
+if TYPE_CHECKING:
+    from linewatch.inspection.extent import ExtentModel
+    from linewatch.models.base import AnomalyModel
 
 PROFILE_FILE = "profile.json"
 CURRENT_FILE = "CURRENT"
 ONNX_FILE = "model.onnx"
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
 _PRODUCT = r"^[A-Za-z0-9_.\-]{1,64}$"
+
+# 2: the mask step as one MaskStep, learned forests as skops files (format 1 had flat mask-step
+# fields and JSON forests inside profile.json; such profiles are refused, never misread)
+PROFILE_FORMAT = 2
 
 ThresholdMethod = Literal["iou", "f1", "roc", "normal_std", "normal_quantile", "manual"]
 
@@ -44,6 +53,7 @@ class ProfileError(ValueError):
 
 
 class Profile(BaseModel):
+    format: int = Field(PROFILE_FORMAT, description="profile.json layout; older ones are refused at load")
     product: str = Field(pattern=_PRODUCT)
     version: int = Field(0, ge=0, description="assigned by the registry at publish")
     model_kind: str
@@ -53,28 +63,17 @@ class Profile(BaseModel):
     threshold_method: ThresholdMethod
     image_threshold: float | None = Field(None, description="image-score threshold; default = pixel threshold")
     min_region_px: int = Field(16, ge=0, description="regions smaller than this (at model size) are ignored")
-    refine_fraction: float = Field(0.0, ge=0.0, lt=1.0, description=(
-        "peak-relative region refinement: a map pixel counts only if it is >= this fraction of the "
-        "map's maximum in its refine_window neighbourhood (calibrated on validation; 0 = off)"))
-    refine_window: int = Field(33, ge=3, le=255, description="odd side (model-size pixels) of the refinement window")
-    guide_radius: int = Field(0, ge=0, le=64, description=(
-        "edge-aware guided filter of the map by the frame's grey image before thresholding "
-        "(box radius in model-size pixels; 0 = off)"))
-    guide_eps: float = Field(1e-3, gt=0.0, description="guided-filter regulariser (grey levels in 0..1)")
-    cue_scale: float = Field(0.0, ge=0.0, description=(
-        "colour cue fused with the map before thresholding: pixels that look like the normal material "
-        "around them are damped (workers.pipeline.cue_map; z-score scale; 0 = off)"))
-    cue_floor: float = Field(0.5, ge=0.0, le=1.0, description="least weight the colour cue leaves a pixel")
-    cue_window: int = Field(33, ge=3, le=255, description="odd side (model-size pixels) of the cue's normal box")
-    cue_sigma: float = Field(0.0, ge=0.0, le=32.0, description=(
-        "Gaussian blur (model-size pixels) of the colour cue's damping factor (0 = per pixel, as in older profiles)"))
+    mask_step: MaskStep = Field(default_factory=MaskStep, description=(
+        "how the anomaly map becomes the thresholded map (linewatch.inspection.mask)"))
     extent: dict[str, Any] | None = Field(None, description=(
-        "learned region extent (workers.extent): a pixel forest, fitted on the validation masks, that reshapes "
-        "the thresholded regions; None = off (older profiles, or it cost held-out validation IoU)"))
+        "learned region extent (linewatch.inspection.extent): ExtentSettings plus its pixel forest, stored as "
+        "a skops file in the version folder; None = off"))
     thresholds: dict[str, float | None] = {}
     threshold_reason: str = ""
     calibration_metrics: dict[str, Any] = {}
-    categorizer: dict[str, Any] | None = None
+    categorizer: dict[str, Any] | None = Field(None, description=(
+        "categorizer parameters (linewatch.inspection.categorize); its classifiers are skops files in the "
+        "version folder"))
     background: bool | None = None
     background_source: Literal["detected", "override", "unknown"] = "unknown"
     created_by: str = Field(default_factory=lambda: _whoami())
@@ -87,15 +86,22 @@ class Profile(BaseModel):
         return self.threshold if self.image_threshold is None else self.image_threshold
 
 
-# the mask step's settings: ``workers.pipeline.segmentation_map``'s keyword arguments, carried
-# under the same names by a Profile and by a calibration ThresholdReport
-MASK_STEP_FIELDS = ("refine_fraction", "refine_window", "guide_radius", "guide_eps", "cue_scale", "cue_floor",
-                    "cue_window", "cue_sigma")
+    def extent_model(self) -> ExtentModel | None:
+        """The learned extent ready to apply (its forest loaded: ``Registry.load``), or None."""
+        if not self.extent:
+            return None
+        from linewatch.inspection.extent import ExtentModel, ExtentSettings
 
+        forest = self.extent.get("classifier")
+        if forest is None or isinstance(forest, dict):
+            raise ProfileError(f"profile {self.product} v{self.version}: extent forest not loaded (Registry.load)")
+        return ExtentModel(ExtentSettings(**{k: v for k, v in self.extent.items() if k != "classifier"}), forest)
 
-def mask_step(obj: Any) -> dict[str, Any]:
-    """The mask-step settings of a Profile or ThresholdReport, as ``segmentation_map`` keywords."""
-    return {k: getattr(obj, k) for k in MASK_STEP_FIELDS}
+    def learned_files(self) -> list[str]:
+        """The skops files this profile's learned parts are stored in."""
+        from linewatch.inspection.forest import stored_files
+
+        return [*stored_files(self.extent or {}), *stored_files(self.categorizer or {})]
 
 
 def _whoami() -> str:
@@ -154,20 +160,42 @@ class Registry:
                 raise ProfileError(f"no published profile for product {product!r} in {self.root}")
         path = self.version_dir(product, version) / PROFILE_FILE
         try:
-            return Profile.model_validate_json(path.read_bytes())
+            raw = json.loads(path.read_bytes())
         except FileNotFoundError:
             raise ProfileError(f"{path}: missing") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProfileError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict) or raw.get("format", 1) != PROFILE_FORMAT:
+            got = raw.get("format", 1) if isinstance(raw, dict) else "?"
+            raise ProfileError(f"{path}: written by another linewatch version (profile format {got}, this version "
+                               f"reads {PROFILE_FORMAT}); re-run `linewatch calibrate run --product {product}`")
+        try:
+            return Profile.model_validate(raw)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "profile"
             raise ProfileError(f"{path}: invalid {where}: {first['msg']}") from None
 
-    def load(self, product: str, version: int | None = None) -> tuple[Profile, AnomalyModel]:
-        """The profile and its model, fully loaded (raises ProfileError naming the file)."""
+    def load_learned(self, product: str, version: int | None = None) -> Profile:
+        """The profile with its learned parts (the forests) loaded from their files; no model.
+        Raises ProfileError naming the file."""
+        from linewatch.inspection.forest import internalise
+
         profile = self.read_profile(product, version)
         vdir = self.version_dir(product, profile.version)
         try:
-            model = AnomalyModel.load(vdir)
+            return profile.model_copy(update={"extent": internalise(profile.extent, vdir),
+                                              "categorizer": internalise(profile.categorizer, vdir)})
+        except ModelError as exc:
+            raise ProfileError(str(exc)) from None
+
+    def load(self, product: str, version: int | None = None) -> tuple[Profile, AnomalyModel]:
+        """The profile (learned parts loaded) and its model (raises ProfileError naming the file)."""
+        profile = self.load_learned(product, version)
+        try:
+            from linewatch.models.registry import load_model
+
+            model = load_model(self.version_dir(product, profile.version))
         except ModelError as exc:
             raise ProfileError(str(exc)) from None
         return profile, model
@@ -176,7 +204,8 @@ class Registry:
     def publish(self, profile: Profile, model: AnomalyModel | None = None, *,
                 source_dir: Path | None = None, export_onnx: bool = True,
                 make_current: bool = True) -> Profile:
-        """Write a new immutable version and flip CURRENT to it. Returns the stored profile.
+        """Write a new immutable version and flip CURRENT to it. Returns the profile under its new
+        version (learned parts as given).
 
         Either ``model`` (saved fresh) or ``source_dir`` (an existing version's folder whose
         model files are copied, used by recalibrate) supplies the weights.
@@ -204,7 +233,13 @@ class Registry:
                     src = Path(source_dir) / name
                     if src.is_file():
                         shutil.copy2(src, tmp / name)
-            (tmp / PROFILE_FILE).write_text(stored.model_dump_json(indent=2))
+            # learned parts still in memory go to skops files; references (a recalibration's copied
+            # files) stay as they are
+            from linewatch.inspection.forest import externalise
+
+            on_disk = stored.model_copy(update={"extent": externalise(stored.extent, tmp, "extent"),
+                                                "categorizer": externalise(stored.categorizer, tmp, "categorizer")})
+            (tmp / PROFILE_FILE).write_text(on_disk.model_dump_json(indent=2))
             for f in tmp.iterdir():
                 if f.is_file():
                     with open(f, "rb") as fh:

@@ -14,9 +14,9 @@ stops it afterwards, so the figure is reproducible on any machine that ran boots
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -82,21 +82,17 @@ def bench_producer(bootstrap_servers: str | None = None, *, frames: int = 300, s
                    quality: int = 90, cameras: int = 1, distinct: int = 8, partitions: int = 8,
                    phases: tuple[str, ...] = ("send", "encode+send")) -> dict:
     """Run the benchmark; returns ``{"phases": [BenchPhase...], ...}`` as a dict."""
-    from linewatch.kafka_io import ensure_topics
+    from linewatch.kafka.io import ensure_topics
     from linewatch.settings import Settings
     from producers.producer import CameraConfig, FrameProducer
 
     broker = None
-    tmp = None
-    if bootstrap_servers is None:
-        from linewatch.broker import Broker, free_port
-        from linewatch.settings import BrokerSettings
+    with contextlib.ExitStack() as stack:  # stops the temporary broker, removes its directory
+        if bootstrap_servers is None:
+            from linewatch.kafka.broker import temporary_broker
 
-        tmp = tempfile.TemporaryDirectory(prefix="lw-bench-broker-")
-        broker = Broker(BrokerSettings(home=Path(tmp.name), port=free_port(), controller_port=free_port()))
-        broker.start(die_with_parent=True)
-        bootstrap_servers = broker.bootstrap_servers
-    try:
+            broker = stack.enter_context(temporary_broker())
+            bootstrap_servers = broker.bootstrap_servers
         tag = uuid.uuid4().hex[:8]
         settings = Settings(
             kafka={"bootstrap_servers": bootstrap_servers},
@@ -125,11 +121,6 @@ def bench_producer(bootstrap_servers: str | None = None, *, frames: int = 300, s
                 frames_per_s=round(stats.fps, 1), mb_per_s=round(stats.mb_per_s, 1),
                 mean_frame_kb=round(stats.bytes / max(1, stats.sent) / 1024, 1), too_large=stats.too_large,
             ))
-    finally:
-        if broker is not None:
-            broker.stop()
-        if tmp is not None:
-            tmp.cleanup()
     return {
         "benchmark": "producer",
         "frame_size": f"{size}x{size}",
@@ -156,7 +147,7 @@ def format_result(res: dict) -> str:
 
 
 def cmd_bench_producer(args: argparse.Namespace) -> int:
-    from linewatch.kafka_io import quiet_kafka_logs
+    from linewatch.kafka.io import quiet_kafka_logs
 
     quiet_kafka_logs(args.verbose)
     res = bench_producer(args.bootstrap_servers, frames=args.frames, size=args.size, quality=args.quality,

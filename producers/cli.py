@@ -34,7 +34,7 @@ examples:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from linewatch.kafka_io import quiet_kafka_logs
+    from linewatch.kafka.io import quiet_kafka_logs
     from linewatch.settings import load_settings
     from producers.producer import FrameProducer, camera_configs
     from producers.sources import open_source, source_kind

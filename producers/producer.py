@@ -25,7 +25,7 @@ from typing import TextIO
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from linewatch.errors import UserError
-from linewatch.kafka_io import (
+from linewatch.kafka.io import (
     PendingDelivery,
     RecordTooLarge,
     describe_topics,

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from linewatch.datasets import load_mvtec
+from calibration.datasets import load_mvtec
 from linewatch.messages import CATEGORIES
 
 

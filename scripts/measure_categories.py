@@ -1,17 +1,15 @@
 """Measure the product-agnostic categorizer on a dataset (the synthetic line by default).
 
 Protocol (issue 5): each product's test images are split into validation/test with
-``linewatch.datasets.split_validation_test`` (stratified by category, seeded). The categorizer
+``calibration.datasets.split_validation_test`` (stratified by category, seeded). The categorizer
 is trained on validation images and scored on test images, frame level, macro-F1 over the
 four categories plus the confusion matrix:
 
 - within product: trained on the validation images of all products (the product's own
   included, weighted up), tested on that product's test images;
 - leave-one-product-out: trained on the other products' validation images only (``--pool-products``:
-  and these products', which are never tested themselves), then
-  self-trained on the product's own validation images with their categories hidden (what
-  ``calibrate`` does for a product without category labels, ``calibration.categorizer_fit.self_train``;
-  ``--no-self-training``: the other products' images alone).
+  and these products', which are never tested themselves), as ``calibrate`` does for a product
+  without category labels.
 
 Regions come from the ground-truth masks (``--regions gt``) or from PaDiM's thresholded maps
 (``--regions padim``: fit on train/good, the IoU-curve threshold of the validation split as
@@ -20,7 +18,7 @@ PaDiM maps are cached as .npy in ``--cache``; ``--regions padim-refined``: the m
 calibrated refinement, as the worker thresholds them -- training also sees the validation
 images' unrefined-map regions, as ``calibration.fit.fit_categorizer`` does; then the learned region
 extent reshapes them unless it costs held-out validation IoU, ``--no-extent``: never). Every product's normal appearance
-(``linewatch.categorize.normal_appearance`` of its train/good images, which need no labels) goes
+(``linewatch.inspection.categorize.normal_appearance`` of its train/good images, which need no labels) goes
 with its samples and with the parameters applied to it, as its profile would carry it.
 
     python scripts/measure_categories.py --root /tmp/lw_cat --generate --regions gt,padim
@@ -31,16 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from calibration.categorizer_fit import (CategorySample, category_scores, format_confusion, predict_frames,
-                                         self_train, train_categorizer)
+                                         train_categorizer)
 from calibration.thresholds import estimate_thresholds
-from linewatch.categorize import UNKNOWN, normal_appearance
-from linewatch.datasets import load_mvtec, split_validation_test
+from linewatch.inspection.categorize import normal_appearance
+from calibration.datasets import load_mvtec, split_validation_test
 
 
 def padim_maps(root: Path, product: str, size: int, items, cache: Path, val_items=None) -> np.ndarray:
@@ -96,11 +93,11 @@ def build_samples(root: Path, products: list[str], size: int, source: str, cache
             nv = len(val)
             raw = maps
             if source == "padim-refined":  # the mask refinement calibrate_product uses (validation only)
-                from calibration.fit import apply_refinement, calibrate_refinement
+                from calibration.fit import calibrate_refinement
 
                 r = calibrate_refinement(maps[:nv], gts[:nv], imgs[:nv])
                 print(f"  {p}: {r.reason}", flush=True)
-                maps = apply_refinement(maps, r, imgs).astype(np.float32)
+                maps = r.apply_all(maps, imgs).astype(np.float32)
             thr = estimate_thresholds(maps[:nv], gts[:nv], prefer="iou").threshold  # as calibrate picks it
             masks = maps >= thr
             if source == "padim-refined" and extent:  # the learned region extent, fitted on validation as calibrate does
@@ -148,9 +145,6 @@ def main() -> int:
     ap.add_argument("--extent", action=argparse.BooleanOptionalAction, default=True,
                     help="padim-refined: the learned region extent (workers.extent), fitted on validation as "
                          "calibrate does (--no-extent: the thresholded regions alone)")
-    ap.add_argument("--self-training", action=argparse.BooleanOptionalAction, default=True,
-                    help="leave-one-product-out: self-train on the product's own validation images, their "
-                         "categories hidden, as calibrate does for a product without labels")
     ap.add_argument("--val-fraction", type=float, default=1 / 3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default="/tmp/lw_maps")
@@ -181,14 +175,8 @@ def main() -> int:
                 within = train_categorizer(all_val, kind=kind, product=p, seed=tseed, region_source=source,
                                            normal=normal, frame_model=args.frame_model,
                                            n_contrast_views=args.contrast_views)
-                if args.self_training:  # the product's own validation images, categories hidden
-                    hidden = [replace(s, category=UNKNOWN) for s in data[p][0]]
-                    lopo = self_train(other_val, hidden, p, kind=kind, seed=tseed, region_source=source,
-                                      normal=normal, frame_model=args.frame_model,
-                                      n_contrast_views=args.contrast_views)
-                else:
-                    lopo = train_categorizer(other_val, kind=kind, seed=tseed, region_source=source, normal=normal,
-                                             frame_model=args.frame_model, n_contrast_views=args.contrast_views)
+                lopo = train_categorizer(other_val, kind=kind, seed=tseed, region_source=source, normal=normal,
+                                         frame_model=args.frame_model, n_contrast_views=args.contrast_views)
                 truth = [s.category for s in test]
                 pw, pl = ([c for c, _ in predict_frames(m, test)] for m in (within, lopo))
                 rw, rl = category_scores(truth, pw), category_scores(truth, pl)

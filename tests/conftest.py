@@ -29,7 +29,7 @@ def _isolated_home(tmp_path_factory, monkeypatch):
             monkeypatch.delenv(key, raising=False)
 
 
-# ---- real Kafka broker (linewatch/broker.py) ---------------------------------------------
+# ---- real Kafka broker (linewatch/kafka/broker.py) ---------------------------------------
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory) -> str:
     """A real Kafka 4.1 broker (KRaft, one node) for the whole session; yields its
@@ -40,7 +40,7 @@ def kafka_broker(tmp_path_factory) -> str:
     one at the same time; stopped by pid (SIGTERM) at the end. The broker log is
     ``<tmp>/kafka-*/logs/server.log`` (the path is printed on a start failure).
     """
-    from linewatch.broker import Broker, BrokerError, free_port
+    from linewatch.kafka.broker import Broker, BrokerError, free_port
     from linewatch.settings import BrokerSettings
 
     last: Exception | None = None
@@ -69,7 +69,7 @@ def kafka_settings(kafka_broker, request):
     sharing the session broker never see each other's records); the topics exist already."""
     import uuid
 
-    from linewatch.kafka_io import ensure_topics
+    from linewatch.kafka.io import ensure_topics
     from linewatch.settings import Settings
 
     tag = uuid.uuid4().hex[:8]

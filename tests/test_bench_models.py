@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from linewatch.bench_models import bench_models, format_table
+from workers.bench_engines import bench_models, format_table
 
 torch.set_num_threads(1)
 
@@ -31,10 +31,7 @@ def test_bench_models_reports_speed_size_and_memory(tmp_path):
 def test_cli_registers_models_bench():
     import argparse
 
-    from linewatch import bench_cli
+    from linewatch.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    bench_cli.register(sub)
-    args = parser.parse_args(["bench", "models", "--model", "padim", "--size", "64", "--batches", "1,2"])
+    args = build_parser().parse_args(["bench", "models", "--model", "padim", "--size", "64", "--batches", "1,2"])
     assert args.model == ["padim"] and args.size == 64 and callable(args.func)

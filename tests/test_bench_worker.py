@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from linewatch.bench_worker import bench_worker, cpu_between, format_table
+from workers.bench import bench_worker, cpu_between, format_table
 
 
 def test_cpu_between_interpolates_and_refuses_outside_the_samples():
@@ -19,11 +19,9 @@ def test_cpu_between_interpolates_and_refuses_outside_the_samples():
 
 
 def test_cli_registers_worker_bench():
-    from linewatch import bench_cli
+    from linewatch.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    bench_cli.register(parser.add_subparsers())
-    args = parser.parse_args(["bench", "worker", "--frames", "40", "--max-batch", "8", "--json"])
+    args = build_parser().parse_args(["bench", "worker", "--frames", "40", "--max-batch", "8", "--json"])
     assert args.frames == 40 and args.max_batch == 8 and args.json and callable(args.func)
 
 
@@ -59,7 +57,7 @@ def test_bench_worker_smoke(kafka_broker, tmp_path):
 
 def test_compare_anomalib_is_optional():
     """Without anomalib the comparison says why and carries the published figures; never raises."""
-    from linewatch.bench_anomalib import anomalib_version, compare_anomalib, format_anomalib
+    from workers.bench_engines import anomalib_version, compare_anomalib, format_anomalib
 
     if anomalib_version() is not None:
         pytest.skip("anomalib is installed here: the comparison is measured by the bench itself")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from linewatch.broker import Broker, BrokerError, _kafka_cluster_id, free_port, port_is_free
+from linewatch.kafka.broker import Broker, BrokerError, _kafka_cluster_id, free_port, port_is_free
 from linewatch.settings import BrokerSettings
 
 V_BIN = Path(sys.executable).parent

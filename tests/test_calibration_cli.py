@@ -263,9 +263,8 @@ def test_meandiff_save_load_onnx_identical(line, tmp_path):
     import onnxruntime as ort
 
     from calibration.data import load_product_splits, load_train
-    from linewatch.models.base import AnomalyModel
     from linewatch.models.export import export_onnx
-    from linewatch.models.registry import build_model
+    from linewatch.models.registry import build_model, load_model
 
     train = load_train(line, "pcb", SIZE, progress=False)
     _, test = load_product_splits(line, "pcb", SIZE, progress=False)
@@ -275,7 +274,7 @@ def test_meandiff_save_load_onnx_identical(line, tmp_path):
     # higher inside defects than outside, on average
     assert maps[test.masks].mean() > maps[~test.masks].mean()
     model.save(tmp_path / "m")
-    again = AnomalyModel.load(tmp_path / "m")
+    again = load_model(tmp_path / "m")
     np.testing.assert_array_equal(again.predict(test.images)[0], maps)
     assert b"pickle" not in (tmp_path / "m" / "weights.safetensors").read_bytes()[:2000]
     export_onnx(model, tmp_path / "m" / "model.onnx")

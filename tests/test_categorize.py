@@ -1,34 +1,50 @@
-"""The product-agnostic categorizer: frame rule, numpy inference = scikit-learn, the four
-categories only, profiles without a categorizer, background detection."""
+"""The product-agnostic categorizer: frame rule, stored classifiers (skops files) read back
+identically, the four categories only, profiles without a categorizer, background detection."""
 
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from calibration.categorizer_fit import (CONTRAST_FEATURES, CategorySample, contrast_views, evaluate_categorizer,
-                                         train_categorizer, _fit_classifier, export_classifier)
-from linewatch.categorize import (BASE_KINDS, FEATURES, FRAME_FEATURES, categorize_frame, detect_background,
-                                  frame_decision, frame_features, normal_appearance, predict_proba, region_features)
+                                         train_categorizer, _fit_classifier)
+from linewatch.errors import ModelError
+from linewatch.inspection.categorize import (BASE_KINDS, FEATURES, FRAME_FEATURES, categorize_frame, detect_background,
+                                             frame_decision, frame_features, normal_appearance, predict_proba,
+                                             region_features)
+from linewatch.inspection.forest import externalise, internalise, load_classifier, save_classifier
 from linewatch.messages import CATEGORIES, Region
 from linewatch.synth import SyntheticProduct
 
 ALLOWED = set(CATEGORIES) | {"unknown"}
 
 
+def _stored(params: dict) -> dict:
+    """``params`` as a profile stores and reads them back: JSON plus skops files (no pickle)."""
+    folder = Path(tempfile.mkdtemp(prefix="lw-cat-"))
+    text = json.dumps(externalise(params, folder, "categorizer"))
+    return internalise(json.loads(text), folder)
+
+
 def _hand_params() -> dict:
-    """A hand-written linear model: dark -> structural, colourful -> contamination, bright -> surface."""
+    """A hand-set linear model: dark -> structural, colourful -> contamination, bright -> surface."""
+    from sklearn.linear_model import LogisticRegression
+
     coef = np.zeros((3, len(FEATURES)))
     coef[0, FEATURES.index("dL")] = -30.0  # structural: darker than the ring
     coef[1, FEATURES.index("dL")] = 30.0  # surface: brighter
     coef[2, FEATURES.index("dab")] = 60.0  # contamination: another colour
-    return {"version": 1, "features": list(FEATURES), "classes": ["structural", "surface", "contamination"],
+    clf = LogisticRegression()
+    clf.classes_ = np.array(["structural", "surface", "contamination"])
+    clf.coef_, clf.intercept_ = coef, np.array([0.0, 0.0, -3.0])
+    return {"version": 1, "features": list(FEATURES), "classes": clf.classes_.tolist(),
             "scaler_mean": [0.0] * len(FEATURES), "scaler_scale": [1.0] * len(FEATURES),
-            "classifier": {"kind": "logreg", "coef": coef.tolist(), "intercept": [0.0, 0.0, -3.0]},
-            "frame_rule": {"combined_min_conf": 0.5, "combined_min_rel_area": 0.1}}
+            "classifier": clf, "frame_rule": {"combined_min_conf": 0.5, "combined_min_rel_area": 0.1}}
 
 
 def _grey_frame() -> np.ndarray:
@@ -46,9 +62,7 @@ def test_two_regions_of_different_kinds_make_combined():
     amap = cv2.GaussianBlur((mask > 0).astype(np.float32), (0, 0), 3)
     r = categorize_frame(img, amap, mask, params=_hand_params(), threshold=0.5)
     assert [c for c, _ in r.per_region] == ["structural", "contamination"]
-    assert r.category == "combined" and 0.5 <= r.confidence <= 1.0
-    cat, conf, per = r  # unpacks as (frame category, confidence, per-region)
-    assert cat == "combined" and len(per) == 2
+    assert r.category == "combined" and 0.5 <= r.confidence <= 1.0 and len(r.per_region) == 2
     # one kind only -> that kind, not combined
     img2 = _grey_frame()
     cv2.circle(img2, (35, 40), 10, (20, 20, 20), -1)
@@ -66,7 +80,7 @@ def test_regions_come_back_with_categories_in_label_order():
     cv2.circle(labels, (35, 40), 10, 2, -1)
     regions = [Region(area_px=450, area_frac=0.03, bbox=(78, 78, 25, 25), peak_score=2, mean_score=1),
                Region(area_px=314, area_frac=0.02, bbox=(25, 30, 21, 21), peak_score=2, mean_score=1)]
-    r = categorize_frame(image=img, amap=None, labels=labels, regions=regions, params=_hand_params())
+    r = categorize_frame(img, None, labels, _hand_params(), regions=regions)
     assert [x.category for x in r.regions] == ["contamination", "surface"]
     assert all(0 <= x.confidence <= 1 for x in r.regions)
     assert r.category == "combined"
@@ -82,16 +96,13 @@ def test_profile_without_categorizer_is_unknown():
     mask = np.zeros((128, 128), np.uint8)
     mask[10:20, 10:20] = 255
     regions = [Region(area_px=100, area_frac=0.006, bbox=(10, 10, 10, 10), peak_score=1, mean_score=1)]
-    r = categorize_frame(profile=prof, image=img, amap=np.zeros((128, 128), np.float32), labels=mask,
-                         regions=regions)
+    r = categorize_frame(img, np.zeros((128, 128), np.float32), mask, prof.categorizer, regions=regions)
     assert (r.category, r.confidence) == ("unknown", 0.0)
     assert [x.category for x in r.regions] == ["unknown"]
 
 
-def test_trained_parameters_are_json_and_never_leave_the_four(synth_samples):
-    params = train_categorizer(synth_samples, kind="logreg", region_source="gt")
-    text = json.dumps(params)  # plain JSON: no pickle anywhere
-    params = json.loads(text)
+def test_trained_parameters_are_stored_without_pickle_and_never_leave_the_four(synth_samples):
+    params = _stored(train_categorizer(synth_samples, kind="logreg", region_source="gt"))
     assert set(params["classes"]) <= set(BASE_KINDS)
     rng = np.random.default_rng(1)
     for _ in range(5):  # arbitrary frames and masks: still one of the four (or unknown)
@@ -107,17 +118,37 @@ def test_trained_parameters_are_json_and_never_leave_the_four(synth_samples):
 
 
 @pytest.mark.parametrize("kind", ["logreg", "forest", "ensemble"])
-def test_numpy_inference_equals_sklearn(kind):
+def test_stored_classifiers_predict_exactly_as_the_fitted_ones(kind, tmp_path):
+    """skops files in the version folder give bit-identical probabilities to the estimator that
+    was fitted (the worker reads what calibration measured)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(90, len(FEATURES)))
     y = np.array(["structural", "surface", "contamination"])[(x[:, 0] > 0).astype(int) + (x[:, 1] > 1)]
     clf = _fit_classifier(x, y, kind, 0, None)
     models = clf if isinstance(clf, list) else [clf]
     params = {"features": list(FEATURES), "classes": models[0].classes_.tolist(),
-              "scaler_mean": [0.0] * len(FEATURES), "scaler_scale": [1.0] * len(FEATURES),
-              "classifier": json.loads(json.dumps(export_classifier(clf, kind)))}
+              "scaler_mean": [0.0] * len(FEATURES), "scaler_scale": [1.0] * len(FEATURES), "classifier": clf}
+    on_disk = externalise(params, tmp_path, "categorizer")
+    assert on_disk["classifier"] == {"skops": "categorizer.skops"} and (tmp_path / "categorizer.skops").is_file()
     expected = np.mean([m.predict_proba(x) for m in models], axis=0)
-    np.testing.assert_allclose(predict_proba(params, x), expected, atol=1e-4)
+    loaded = internalise(json.loads(json.dumps(on_disk)), tmp_path)
+    again = loaded["classifier"] if isinstance(loaded["classifier"], list) else [loaded["classifier"]]
+    np.testing.assert_array_equal(np.mean([m.predict_proba(x) for m in again], axis=0), expected)  # bit for bit
+    np.testing.assert_allclose(predict_proba(loaded, x), expected, rtol=1e-12, atol=1e-15)  # through the scaler
+
+
+def test_a_classifier_file_with_other_types_is_refused(tmp_path):
+    """A classifier file a user can hand us is rebuilt without pickle, and anything but the
+    estimators linewatch stores is refused with the file's name."""
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    save_classifier(Pipeline([("s", StandardScaler())]).fit(np.ones((3, 2))), tmp_path / "x.skops")
+    with pytest.raises(ModelError, match="not a linewatch classifier"):
+        load_classifier(tmp_path / "x.skops")
+    (tmp_path / "bad.skops").write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match="not a readable skops file"):
+        load_classifier(tmp_path / "bad.skops")
 
 
 def test_region_features_shape_and_meaning():
@@ -183,7 +214,7 @@ def test_frame_features_see_mixed_regions():
 
 
 def test_frame_classifier_trained_on_all_four_and_applied_offline_as_in_the_worker(synth_samples):
-    params = json.loads(json.dumps(train_categorizer(synth_samples, kind="forest", region_source="gt")))
+    params = _stored(train_categorizer(synth_samples, kind="forest", region_source="gt"))
     fc = params["frame_classifier"]
     assert set(fc["classes"]) == set(CATEGORIES) and fc["features"] == list(FRAME_FEATURES)
     res = evaluate_categorizer(params, synth_samples)
@@ -206,7 +237,7 @@ def test_normal_appearance_travels_with_the_parameters(synth_samples):
     normal = normal_appearance(np.stack([sp.normal(i).image for i in range(8)]))
     with_normal = [CategorySample(s.image, s.category, s.mask, None, None, s.background, s.product, normal=normal)
                    for s in synth_samples]
-    params = json.loads(json.dumps(train_categorizer(with_normal, kind="logreg", normal=normal)))
+    params = _stored(train_categorizer(with_normal, kind="logreg", normal=normal))
     assert params["normal"]["lab_bins"] == normal["lab_bins"]
     r = categorize_frame(synth_samples[0].image, None, synth_samples[0].mask, params=params)
     assert r.category in ALLOWED
@@ -225,7 +256,7 @@ def test_false_blobs_train_a_spurious_class_that_is_never_reported(synth_samples
             j = (k * 7919) % len(ys)
             cv2.circle(mask.view(np.uint8), (int(xs[j]) + 8, int(ys[j]) + 8), 5, 1, -1)
         noisy.append(CategorySample(s.image, s.category, mask, None, None, s.background, s.product, gt_mask=gt))
-    params = json.loads(json.dumps(train_categorizer(noisy, kind="forest", region_source="predicted")))
+    params = _stored(train_categorizer(noisy, kind="forest", region_source="predicted"))
     assert "spurious" in params["classes"] and params["trained_on"]["regions_per_kind"]["spurious"] >= 4
     assert {"real_max", "real_share"} <= set(params["frame_classifier"]["features"])
     for s in noisy[::5]:
@@ -266,30 +297,6 @@ def test_training_with_contrast_views_counts_the_real_regions(synth_samples):
     assert with_views["trained_on"]["n_regions"] == without["trained_on"]["n_regions"]
     assert with_views["trained_on"]["contrast_views"] == 3 and without["trained_on"]["contrast_views"] == 0
     assert evaluate_categorizer(with_views, synth_samples)["macro_f1"] > 0.6
-
-
-def test_self_training_adds_the_products_own_images_under_their_predicted_categories(synth_samples):
-    """A product with no category labels (turf here) learns from the other products (cap), then
-    once more with its own anomalous images joined under the categories that first categorizer
-    predicts with confidence >= 0.6; their true categories are never given."""
-    from dataclasses import replace
-
-    from calibration.categorizer_fit import SELF_TRAINING_MIN_CONF, predict_frames, self_train
-
-    cap = [s for s in synth_samples if s.product == "cap"]
-    turf = [replace(s, category="unknown") for s in synth_samples if s.product == "turf"]
-    params = json.loads(json.dumps(self_train(cap, turf, "turf", kind="forest")))
-    st = params["trained_on"]["self_training"]
-    assert st["unlabelled"] == len(turf) and 0 < st["joined"] <= len(turf) and "expert" not in params
-    assert params["trained_on"]["n_frames"] == len(cap) + st["joined"]
-    first = train_categorizer(cap, kind="forest", product="turf", expert_weight=0.0)
-    guesses = predict_frames(first, turf)
-    assert st["per_category"] == {c: sum(g == c and conf >= SELF_TRAINING_MIN_CONF for g, conf in guesses)
-                                  for c in CATEGORIES}
-    s = turf[0]
-    assert categorize_frame(s.image, None, s.mask, params=params).category in ALLOWED
-    none = self_train(cap, turf, "turf", kind="forest", min_conf=1.01)  # no guess is that sure
-    assert none["trained_on"]["self_training"]["joined"] == 0 and none["trained_on"]["n_frames"] == len(cap)
 
 
 def test_out_of_fold_probabilities_keep_every_view_of_an_image_in_one_fold(synth_samples, monkeypatch):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from linewatch.models.base import AnomalyModel, ModelError
+from linewatch.models.registry import load_model
+from linewatch.models.base import ModelError
 from linewatch.models.cflow import CFlow, ConditionalFlow, positional_encoding_2d
 
 torch.set_num_threads(1)
@@ -72,7 +73,7 @@ def test_save_load_identical_maps(fitted, brick, tmp_path):
     _, bad, _ = brick
     maps, scores = fitted.predict(bad)
     fitted.save(tmp_path / "c")
-    loaded = AnomalyModel.load(tmp_path / "c")
+    loaded = load_model(tmp_path / "c")
     assert isinstance(loaded, CFlow)
     m2, s2 = loaded.predict(bad)
     assert np.array_equal(maps, m2) and np.array_equal(scores, s2)
@@ -107,4 +108,4 @@ def test_bad_inputs(fitted, tmp_path):
     cfg = (tmp_path / "c" / "model.json").read_text().replace('"hidden": 32', '"hidden": 64')
     (tmp_path / "c" / "model.json").write_text(cfg)
     with pytest.raises(ModelError, match="do not match"):
-        AnomalyModel.load(tmp_path / "c")
+        load_model(tmp_path / "c")

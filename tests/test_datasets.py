@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from linewatch.datasets import (ImageItem, list_products, load_btad, load_folder_csv, load_images, load_masks,
+from calibration.datasets import (ImageItem, list_products, load_btad, load_folder_csv, load_images, load_masks,
                                 load_mvtec, open_dataset, read_categories_csv, split_validation_test)
 from linewatch.errors import UserError
 from linewatch.messages import CATEGORIES

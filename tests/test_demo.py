@@ -48,8 +48,8 @@ def _health(url: str) -> bool:
 
 
 def test_demo_runs_the_whole_line_and_stops_cleanly(tmp_path: Path, capsys):
-    from linewatch.broker import _port_answers, free_port
-    from linewatch.demo import DemoConfig, run_demo, summarize
+    from linewatch.kafka.broker import _port_answers, free_port
+    from linewatch.cli.demo import DemoConfig, run_demo, summarize
     from linewatch.store import count_rows
 
     ports = set()

@@ -14,7 +14,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from linewatch.models.base import AnomalyModel, ModelError
-from linewatch.models.registry import FAMILIES, build_model, model_class
+from linewatch.models.registry import FAMILIES, build_model, load_model, model_class
 
 SIZE = 128
 N_TRAIN = 24
@@ -98,7 +98,7 @@ def test_save_load_identical(kind, fitted, data, tmp_path):
     model = fitted(kind)
     model.save(tmp_path / kind)
     assert not list((tmp_path / kind).glob("*.pt*")) and not list((tmp_path / kind).glob("*.pkl"))
-    loaded = AnomalyModel.load(tmp_path / kind)
+    loaded = load_model(tmp_path / kind)
     assert type(loaded) is type(model) and loaded.config() == model.config()
     a, sa = model.predict(data["defects"][:4])
     b, sb = loaded.predict(data["defects"][:4])

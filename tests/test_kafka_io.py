@@ -1,4 +1,4 @@
-"""linewatch.kafka_io against the real broker: topics, size limits, bounded waits."""
+"""linewatch.kafka.io against the real broker: topics, size limits, bounded waits."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from linewatch import kafka_io
-from linewatch.broker import free_port
+from linewatch.kafka import io as kafka_io
+from linewatch.kafka.broker import free_port
 from linewatch.settings import KafkaSettings, Settings
 
 
@@ -134,7 +134,7 @@ def test_poll_rides_out_a_broker_that_went_away(caplog):
     must wait them out (empty poll, a warning), while any other error still propagates."""
     from kafka import errors
 
-    from linewatch.kafka_io import poll_records
+    from linewatch.kafka.io import poll_records
 
     class Flaky:
         def __init__(self, exc):
@@ -147,7 +147,7 @@ def test_poll_rides_out_a_broker_that_went_away(caplog):
             return {"tp": ["r1"]}
 
     c = Flaky(errors.KafkaConnectionError("111 ECONNREFUSED"))
-    with caplog.at_level("WARNING", logger="linewatch.kafka_io"):
+    with caplog.at_level("WARNING", logger="linewatch.kafka.io"):
         assert poll_records(c, 10, 5, backoff_s=0.01) == {}
     assert poll_records(c, 10, 5) == {"tp": ["r1"]}
     assert "KafkaConnectionError" in caplog.text

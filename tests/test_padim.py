@@ -9,7 +9,8 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 from linewatch.models._common import MapHead, reference_upsample_blur
-from linewatch.models.base import AnomalyModel, ModelError
+from linewatch.models.registry import load_model
+from linewatch.models.base import ModelError
 from linewatch.models.padim import PaDiM, ledoit_wolf, pack_tril, unpack_tril
 from linewatch.profiles import Profile, Registry
 
@@ -66,7 +67,7 @@ def test_save_load_gives_identical_maps(fitted, brick, tmp_path):
     _, bad, _ = brick
     maps1, scores1 = fitted.predict(bad)
     fitted.save(tmp_path / "m")
-    loaded = AnomalyModel.load(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
     assert isinstance(loaded, PaDiM)
     maps2, scores2 = loaded.predict(bad)
     assert np.array_equal(maps1, maps2) and np.array_equal(scores1, scores2)
@@ -127,10 +128,10 @@ def test_load_refuses_mismatched_weights(fitted, tmp_path):
     cfg = (tmp_path / "m" / "model.json").read_text().replace('"d": 32', '"d": 16')
     (tmp_path / "m" / "model.json").write_text(cfg)
     with pytest.raises(ModelError, match="do not match"):
-        AnomalyModel.load(tmp_path / "m")
+        load_model(tmp_path / "m")
     (tmp_path / "m" / "weights.safetensors").write_bytes(b"\x80\x04garbage")
     with pytest.raises(ModelError, match="weights.safetensors"):
-        AnomalyModel.load(tmp_path / "m")
+        load_model(tmp_path / "m")
 
 
 def test_wrong_architecture_backbone_weights_name_the_file():
@@ -204,7 +205,7 @@ def test_texture_term_is_the_shared_gaussian_of_the_finest_tap(fitted, brick, tm
     np.testing.assert_allclose(maps, plain * factor, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(scores, maps.reshape(len(bad), -1).max(1), rtol=1e-6)
     model.save(tmp_path / "m")
-    again = AnomalyModel.load(tmp_path / "m")
+    again = load_model(tmp_path / "m")
     assert again.options["texture_weight"] == 0.5
     np.testing.assert_allclose(again.predict(bad)[0], maps, rtol=1e-5, atol=1e-5)
     onnx_maps, _ = OnnxRuntimeEngine(export_onnx(again, tmp_path / "m.onnx"), SIZE).run(bad)
@@ -220,7 +221,7 @@ def test_profiles_from_before_the_texture_term_load_with_it_off(fitted, tmp_path
     tensors = {k: v for k, v in load_file(str(tmp_path / "m" / "weights.safetensors")).items()
                if not k.startswith("texture_")}
     save_file(tensors, str(tmp_path / "m" / "weights.safetensors"))
-    old = AnomalyModel.load(tmp_path / "m")
+    old = load_model(tmp_path / "m")
     assert old.texture_stats is None and old.calibration_variants() == []
     with pytest.raises(ModelError, match="refit"):
         old.set_texture_weight(0.5)

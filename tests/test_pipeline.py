@@ -268,7 +268,7 @@ def test_engine_failure_sends_the_group_to_the_dlq_and_other_products_go_on():
 
 
 def test_categorizer_is_called_for_defect_frames(monkeypatch):
-    import linewatch.categorize as cz
+    import linewatch.inspection.categorize as cz
 
     seen = {}
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from linewatch.errors import UserError
-from linewatch.kafka_io import BrokerUnavailable, make_consumer
+from linewatch.kafka.io import BrokerUnavailable, make_consumer
 from linewatch.messages import FrameHeaders
 from linewatch.settings import Settings
 from producers.producer import CameraConfig, FrameProducer, camera_configs
@@ -180,7 +180,7 @@ def test_camera_configs_pairing_and_validation():
 
 
 def test_producer_without_broker_fails_clearly_within_bound(tmp_path):
-    from linewatch.broker import free_port
+    from linewatch.kafka.broker import free_port
 
     write_images(tmp_path / "imgs", 2)
     settings = Settings(kafka={"bootstrap_servers": f"127.0.0.1:{free_port()}", "connect_timeout_s": 3})

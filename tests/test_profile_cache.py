@@ -10,7 +10,7 @@ import pytest
 
 from linewatch.profiles import ProfileError, Registry
 from worker_helpers import plain_image, publish_mean_profile, register_test_family
-from workers.pipeline import ModelEngine
+from workers.engines import TorchEngine
 from workers.profile_cache import ProfileCache
 
 register_test_family()
@@ -28,7 +28,7 @@ def _factory(calls=None):
     def build(model, onnx_path, profile):
         if calls is not None:
             calls.append((profile.product, profile.version))
-        return ModelEngine(model, 4)
+        return TorchEngine(model, max_batch=4)
     return build
 
 
@@ -83,7 +83,7 @@ def test_hot_reload_swaps_only_a_completely_loaded_version(tmp_path):
         if profile.version == 2:
             entered.set()
             assert gate.wait(10)
-        return ModelEngine(model, 4)
+        return TorchEngine(model, max_batch=4)
 
     events = []
     cache = ProfileCache(Registry(tmp_path), slow_factory, reload_interval_s=0.01, on_event=events.append)

@@ -33,7 +33,7 @@ def _sink_settings(base: Settings, db: Path, **alerts) -> Settings:
 
 
 def _produce(settings: Settings, results=(), dlq=(), raw=(), key: str | None = None) -> None:
-    from linewatch.kafka_io import make_producer, send_nowait
+    from linewatch.kafka.io import make_producer, send_nowait
 
     producer = make_producer(settings)
     try:
@@ -211,7 +211,7 @@ def test_offsets_are_committed_only_after_duckdb_has_the_batch(kafka_settings, t
 def _committed(settings: Settings) -> int:
     from kafka import TopicPartition
 
-    from linewatch.kafka_io import make_consumer
+    from linewatch.kafka.io import make_consumer
 
     c = make_consumer(settings, settings.sink.group_id)
     try:
@@ -240,7 +240,7 @@ def test_alerts_raised_and_cleared_on_topic_and_in_database(kafka_settings, tmp_
     stats = _run(settings, len(results))
     assert stats.alerts_raised == 2 and stats.alerts_cleared == 2 and stats.alerts_published == 4
 
-    from linewatch.kafka_io import make_consumer
+    from linewatch.kafka.io import make_consumer
 
     from kafka import TopicPartition
 

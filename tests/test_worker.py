@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
-from linewatch.broker import free_port
+from linewatch.kafka.broker import free_port
 from linewatch.messages import DlqRecord, InspectionResult
 from linewatch.settings import Settings
 from worker_helpers import encode, frame_headers, plain_image, publish_mean_profile, register_test_family, with_square
@@ -40,7 +40,7 @@ def _settings(kafka_settings: Settings, registry: Path, **worker) -> Settings:
 
 
 def _produce(settings: Settings, frames: list[tuple[bytes, list | None, bytes | None]]) -> None:
-    from linewatch.kafka_io import make_producer, send_nowait
+    from linewatch.kafka.io import make_producer, send_nowait
 
     producer = make_producer(settings)
     try:
@@ -57,7 +57,7 @@ def _read_all(settings: Settings, topic: str, want: int, timeout_s: float = 60.0
     """Every record of ``topic`` (from the beginning) once at least ``want`` have arrived."""
     from kafka import TopicPartition
 
-    from linewatch.kafka_io import make_consumer
+    from linewatch.kafka.io import make_consumer
 
     consumer = make_consumer(settings, None)
     try:
@@ -85,7 +85,7 @@ def _read_all(settings: Settings, topic: str, want: int, timeout_s: float = 60.0
 def _committed_vs_end(settings: Settings) -> tuple[dict[int, int], dict[int, int]]:
     from kafka import TopicPartition
 
-    from linewatch.kafka_io import make_consumer
+    from linewatch.kafka.io import make_consumer
 
     consumer = make_consumer(settings, settings.worker.group_id)  # not subscribed: does not join
     try:
@@ -378,15 +378,15 @@ def test_real_padim_profile_stream_matches_offline(kafka_settings, padim_frames)
 def test_two_workers_share_the_group_and_lose_nothing(kafka_settings, registry):
     """Scale-out: a second worker joins mid-stream, Kafka rebalances, every frame gets a
     result (a rebalance may duplicate a few, never lose one) and both workers take part."""
-    from workers.pipeline import ModelEngine
+    from workers.engines import TorchEngine
 
-    class Slow(ModelEngine):
+    class Slow(TorchEngine):
         def run(self, images):
             time.sleep(0.05)
             return super().run(images)
 
     def factory(model, onnx_path, profile):
-        return Slow(model, 4)
+        return Slow(model, max_batch=4)
 
     settings = _settings(kafka_settings, registry, max_batch=4)
     base = plain_image(96, 128, seed=6)
@@ -432,7 +432,7 @@ def test_cli_work_help_and_unreachable_broker(tmp_path):
     env = {**os.environ, "LINEWATCH_HOME": str(tmp_path), "LINEWATCH_KAFKA__CONNECT_TIMEOUT_S": "2"}
     out = subprocess.run([*linewatch, "work", "--help"], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0 and "--max-batch" in out.stdout and "--metrics-port" in out.stdout
-    from linewatch.broker import free_port as _free
+    from linewatch.kafka.broker import free_port as _free
 
     out = subprocess.run([*linewatch, "work", "--bootstrap-servers", f"127.0.0.1:{_free()}"],
                          capture_output=True, text=True, env=env, timeout=90)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from worker_helpers import register_test_family  # noqa: E402
 
 from linewatch.settings import Settings  # noqa: E402
-from workers.pipeline import ModelEngine  # noqa: E402
+from workers.engines import TorchEngine  # noqa: E402
 from workers.worker import run_worker  # noqa: E402
 
 
@@ -29,13 +29,13 @@ def main() -> int:
     worker_id = sys.argv[2]
     delay = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
 
-    class Slow(ModelEngine):
+    class Slow(TorchEngine):
         def run(self, images):
             time.sleep(delay)
             return super().run(images)
 
     def factory(model, onnx_path, profile):
-        return Slow(model, settings.worker.max_batch)
+        return Slow(model, max_batch=settings.worker.max_batch)
 
     stats = run_worker(settings, worker_id=worker_id, engine_factory=factory, create_topics=False)
     print(json.dumps({"frames": stats.frames, "results": stats.results, "dlq": stats.dlq,

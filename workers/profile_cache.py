@@ -24,12 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from linewatch.models.base import AnomalyModel, ModelError
+from typing import TYPE_CHECKING
+
+from linewatch.errors import ModelError
+from linewatch.inspection.extent import ExtentModel
 from linewatch.profiles import ONNX_FILE, Profile, ProfileError, Registry
+
+if TYPE_CHECKING:
+    from linewatch.models.base import AnomalyModel
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[AnomalyModel, Path | None, Profile], Any]
+EngineFactory = Callable[["AnomalyModel", Path | None, Profile], Any]
 
 
 @dataclass(frozen=True)
@@ -39,10 +45,11 @@ class LoadedProfile:
     the torch one (tens of MB of float32 factors for a 256-px PaDiM) lets one worker hold
     many products."""
 
-    profile: Profile
+    profile: Profile  # learned parts (forests) loaded
     model: AnomalyModel | None
-    engine: Any  # workers.pipeline.Engine
+    engine: Any  # workers.engines.Engine
     load_s: float
+    extent: ExtentModel | None = None  # built once per load, not per frame
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -117,7 +124,11 @@ class ProfileCache:
             raise ProfileError(f"{vdir}: no engine could run this profile: {type(exc).__name__}: {exc}") from None
         self.loads += 1
         keep = model if str(getattr(engine, "name", "torch")).startswith("torch") else None
-        return LoadedProfile(profile, keep, engine, time.perf_counter() - t0)
+        try:
+            extent = profile.extent_model()
+        except Exception as exc:
+            raise ProfileError(f"{vdir}: learned region extent unusable: {type(exc).__name__}: {exc}") from None
+        return LoadedProfile(profile, keep, engine, time.perf_counter() - t0, extent)
 
     def _current(self, product: str) -> int | None:
         try:

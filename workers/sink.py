@@ -197,7 +197,7 @@ class Sink:
         next batch (at-least-once: a consumer dedupes by alert_id)."""
         if not self._pending_alerts or self.producer is None:
             return
-        from linewatch.kafka_io import DeliveryError, send_nowait
+        from linewatch.kafka.io import DeliveryError, send_nowait
 
         pending = []
         for a in self._pending_alerts:
@@ -219,7 +219,7 @@ class Sink:
 def _poll_batch(consumer: Any, max_batch: int, max_wait_ms: int, stop: threading.Event) -> list[Any]:
     """Up to ``max_batch`` records: wait up to 1 s for the first, then at most
     ``max_wait_ms`` more to fill the batch."""
-    from linewatch.kafka_io import poll_records
+    from linewatch.kafka.io import poll_records
 
     out: list[Any] = []
     first_deadline = time.monotonic() + 1.0
@@ -252,7 +252,7 @@ def run_sink(
     Raises UserError (NotADatabase) at start when the database path is not a DuckDB file,
     BrokerUnavailable when Kafka cannot be reached.
     """
-    from linewatch.kafka_io import ensure_topics, make_consumer, make_producer
+    from linewatch.kafka.io import ensure_topics, make_consumer, make_producer
 
     stop = stop_event or threading.Event()
     own_consumer = consumer is None

@@ -30,7 +30,8 @@ from typing import Any
 from linewatch.profiles import Registry
 from linewatch.settings import Settings, WorkerSettings
 from workers.metrics import WorkerMetrics
-from workers.pipeline import BatchProcessor, ModelEngine, Outgoing, PreparedBatch
+from workers.engines import select_engine
+from workers.pipeline import BatchProcessor, Outgoing, PreparedBatch
 from workers.profile_cache import EngineFactory, ProfileCache, ReloadEvent
 
 log = logging.getLogger(__name__)
@@ -76,19 +77,10 @@ def default_worker_id() -> str:
 
 
 def default_engine_factory(ws: WorkerSettings) -> EngineFactory:
-    """workers.engines.select_engine (the fallback chain) when present, else model.predict."""
+    """``workers.engines.select_engine`` (the fallback chain) with the worker's settings."""
     threads = ws.threads or os.cpu_count() or 1
 
     def build(model: Any, onnx_path: Any, profile: Any) -> Any:
-        try:
-            from workers.engines import select_engine
-        except ModuleNotFoundError as exc:
-            if exc.name != "workers.engines":
-                raise
-            import torch
-
-            torch.set_num_threads(threads)
-            return ModelEngine(model, ws.max_batch)
         return select_engine(model, onnx_path, ws.engine, threads, ws.max_batch)
 
     return build
@@ -129,7 +121,7 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
     from kafka import TopicPartition
     from kafka.errors import KafkaError
 
-    from linewatch.kafka_io import DeliveryError, RecordTooLarge, ensure_topics, make_consumer, make_producer, send_nowait
+    from linewatch.kafka.io import DeliveryError, RecordTooLarge, ensure_topics, make_consumer, make_producer, send_nowait
 
     ws = settings.worker
     worker_id = worker_id or default_worker_id()
@@ -355,7 +347,7 @@ def _collect(consumer: Any, revocations: _Revocations, max_batch: int, max_wait_
              stop: threading.Event, stats: WorkerStats, first_wait_ms: int = IDLE_POLL_MS) -> list[Any]:
     """Up to ``max_batch`` records, waiting at most ``first_wait_ms`` for the first one and
     ``max_wait_ms`` after it."""
-    from linewatch.kafka_io import poll_records
+    from linewatch.kafka.io import poll_records
 
     batch: dict[tuple[str, int, int], Any] = {}
     deadline: float | None = None

@@ -21,14 +21,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-WEIGHTS_FILE = "weights.safetensors"
-CONFIG_FILE = "model.json"
-
-
-class ModelError(ValueError):
-    """A model cannot be built, fitted or loaded; the message names the cause."""
+from linewatch.errors import ModelError  # noqa: F401  (the families raise it from here)
+from linewatch.models.registry import CONFIG_FILE, WEIGHTS_FILE
 
 
 class AnomalyModel(ABC):
@@ -84,46 +80,3 @@ class AnomalyModel(ABC):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_tensors().items()}
         save_file(tensors, str(directory / WEIGHTS_FILE))
         (directory / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2))
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "AnomalyModel":
-        directory = Path(directory)
-        cfg_path = directory / CONFIG_FILE
-        try:
-            cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
-        except FileNotFoundError:
-            raise ModelError(f"{cfg_path}: missing model config") from None
-        except UnicodeDecodeError:
-            raise ModelError(f"{cfg_path}: not a JSON text file (binary content refused, never unpickled)") from None
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"{cfg_path}: not valid JSON ({exc.msg})") from None
-        if not isinstance(cfg, dict):
-            raise ModelError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
-        missing = [k for k in ("kind", "input_size", "backbone") if k not in cfg]
-        if missing:
-            raise ModelError(f"{cfg_path}: missing field(s) {', '.join(missing)}")
-        if not isinstance(cfg.get("options", {}), dict):
-            raise ModelError(f"{cfg_path}: 'options' must be a JSON object")
-        from linewatch.models.registry import model_class
-
-        klass = model_class(cfg.get("kind", ""))
-        try:
-            model = klass(input_size=int(cfg["input_size"]), backbone=str(cfg["backbone"]), **cfg.get("options", {}))
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, ModelError):
-                raise ModelError(f"{cfg_path}: {exc}") from None
-            raise ModelError(f"{cfg_path}: invalid model config ({exc})") from None
-        weights = directory / WEIGHTS_FILE
-        try:
-            tensors = load_file(str(weights))
-        except FileNotFoundError:
-            raise ModelError(f"{weights}: missing weights") from None
-        except Exception as exc:  # safetensors raises on a corrupt header
-            raise ModelError(f"{weights}: not a valid safetensors file ({exc})") from None
-        try:
-            model.load_state_tensors(tensors)
-        except (KeyError, RuntimeError, ValueError) as exc:
-            if isinstance(exc, ModelError):
-                raise
-            raise ModelError(f"{weights}: tensors do not match the model config ({exc})") from None
-        return model

@@ -1,10 +1,24 @@
-"""Model families by name. A family registers itself by being listed here."""
+"""Model families by name, and loading a saved model by the kind its config names.
+
+The registry knows the families; a family never knows the registry (as torchvision keeps
+``get_model`` apart from the models). Importing this module is torch-free: a family's module
+(and torch) is imported only when that family is built or loaded.
+"""
 
 from __future__ import annotations
 
 import importlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from linewatch.models.base import AnomalyModel, ModelError
+from linewatch.errors import ModelError
+
+if TYPE_CHECKING:
+    from linewatch.models.base import AnomalyModel
+
+CONFIG_FILE = "model.json"
+WEIGHTS_FILE = "weights.safetensors"
 
 # kind -> "module:Class"; imported lazily so a worker only pays for what it serves.
 FAMILIES: dict[str, str] = {
@@ -26,3 +40,59 @@ def model_class(kind: str) -> type[AnomalyModel]:
 
 def build_model(kind: str, **kwargs) -> AnomalyModel:
     return model_class(kind)(**kwargs)
+
+
+def read_model_config(directory: str | Path) -> dict:
+    """The checked ``model.json`` of a saved model (kind, input_size, backbone, options).
+
+    Torch-free: a worker serving an exported graph reads what it needs here and never builds
+    the model. Raises ModelError naming the file.
+    """
+    cfg_path = Path(directory) / CONFIG_FILE
+    try:
+        cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{cfg_path}: missing model config") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"{cfg_path}: not a JSON text file (binary content refused, never unpickled)") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{cfg_path}: not valid JSON ({exc.msg})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    missing = [k for k in ("kind", "input_size", "backbone") if k not in cfg]
+    if missing:
+        raise ModelError(f"{cfg_path}: missing field(s) {', '.join(missing)}")
+    if not isinstance(cfg.get("options", {}), dict):
+        raise ModelError(f"{cfg_path}: 'options' must be a JSON object")
+    return cfg
+
+
+def load_model(directory: str | Path) -> AnomalyModel:
+    """The model saved in ``directory`` (``AnomalyModel.save``): config, then safetensors weights
+    (never pickle). Raises ModelError naming the file."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg = read_model_config(directory)
+    cfg_path = directory / CONFIG_FILE
+    klass = model_class(cfg.get("kind", ""))
+    try:
+        model = klass(input_size=int(cfg["input_size"]), backbone=str(cfg["backbone"]), **cfg.get("options", {}))
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ModelError):
+            raise ModelError(f"{cfg_path}: {exc}") from None
+        raise ModelError(f"{cfg_path}: invalid model config ({exc})") from None
+    weights = directory / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(weights))
+    except FileNotFoundError:
+        raise ModelError(f"{weights}: missing weights") from None
+    except Exception as exc:  # safetensors raises on a corrupt header
+        raise ModelError(f"{weights}: not a valid safetensors file ({exc})") from None
+    try:
+        model.load_state_tensors(tensors)
+    except (KeyError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, ModelError):
+            raise
+        raise ModelError(f"{weights}: tensors do not match the model config ({exc})") from None
+    return model

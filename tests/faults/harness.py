@@ -91,29 +91,25 @@ def camera_ids(n_partitions: int = PARTITIONS, per_partition: int = 1) -> list[s
 
 # ---------------------------------------------------------------------------------------------
 # session fixtures: broker, profile registry, frame bank
+# the faults brokers: 384 MB heap, 120 s to start, 3 tries on fresh free ports (a port may be taken
+# between the check and the bind); not tied to the pytest process's life (die_with_parent off)
+_BROKER = {"heap_mb": 384, "start_timeout_s": 120, "attempts": 3, "die_with_parent": False}
+
+
 @pytest.fixture(scope="session")
 def fault_broker(tmp_path_factory):
     """A real single-node KRaft broker on free ports, for the whole faults session."""
-    broker = start_broker(tmp_path_factory.mktemp("faults-broker"))
-    yield broker
-    broker.stop(timeout_s=20)
+    from linewatch.kafka.broker import temporary_broker
+
+    with temporary_broker(tmp_path_factory.mktemp("faults-broker"), stop_timeout_s=20, **_BROKER) as broker:
+        yield broker
 
 
 def start_broker(home: Path):
-    from linewatch.broker import Broker, free_port
-    from linewatch.settings import BrokerSettings
+    """A broker like ``fault_broker`` that the caller stops (and restarts) itself."""
+    from linewatch.kafka.broker import start_on_free_ports
 
-    last: Exception | None = None
-    for _ in range(3):  # a free port may be taken between the check and the bind: retry
-        b = Broker(BrokerSettings(home=home, port=free_port(), controller_port=free_port(), heap_mb=384))
-        try:
-            b.start(timeout_s=120)
-            return b
-        except Exception as exc:  # pragma: no cover - port race
-            last = exc
-            b.stop()
-            shutil.rmtree(home, ignore_errors=True)
-    raise RuntimeError(f"could not start a broker: {last}")
+    return start_on_free_ports(home, **_BROKER)
 
 
 @dataclass
@@ -247,7 +243,7 @@ class LoadProducer(threading.Thread):
                             capture_ts_ms=now_ms(), encoding="jpeg").to_kafka()
 
     def run(self) -> None:
-        from linewatch.kafka_io import BrokerUnavailable, DeliveryError, make_producer, send_nowait
+        from linewatch.kafka.io import BrokerUnavailable, DeliveryError, make_producer, send_nowait
 
         try:
             producer = make_producer(self.settings, client_id="faults-load", linger_ms=5)
@@ -442,7 +438,7 @@ class Pipeline:
         wait_until(ready, timeout, what=f"{svc.name} to start")
 
     def create_topics(self) -> None:
-        from linewatch.kafka_io import ensure_topics
+        from linewatch.kafka.io import ensure_topics
 
         ensure_topics(self.settings, timeout_s=60)
 
@@ -486,7 +482,7 @@ class Pipeline:
         redeliveries the at-least-once worker made and the sink deduplicated."""
         from kafka import TopicPartition
 
-        from linewatch.kafka_io import make_consumer
+        from linewatch.kafka.io import make_consumer
 
         consumer = make_consumer(self.settings, None, None, client_id=f"faults-{self.name}-dlqread",
                                  consumer_timeout_ms=3000)

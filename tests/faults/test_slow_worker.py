@@ -50,7 +50,7 @@ def group_lag(p, group: str) -> dict[int, int]:
     """Per-partition lag of ``group`` on frames: log end - committed, from the broker."""
     from kafka import TopicPartition
 
-    from linewatch.kafka_io import make_consumer
+    from linewatch.kafka.io import make_consumer
 
     # a consumer that carries the group id but never joins: committed() reads the group's offsets
     consumer = make_consumer(p.settings, group, None, client_id="faults-lag")

@@ -1,5 +1,11 @@
 """A real Apache Kafka broker (KRaft, single node) that linewatch runs from the Maven Central
-jars, for development, the demo and the integration tests (DESIGN.md §6).
+jars, for development, the demo and the integration tests.
+
+How it starts: Maven fetches the jars once (``pom.xml`` beside this file), the storage is
+formatted with ``kafka.tools.StorageTool format --standalone``, then the JVM runs
+``kafka.Kafka server.properties``. It is ready when its log says "Kafka Server started" and an
+admin call answers; SIGTERM is a clean stop. Tests and benchmarks take a throwaway one on free
+ports from ``temporary_broker()``.
 
 Why not a fake: delivery guarantees, message size limits and consumer-group rebalancing are
 what the pipeline relies on; only the real broker proves them.
@@ -28,6 +34,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -52,7 +59,8 @@ def cache_root() -> Path:
 
 
 def _package_file(name: str) -> str:
-    return resources.files("linewatch").joinpath("kafka", name).read_text(encoding="utf-8")
+    """A data file shipped beside this module in the linewatch.kafka package."""
+    return resources.files("linewatch.kafka").joinpath(name).read_text(encoding="utf-8")
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -331,7 +339,7 @@ class Broker:
         timeout_s = s.start_timeout_s if timeout_s is None else timeout_s
         current = self.status()
         if current.running:
-            from linewatch.kafka_io import wait_for_broker
+            from linewatch.kafka.io import wait_for_broker
 
             wait_for_broker(
                 KafkaSettings(bootstrap_servers=current.bootstrap_servers, max_message_bytes=self.max_message_bytes),
@@ -369,7 +377,7 @@ class Broker:
         return self.status()
 
     def _wait_ready(self, timeout_s: float, log_offset: int) -> None:
-        from linewatch.kafka_io import wait_for_broker
+        from linewatch.kafka.io import wait_for_broker
 
         assert self._proc is not None
         deadline = time.monotonic() + timeout_s
@@ -434,3 +442,48 @@ def broker_from_settings(settings=None) -> Broker:
 
     settings = settings or load_settings()
     return Broker(settings.broker, max_message_bytes=settings.kafka.max_message_bytes)
+
+
+def start_on_free_ports(home: Path, *, attempts: int = 3, die_with_parent: bool = True,
+                        max_message_bytes: int = MAX_MESSAGE_BYTES, **settings) -> Broker:
+    """Start a broker in ``home`` on ports the OS says are free; the caller stops it.
+
+    Another process may take such a port before Kafka binds it, so a failed start is retried
+    ``attempts`` times with new ports (``home`` emptied in between). ``settings`` go to
+    BrokerSettings (e.g. ``heap_mb``, ``start_timeout_s``); ``die_with_parent`` as in
+    ``Broker.start``."""
+    from linewatch.settings import BrokerSettings
+
+    home = Path(home)
+    for attempt in range(1, max(1, attempts) + 1):
+        broker = Broker(BrokerSettings(home=home, port=free_port(), controller_port=free_port(), **settings),
+                        max_message_bytes=max_message_bytes)
+        try:
+            broker.start(die_with_parent=die_with_parent)
+            return broker
+        except Exception as exc:
+            broker.stop()
+            if attempt >= attempts:
+                raise
+            log.warning("broker in %s did not start (%s); retrying on other ports", home, exc)
+            shutil.rmtree(home, ignore_errors=True)
+            home.mkdir(parents=True, exist_ok=True)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def temporary_broker(home: Path | None = None, *, stop_timeout_s: float = 30.0, **kw) -> Iterator[Broker]:
+    """A throwaway broker on free ports, for tests and benchmarks: yields the started Broker
+    (its address: ``broker.bootstrap_servers``) and stops it on exit.
+
+    ``home`` None: a fresh temporary directory, removed on exit; a given ``home`` is left to
+    its owner. ``kw`` as in ``start_on_free_ports`` (``attempts``, ``die_with_parent``,
+    ``max_message_bytes`` and BrokerSettings fields such as ``heap_mb``)."""
+    with contextlib.ExitStack() as stack:
+        if home is None:
+            home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lw-broker-")))
+        broker = start_on_free_ports(home, **kw)
+        try:
+            yield broker
+        finally:
+            broker.stop(timeout_s=stop_timeout_s)

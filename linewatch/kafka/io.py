@@ -224,7 +224,10 @@ class TopicSpec:
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """The topics linewatch uses (DESIGN.md §4), with their partitions and configs."""
+    """The topics linewatch uses, with their partitions and configs: ``frames`` (key: camera
+    id; at least as many partitions as the most workers expected), ``results``, the dead-letter
+    ``frames.dlq``, ``alerts`` and the compacted ``profiles`` announcements (names from
+    ``settings.topics``). Every one takes records up to the raised message size limit."""
     t = settings.topics
     base = {
         "max.message.bytes": str(settings.kafka.max_message_bytes),

@@ -34,6 +34,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from linewatch.inspection.frames import load_image_file
+
 from linewatch.errors import UserError
 from linewatch.messages import CATEGORIES
 
@@ -158,19 +160,14 @@ def read_mask(path: str | Path, image_shape: tuple[int, int] | None = None,
     return m > 0
 
 
-def _resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
-    if img.shape[:2] == (size, size):
-        return img
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-
-
 def load_images(paths: Sequence[str | Path], size: int, progress: bool = False, desc: str = "images") -> np.ndarray:
-    """(N, size, size, 3) uint8 RGB, each image resized to size x size."""
+    """(N, size, size, 3) uint8 RGB, each image as the worker's decode gives it for the same bytes
+    (``linewatch.inspection.frames.load_image_file``: one decode-and-resize for both sides)."""
     from tqdm.auto import tqdm
 
     out = np.empty((len(paths), size, size, 3), np.uint8)
     for i, p in enumerate(tqdm(paths, desc=desc, unit="img", disable=not progress, leave=False)):
-        out[i] = _resize_rgb(read_image(p), size)
+        out[i] = load_image_file(p, size)
     return out
 
 

@@ -10,30 +10,28 @@ thresholded region and the local lightness structure. It never adds a region the
 not find: a component is kept only when it overlaps a thresholded region, and a thresholded
 region the forest would erase keeps its thresholded shape, so the frame verdict is unchanged.
 
-The same functions run offline (calibration, evaluation, categorizer training) and in the
-worker (``workers.pipeline.judge``), so the served masks are the calibrated ones.
+The same ``ExtentModel.apply`` runs offline (calibration, evaluation, categorizer training) and
+in the worker (``linewatch.inspection.verdict.judge``), so the served masks are the calibrated
+ones. The forest itself is a scikit-learn estimator stored beside the weights
+(``linewatch.inspection.forest``); the profile keeps only its settings (``ExtentSettings``).
 """
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from linewatch.categorize import classifier_proba
-from workers.pipeline import colour_cue
-
-log = logging.getLogger(__name__)
-_WARNED: list[bool] = []  # warn once per process, not once per frame
+from linewatch.inspection.mask import CUE_WINDOW, colour_cue
 
 EXTENT_FEATURES = ("map_rel", "map_local_peak", "map_frame_peak", "cue", "cue_blur", "inside", "signed_dist",
                    "grad_L", "L_minus_median")
-STRIDE = 2  # the forest reads every STRIDE-th pixel each way (workers.extent.apply_extent)
+STRIDE = 2  # the forest reads every STRIDE-th pixel each way (ExtentModel.apply)
 ZONE_PX = 24  # the band (model-size pixels) around the thresholded regions where the forest decides
 DIST_CAP = 32.0
-CUE_WINDOW = 33
 PEAK_WINDOW = 33
 MEDIAN_WINDOW = 31
 # model-size pixels kept around the zone when the features are computed on a crop: more than any
@@ -56,7 +54,7 @@ def extent_features(raw_map: np.ndarray, image_rgb: np.ndarray, mask: np.ndarray
 
     The map enters relative to the product's threshold and to its own peaks, so one forest reads
     every frame of the product on the same scale; the colour cue is the worker's own
-    (``workers.pipeline.colour_cue``: z-score against the normal material around the pixel).
+    (``linewatch.inspection.mask.colour_cue``: z-score against the normal material around the pixel).
     ``peak``: the whole frame's map maximum when ``raw_map`` is a crop of it (``apply_extent``).
     """
     a = np.asarray(raw_map, np.float32)
@@ -80,58 +78,78 @@ def extent_features(raw_map: np.ndarray, image_rgb: np.ndarray, mask: np.ndarray
                      np.minimum(d_out, DIST_CAP) - np.minimum(d_in, DIST_CAP), grad, Lf - med], axis=-1)
 
 
-def apply_extent(params: dict[str, Any], raw_map: np.ndarray, image_rgb: np.ndarray, mask: np.ndarray,
-                 threshold: float, crop: bool = True) -> np.ndarray:
-    """The served mask (bool, model size) from the thresholded ``mask`` and a stored extent forest.
+class ExtentSettings(BaseModel):
+    """What the profile records of a learned extent; the forest is the file ``forest_file`` in the
+    version folder."""
 
-    Components of (P(defect) >= cutoff) inside the zone that overlap a thresholded region, plus
-    every thresholded region the forest left without any such pixel (so no detection is lost).
-    ``crop``: compute the pixel features on the zone's bounding box (plus ``CROP_MARGIN``) only,
-    the same result for 5-17 % less CPU than the whole frame on the synthetic line (False: the
-    whole frame).
-    """
-    m = np.asarray(mask) > 0
-    if not m.any():
-        return m
-    if list(params.get("features", [])) != list(EXTENT_FEATURES):  # written by another linewatch version
-        if not _WARNED:
-            log.warning("region extent fitted on features %s, this version computes %s: serving the thresholded "
-                        "regions; recalibrate the product", params.get("features"), list(EXTENT_FEATURES))
-            _WARNED.append(True)
-        return m
-    k = max(1, int(params.get("stride", 1)))
-    a = np.asarray(raw_map, np.float32)
-    img = np.ascontiguousarray(image_rgb)
-    if img.shape[:2] != a.shape:
-        img = cv2.resize(img, (a.shape[1], a.shape[0]), interpolation=cv2.INTER_AREA)
-    full = np.zeros(m.shape, bool)
-    # the features on the zone's bounding box plus a margin only (every mask pixel lies inside:
-    # the zone holds the mask); its origin on the stride grid, so the forest reads the same pixels
-    zone = extent_zone(m, int(params.get("zone", ZONE_PX)))
-    box = _crop(zone, k) if crop else (slice(None), slice(None))
-    m, zone = np.ascontiguousarray(m[box]), np.ascontiguousarray(zone[box])
-    feats = extent_features(a[box], img[box], m, threshold, peak=float(a.max()))
-    if k == 1:
-        prob = np.zeros(m.shape, np.float32)
-        prob[zone] = classifier_proba(params["classifier"], feats[zone])[:, 1]
-    else:  # every k-th pixel each way, then bilinear back: k^2 fewer forest walks, the map is smooth anyway
-        sub = zone[::k, ::k]
-        coarse = np.zeros(sub.shape, np.float32)
-        coarse[sub] = classifier_proba(params["classifier"], feats[::k, ::k][sub])[:, 1]
-        prob = cv2.resize(coarse, (m.shape[1], m.shape[0]), interpolation=cv2.INTER_LINEAR)
-    cand = (zone & (prob >= float(params.get("cutoff", 0.5)))).view(np.uint8)
-    n, lab = cv2.connectedComponents(cand, connectivity=8)
-    hit = np.zeros(n, bool)
-    hit[np.unique(lab[m])] = True
-    hit[0] = False
-    out = hit[lab]
-    # thresholded regions with no kept pixel keep their own shape
-    n_m, lab_m = cv2.connectedComponents(m.view(np.uint8), connectivity=8)
-    covered = np.zeros(n_m, bool)
-    covered[np.unique(lab_m[out])] = True
-    covered[0] = True
-    full[box] = out | ~covered[lab_m]
-    return full
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    features: tuple[str, ...] = EXTENT_FEATURES
+    zone: int = Field(ZONE_PX, ge=1)
+    cutoff: float = Field(0.4, gt=0.0, lt=1.0, description="P(defect) a pixel needs")
+    stride: int = Field(STRIDE, ge=1)
+    forest_file: str = "extent.skops"
+    reason: str = ""
+
+
+@dataclass
+class ExtentModel:
+    """A learned extent ready to apply: its settings and its fitted forest (``predict_proba``)."""
+
+    settings: ExtentSettings
+    forest: Any
+
+    def apply(self, raw_map: np.ndarray, image_rgb: np.ndarray, mask: np.ndarray, threshold: float,
+              crop: bool = True) -> np.ndarray:
+        """The served mask (bool, model size) from the thresholded ``mask``.
+
+        Components of (P(defect) >= cutoff) inside the zone that overlap a thresholded region, plus
+        every thresholded region the forest left without any such pixel (so no detection is lost).
+        ``crop``: compute the pixel features on the zone's bounding box (plus ``CROP_MARGIN``) only:
+        the same result for less CPU than the whole frame (False: the whole frame).
+        """
+        st = self.settings
+        m = np.asarray(mask) > 0
+        if not m.any():
+            return m
+        k = st.stride
+        a = np.asarray(raw_map, np.float32)
+        img = np.ascontiguousarray(image_rgb)
+        if img.shape[:2] != a.shape:
+            img = cv2.resize(img, (a.shape[1], a.shape[0]), interpolation=cv2.INTER_AREA)
+        full = np.zeros(m.shape, bool)
+        # the features on the zone's bounding box plus a margin only (every mask pixel lies inside:
+        # the zone holds the mask); its origin on the stride grid, so the forest reads the same pixels
+        zone = extent_zone(m, st.zone)
+        box = _crop(zone, k) if crop else (slice(None), slice(None))
+        m, zone = np.ascontiguousarray(m[box]), np.ascontiguousarray(zone[box])
+        feats = extent_features(a[box], img[box], m, threshold, peak=float(a.max()))
+        if k == 1:
+            prob = np.zeros(m.shape, np.float32)
+            prob[zone] = self._p_defect(feats[zone])
+        else:  # every k-th pixel each way, then bilinear back: k^2 fewer forest walks, the map is smooth anyway
+            sub = zone[::k, ::k]
+            coarse = np.zeros(sub.shape, np.float32)
+            coarse[sub] = self._p_defect(feats[::k, ::k][sub])
+            prob = cv2.resize(coarse, (m.shape[1], m.shape[0]), interpolation=cv2.INTER_LINEAR)
+        cand = (zone & (prob >= st.cutoff)).view(np.uint8)
+        n, lab = cv2.connectedComponents(cand, connectivity=8)
+        hit = np.zeros(n, bool)
+        hit[np.unique(lab[m])] = True
+        hit[0] = False
+        out = hit[lab]
+        # thresholded regions with no kept pixel keep their own shape
+        n_m, lab_m = cv2.connectedComponents(m.view(np.uint8), connectivity=8)
+        covered = np.zeros(n_m, bool)
+        covered[np.unique(lab_m[out])] = True
+        covered[0] = True
+        full[box] = out | ~covered[lab_m]
+        return full
+
+    def _p_defect(self, rows: np.ndarray) -> np.ndarray:
+        if not len(rows):
+            return np.zeros(0, np.float32)
+        return self.forest.predict_proba(rows.astype(np.float32, copy=False))[:, 1]
 
 
 def _crop(zone: np.ndarray, k: int) -> tuple[slice, slice]:

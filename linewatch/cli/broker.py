@@ -41,7 +41,7 @@ def _settings(args: argparse.Namespace):
 
 
 def _broker(settings):
-    from linewatch.broker import Broker
+    from linewatch.kafka.broker import Broker
 
     return Broker(settings.broker, max_message_bytes=settings.kafka.max_message_bytes)
 
@@ -60,7 +60,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from linewatch.kafka_io import ensure_topics, quiet_kafka_logs
+    from linewatch.kafka.io import ensure_topics, quiet_kafka_logs
 
     quiet_kafka_logs(args.verbose)
     settings = _settings(args)
@@ -107,7 +107,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from linewatch.kafka_io import describe_topics, ensure_topics, quiet_kafka_logs, topic_specs
+    from linewatch.kafka.io import describe_topics, ensure_topics, quiet_kafka_logs, topic_specs
 
     quiet_kafka_logs(args.verbose)
     settings = _settings(args)

@@ -1,32 +1,45 @@
-"""The ``linewatch`` command: a thin argparse shell over library functions.
+"""The ``linewatch`` command: a thin argparse shell over library functions, and the composition
+root: the only place in the core that imports the services (docs/architecture.md).
 
-Each subcommand lives next to the code it drives and exposes ``register(subparsers)``;
-registration must not import heavy libraries (torch, streamlit), so ``--help`` stays fast.
-A handler is ``func(args) -> int``. User errors (UserError, ProfileError, ModelError,
-pydantic ValidationError) print one line and exit 2.
+Each service's subcommands live next to the code they drive and expose ``register(subparsers)``
+(benchmarks: ``register_bench``); registration must not import heavy libraries (torch,
+streamlit, scikit-learn), so ``--help`` stays fast and a producer or sink never loads a model
+library (tests/test_imports.py checks it). A handler is ``func(args) -> int``. User errors
+(UserError, ModelError, ProfileError, pydantic ValidationError) print one line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
+import calibration.cli
+import dashboard.cli
+import producers.bench
+import producers.cli
+import workers.bench
+import workers.bench_engines
+import workers.cli
 from linewatch import __version__
+from linewatch.cli import broker, demo, synth
 
-# (module, …) whose register() adds one top-level subcommand each, in --help order.
-COMMAND_MODULES = [
-    "linewatch.broker_cli",
-    "producers.cli",
-    "linewatch.synth_cli",
-    "calibration.cli",
-    "workers.cli",
-    "workers.sink_cli",
-    "dashboard.cli",
-    "linewatch.demo_cli",
-    "linewatch.bench_cli",
-]
+# modules whose register() adds top-level subcommands, in --help order
+COMMANDS = [broker, producers.cli, synth, calibration.cli, workers.cli, dashboard.cli, demo]
+# modules whose register_bench() adds one `linewatch bench` subcommand each
+BENCHES = [producers.bench, workers.bench_engines, workers.bench]
+
+
+def _register_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks (producer throughput, models, the worker end to end) against real components",
+        description="Measure linewatch against real components. Each benchmark prints its "
+        "figures and can write them as JSON (--json).",
+    )
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    for module in BENCHES:
+        module.register_bench(bench_sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,14 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"linewatch {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # not written yet: keep the rest of the CLI usable
-                continue
-            raise
+    for module in COMMANDS:
         module.register(sub)
+    _register_bench(sub)
     return parser
 
 
@@ -65,16 +73,10 @@ def _one_line(exc: BaseException) -> str:
 def user_error_types() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
-    from linewatch.errors import UserError
+    from linewatch.errors import ModelError, UserError
+    from linewatch.profiles import ProfileError
 
-    types: list[type[BaseException]] = [UserError, ValidationError, FileNotFoundError]
-    for mod, cls in (("linewatch.profiles", "ProfileError"), ("linewatch.models.base", "ModelError")):
-        # only modules already imported: one that was not cannot have raised its error, and
-        # importing it here (linewatch.models.base imports torch) costs seconds on every error
-        module = sys.modules.get(mod)
-        if module is not None and hasattr(module, cls):
-            types.append(getattr(module, cls))
-    return tuple(types)
+    return (UserError, ModelError, ProfileError, ValidationError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

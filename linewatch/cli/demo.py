@@ -8,6 +8,7 @@ an in-process shortcut. The demo owns what it starts and stops all of it on Ctrl
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -111,8 +112,14 @@ def settings_for(cfg: DemoConfig) -> Settings:
 
 
 def prepare_profiles(cfg: DemoConfig, progress: bool = True) -> dict[str, int]:
-    """Generate the synthetic line and publish a calibrated profile per product (once)."""
-    from calibration.fit import calibrate_product
+    """Generate the synthetic line and publish a calibrated profile per product (once).
+
+    Calibration runs as ``linewatch calibrate run`` in its own process, like every other service
+    of the demo: the demo is a composition of the subcommands a plant runs, not a second path.
+    """
+    import json
+
+    from linewatch.errors import UserError
     from linewatch.profiles import Registry
     from linewatch.synth import generate_dataset
 
@@ -135,9 +142,18 @@ def prepare_profiles(cfg: DemoConfig, progress: bool = True) -> dict[str, int]:
                   "(normal images only; threshold from a few anomalous validation images)", flush=True)
             t0 = time.perf_counter()
             report_dir = cfg.home / "reports" / product if cfg.report else None
-            profile = calibrate_product(cfg.data_dir, product, cfg.registry_dir, cfg.model_kind,
-                                        input_size=cfg.input_size, seed=cfg.seed, progress=progress,
-                                        options=options, report_dir=report_dir)
+            cmd = [sys.executable, "-m", "linewatch.cli", "calibrate", "run", "--dataset", str(cfg.data_dir),
+                   "--product", product, "--registry", str(cfg.registry_dir), "--model-kind", cfg.model_kind,
+                   "--input-size", str(cfg.input_size), "--seed", str(cfg.seed),
+                   *(a for k, v in (options or {}).items() for a in ("--option", f"{k}={json.dumps(v)}")),
+                   *(("--report", str(report_dir)) if report_dir else ()), *(() if progress else ("-q",))]
+            done = subprocess.run(cmd, env=_env(cfg), stdin=subprocess.DEVNULL, stdout=None if progress else subprocess.PIPE,
+                                  stderr=None if progress else subprocess.PIPE, text=True)
+            if done.returncode != 0:
+                why = (done.stderr or done.stdout or "").strip().splitlines()[-1:] or ["see the output above"]
+                raise UserError(f"demo: `linewatch calibrate run` for {product} failed (exit "
+                                f"{done.returncode}): {why[0]}")
+            profile = registry.read_profile(product)
             current = profile.version
             print(f"demo: {product} v{current}: threshold {profile.threshold:.4g} "
                   f"({profile.threshold_method}) in {time.perf_counter() - t0:.0f} s"
@@ -233,7 +249,7 @@ def _wait_group(settings: Settings, group_id: str, members: int, timeout_s: floa
     """Wait until the consumer group ``group_id`` is Stable with ``members`` members, so the
     cameras start once inspection is ready (the first frames would otherwise queue while the
     workers load their profiles, and the latency figures would measure start-up)."""
-    from linewatch.kafka_io import make_admin
+    from linewatch.kafka.io import make_admin
 
     deadline = time.monotonic() + timeout_s
     admin = None
@@ -275,9 +291,9 @@ def _drain(cfg: DemoConfig, since_ms: int) -> None:
 
 def run_demo(cfg: DemoConfig, stop_event: threading.Event | None = None) -> DemoSummary:
     """Run the whole line until Ctrl-C/SIGTERM, ``stop_event`` or ``cfg.duration_s``."""
-    from linewatch.broker import broker_from_settings, port_is_free
+    from linewatch.kafka.broker import broker_from_settings, port_is_free
     from linewatch.errors import UserError
-    from linewatch.kafka_io import ensure_topics
+    from linewatch.kafka.io import ensure_topics
 
     stop_event = stop_event or threading.Event()
     if not port_is_free("127.0.0.1", cfg.dashboard_port):
@@ -362,3 +378,64 @@ def run_demo(cfg: DemoConfig, stop_event: threading.Event | None = None) -> Demo
           f"sustained {final.frames_per_s or 0:.1f} frames/s; capture->DuckDB latency "
           f"p50 {final.latency_p50_ms or 0:.0f} ms, p99 {final.latency_p99_ms or 0:.0f} ms", flush=True)
     return final
+
+
+# -- the `linewatch demo` subcommand ---------------------------------------------------------
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the synthetic production line end to end (broker, producers, workers, sink, dashboard)",
+        description="Generate the synthetic line, fit and calibrate a profile per product (first run "
+        "only), start a real Kafka broker, the sink, workers, synthetic camera producers and the "
+        "dashboard, print the dashboard URL, and stop everything on Ctrl-C. State lives in --home; "
+        "a second run reuses the data and profiles.",
+    )
+    p.add_argument("--home", type=Path, default=Path.home() / ".linewatch" / "demo",
+                   help="folder for data, profiles, DuckDB, broker and logs (default ~/.linewatch/demo)")
+    p.add_argument("--products", default="cap,brick",
+                   help="synthetic products, comma-separated (default cap,brick: one object on a backdrop, one texture)")
+    p.add_argument("--cameras", type=int, default=2, help="cameras per product (default 2)")
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second per camera (default 2)")
+    p.add_argument("--frame-size", type=int, default=256, help="camera frame size in pixels (default 256)")
+    p.add_argument("--input-size", type=int, default=128,
+                   help="model input size for newly fitted profiles (default 128)")
+    p.add_argument("--train-images", type=int, default=60,
+                   help="defect-free training images per product for newly fitted profiles (default 60)")
+    p.add_argument("--defect-rate", type=float, default=0.25, help="share of defective frames (default 0.25)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--model", default="padim", help="model family for new profiles (default padim)")
+    p.add_argument("--port", type=int, default=8501, help="dashboard port on 127.0.0.1 (default 8501)")
+    p.add_argument("--kafka-port", type=int, default=9092, help="Kafka client port (default 9092)")
+    p.add_argument("--controller-port", type=int, default=9093, help="KRaft controller port (default 9093)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until Ctrl-C)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from linewatch.errors import UserError
+
+    products = tuple(p.strip() for p in args.products.split(",") if p.strip())
+    if not products:
+        raise UserError("--products: give at least one product")
+    checks = [("--cameras", args.cameras >= 1, "must be at least 1"),
+              ("--workers", args.workers >= 1, "must be at least 1"),
+              ("--fps", args.fps > 0, "must be greater than 0"),
+              ("--defect-rate", 0.0 <= args.defect_rate <= 1.0, "must be within 0..1"),
+              ("--frame-size", 64 <= args.frame_size <= 2048, "must be within 64..2048"),
+              ("--input-size", 32 <= args.input_size <= 1024, "must be within 32..1024"),
+              ("--train-images", args.train_images >= 2, "must be at least 2"),
+              ("--duration", args.duration is None or args.duration > 0, "must be greater than 0"),
+              ("--port", len({args.port, args.kafka_port, args.controller_port}) == 3,
+               "--port, --kafka-port and --controller-port must differ")]
+    for flag, ok, why in checks:
+        if not ok:
+            raise UserError(f"{flag}: {why}")
+    cfg = DemoConfig(home=args.home.expanduser(), products=products, cameras_per_product=args.cameras,
+                     fps=args.fps, frame_size=args.frame_size, defect_rate=args.defect_rate,
+                     input_size=args.input_size, n_train=args.train_images,
+                     workers=args.workers, model_kind=args.model, dashboard_port=args.port,
+                     kafka_port=args.kafka_port, controller_port=args.controller_port,
+                     duration_s=args.duration, seed=args.seed)
+    run_demo(cfg)
+    return 0

@@ -23,6 +23,7 @@ Steps (all in one run, so ratios are comparable on a shared machine):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -56,7 +57,7 @@ def cache_dir(root: Path | None = None) -> Path:
     """Where fitted bench profiles are kept (``~/.cache/linewatch/bench`` by default)."""
     if root is not None:
         return Path(root)
-    from linewatch.broker import cache_root
+    from linewatch.kafka.broker import cache_root
 
     return cache_root() / "bench"
 
@@ -145,7 +146,7 @@ def make_frames(n_distinct: int = 16, size: int = 1024, model_size: int = 256, p
 def produce_frames(settings: Any, jpegs: list[bytes], n: int, product: str = BENCH_PRODUCT) -> list[str]:
     """Send ``n`` frames (cycling ``jpegs``) to ``settings.topics.frames``; every delivery is
     checked. Returns the frame ids."""
-    from linewatch.kafka_io import make_producer, send_nowait
+    from linewatch.kafka.io import make_producer, send_nowait
     from linewatch.messages import FrameHeaders
 
     producer = make_producer(settings, client_id="linewatch-bench-worker-producer", linger_ms=20)
@@ -171,7 +172,7 @@ def read_results(settings: Any, expected: int, timeout_s: float = 60.0) -> list[
     until ``expected`` have arrived or ``timeout_s`` passes."""
     from kafka import TopicPartition
 
-    from linewatch.kafka_io import make_consumer
+    from linewatch.kafka.io import make_consumer
 
     consumer = make_consumer(settings, None, client_id="linewatch-bench-worker-reader")
     try:
@@ -426,7 +427,7 @@ def bench_worker(bootstrap_servers: str | None = None, *, frames: int = 600, siz
                  profile_out: Path | None = None, progress: bool = True,
                  cache: Path | None = None) -> dict[str, Any]:
     """Run the benchmark (see the module docstring); returns a JSON-able dict."""
-    from linewatch.kafka_io import ensure_topics
+    from linewatch.kafka.io import ensure_topics
     from linewatch.settings import Settings
 
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -449,13 +450,12 @@ def bench_worker(bootstrap_servers: str | None = None, *, frames: int = 600, siz
 
     broker = None
     tmp = Path(tempfile.mkdtemp(prefix="lw-bench-worker-"))
+    stack = contextlib.ExitStack()
     try:
         if bootstrap_servers is None:
-            from linewatch.broker import Broker, free_port
-            from linewatch.settings import BrokerSettings
+            from linewatch.kafka.broker import temporary_broker
 
-            broker = Broker(BrokerSettings(home=tmp / "kafka", port=free_port(), controller_port=free_port()))
-            broker.start(die_with_parent=True)
+            broker = stack.enter_context(temporary_broker(tmp / "kafka"))
             bootstrap_servers = broker.bootstrap_servers
         tag = uuid.uuid4().hex[:8]
         settings = Settings(
@@ -486,8 +486,7 @@ def bench_worker(bootstrap_servers: str | None = None, *, frames: int = 600, siz
             out["offline_split"] = offline_split(tmp / "registry", jpegs, max_batch, threads, engine)
             out["load_average_end"] = load_average()
     finally:
-        if broker is not None:
-            broker.stop()
+        stack.close()  # stops the temporary broker
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
@@ -579,7 +578,7 @@ def format_table(res: dict[str, Any]) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from linewatch.errors import UserError
-    from linewatch.kafka_io import quiet_kafka_logs
+    from linewatch.kafka.io import quiet_kafka_logs
 
     quiet_kafka_logs(0)
     options: dict[str, Any] = {}
@@ -599,13 +598,13 @@ def _run(args: argparse.Namespace) -> int:
                        profile_out=Path(args.pyinstrument) if args.pyinstrument else None,
                        progress=not args.quiet)
     if args.compare_anomalib:
-        from linewatch.bench_anomalib import compare_anomalib
+        from workers.bench_engines import compare_anomalib
 
         res["anomalib"] = compare_anomalib(input_size=args.input_size, threads=res["threads"],
                                            ours_onnx=Path(res["profile"]["cache"]) / "model.onnx")
     text = format_table(res)
     if "anomalib" in res:
-        from linewatch.bench_anomalib import format_anomalib
+        from workers.bench_engines import format_anomalib
 
         text += "\n\n" + format_anomalib(res["anomalib"])
     if args.json:

@@ -13,22 +13,20 @@ shifted regions a detector gives), a small tree/linear classifier trained on the
 validation images of *all* products maps them to a kind (or to "spurious": a detector's false
 blob, never reported), and a frame classifier on summaries of the regions' probabilities and
 of a few of their features (``frame_features``) gives the frame's category; without one, a
-tuned rule does. A product with enough labelled frames of its own also carries an "expert"
-trained on them alone, which reads pretrained backbone features too and is blended in
-(``expert_decision``, ``linewatch.region_backbone``).
+tuned rule does.
 
-The trained parameters -- the product's normal appearance included -- are plain JSON (lists of
-floats) stored in ``Profile.categorizer``; the inference here is numpy only (no scikit-learn,
-no pickle; torch only for an expert's backbone features), called by the worker and by the
-offline evaluation alike. Training lives in
-``calibration/categorizer_fit.py``; :func:`train_categorizer` is re-exported from there.
+The trained parameters are plain JSON in ``Profile.categorizer`` (the product's normal
+appearance included), except the fitted classifiers, which are scikit-learn estimators stored
+as skops files beside the weights and loaded once (``linewatch.inspection.forest``); the
+worker and the offline evaluation call the same functions here. Training lives in
+``calibration/categorizer_fit.py``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +34,8 @@ import cv2
 import numpy as np
 
 from linewatch.messages import CATEGORIES
-from linewatch.region_backbone import DEEP_FEATURES, deep_region_features, usable
+from linewatch.inspection.forest import classifier_proba
+from linewatch.inspection.planes import FramePlanes, labels_of
 
 log = logging.getLogger(__name__)
 
@@ -103,36 +102,6 @@ FEATURES = (
 # ------------------------------------------------------------------------------------------------
 # features
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class FramePlanes:
-    """Per-frame planes computed once: Lab (L in 0..1, a/b in -0.5..0.5) and gradient energy."""
-
-    lab: np.ndarray
-    grad: np.ndarray
-
-    @classmethod
-    def of(cls, image: np.ndarray) -> "FramePlanes":
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"image must be HxWx3 RGB, got shape {image.shape}")
-        f = image.astype(np.float32) / 255.0
-        lab = cv2.cvtColor(f, cv2.COLOR_RGB2Lab)
-        lab[..., 0] /= 100.0
-        lab[..., 1:] /= 255.0
-        gx = cv2.Sobel(lab[..., 0], cv2.CV_32F, 1, 0, ksize=3)
-        gy = cv2.Sobel(lab[..., 0], cv2.CV_32F, 0, 1, ksize=3)
-        return cls(lab, np.sqrt(gx * gx + gy * gy))
-
-
-def _labels_of(mask_or_labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Integer labels 1..n from a label image (int) or a binary mask (bool/uint8 0/255)."""
-    a = np.asarray(mask_or_labels)
-    if a.dtype == bool or (a.dtype == np.uint8 and a.max(initial=0) in (1, 255) and len(np.unique(a)) <= 2):
-        n, lab = cv2.connectedComponents((a > 0).astype(np.uint8), connectivity=8)
-        return lab.astype(np.int32), int(n - 1)
-    lab = a.astype(np.int32)
-    return lab, int(lab.max(initial=0))
-
-
 def region_features(image: np.ndarray, amap: np.ndarray | None, labels: np.ndarray, threshold: float | None = None,
                     background: bool | None = None, planes: FramePlanes | None = None,
                     normal: dict[str, Any] | None = None) -> np.ndarray:
@@ -142,7 +111,7 @@ def region_features(image: np.ndarray, amap: np.ndarray | None, labels: np.ndarr
     ``threshold`` the product's pixel threshold (map features are relative to it), ``normal``
     the product's ``normal_appearance`` (None -> novelty features 0).
     """
-    labels, n = _labels_of(labels)
+    labels, n = labels_of(labels)
     h, w = labels.shape
     if image.shape[:2] != (h, w):
         image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
@@ -298,11 +267,9 @@ def _smooth(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def normal_appearance(normal_images: np.ndarray, max_images: int = 64, deep: bool = True) -> dict[str, Any]:
+def normal_appearance(normal_images: np.ndarray, max_images: int = 64) -> dict[str, Any]:
     """Colour and (lightness, texture) histograms of a product's normal images, as negative
-    log-likelihood tables with the normal pixels' own spread (JSON lists, for the profile);
-    with ``deep``, also the backbone channels' statistics its own categorizer expert needs
-    (``linewatch.region_backbone.deep_stats``; left out, said in the log, without the backbone).
+    log-likelihood tables with the normal pixels' own spread (JSON lists, for the profile).
 
     Why: a detector's region is a blurred blob around the defect; measuring how *unusual for
     this product* its pixels are keeps the defect's evidence (foreign colour, a hole's backing,
@@ -340,23 +307,7 @@ def normal_appearance(normal_images: np.ndarray, max_images: int = 64, deep: boo
     for name, v in (("lab", np.concatenate(vals_c)), ("tex", np.concatenate(vals_t))):
         med, q99, q999 = (float(x) for x in np.quantile(v, [0.5, 0.99, 0.999]))
         out[f"{name}_median"], out[f"{name}_q99"], out[f"{name}_q999"] = med, max(q99, med + 1e-3), q999
-    if deep:
-        out.update(_deep_part(imgs))
     return out
-
-
-def _deep_part(imgs: np.ndarray) -> dict[str, Any]:
-    try:
-        from linewatch.models.base import ModelError
-        from linewatch.region_backbone import deep_stats
-    except ImportError as exc:
-        log.info("normal appearance without backbone statistics (no categorizer expert): %s", exc)
-        return {}
-    try:
-        return {"deep": deep_stats(imgs)}
-    except ModelError as exc:
-        log.info("normal appearance without backbone statistics (no categorizer expert): %s", exc)
-        return {}
 
 
 _MEMO: dict[int, tuple[Any, Any]] = {}
@@ -390,78 +341,6 @@ def novelty_planes(planes: FramePlanes, normal: dict[str, Any]) -> tuple[np.ndar
     return zc, zt, float(hi)
 
 
-# ------------------------------------------------------------------------------------------------
-# classifier inference from stored parameters (numpy only)
-# ------------------------------------------------------------------------------------------------
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _tree_arrays(tree: dict[str, Any]) -> tuple[np.ndarray, ...]:
-    return (np.asarray(tree["left"], np.int64), np.asarray(tree["right"], np.int64),
-            np.asarray(tree["feature"], np.int64), np.asarray(tree["threshold"], np.float64),
-            np.asarray(tree["value"], np.float64))
-
-
-def _forest_arrays(clf: dict[str, Any]) -> tuple[np.ndarray, ...]:
-    """All trees padded into (n_trees, max_nodes) arrays (built once per parameter dict: ``_memo``)."""
-    trees = [_tree_arrays(t) for t in clf["trees"]]
-    n_nodes = max(len(t[0]) for t in trees)
-    n_cls = trees[0][4].shape[1]
-    left = np.full((len(trees), n_nodes), -1, np.int64)
-    right = np.full((len(trees), n_nodes), -1, np.int64)
-    feat = np.zeros((len(trees), n_nodes), np.int64)
-    thr = np.zeros((len(trees), n_nodes), np.float64)
-    value = np.zeros((len(trees), n_nodes, n_cls), np.float64)
-    for i, (lf, rt, ft, th, va) in enumerate(trees):
-        k = len(lf)
-        left[i, :k], right[i, :k], feat[i, :k], thr[i, :k] = lf, rt, np.maximum(ft, 0), th
-        value[i, :k] = va / np.maximum(va.sum(axis=1, keepdims=True), 1e-12)
-    depth = max(int(t.get("depth", 64)) for t in clf["trees"])
-    return left, right, feat, thr, value, np.int64(depth)
-
-
-def _forest_proba(x: np.ndarray, clf: dict[str, Any]) -> np.ndarray:
-    """Walk every tree at once: node indices (n_samples, n_trees), one step per depth level.
-
-    The padded (n_trees, max_nodes) arrays are read flat, with each tree's offset added to its
-    local child indices: 1-D ``take`` is about twice as fast as 2-D fancy indexing, which
-    matters for the region extent's thousands of pixels per frame."""
-    left, right, feat, thr, value, depth = _memo(clf, _forest_arrays)
-    n_trees, n_nodes = left.shape
-    off = (np.arange(n_trees, dtype=np.int64) * n_nodes)[None, :]
-    left, right, feat, thr = left.ravel(), right.ravel(), feat.ravel(), thr.ravel()
-    x = np.ascontiguousarray(x, np.float64)
-    xf = x.ravel()
-    rows = (np.arange(len(x), dtype=np.int64) * x.shape[1])[:, None]
-    node = np.repeat(off, len(x), axis=0)  # global node ids, every tree at its root
-    for _ in range(int(depth) + 1):
-        lf = left.take(node)
-        leaf = lf < 0
-        if leaf.all():
-            break
-        go_left = xf.take(rows + feat.take(node)) <= thr.take(node)
-        node = np.where(leaf, node, np.where(go_left, lf, right.take(node)) + off)
-    return value.reshape(n_trees * n_nodes, -1)[node].mean(axis=1)
-
-
-def classifier_proba(clf: dict[str, Any], x: np.ndarray) -> np.ndarray:
-    """(n, n_classes) probabilities of a stored classifier ("logreg", "forest", "ensemble") on
-    already scaled rows."""
-    if clf["kind"] == "ensemble":  # the mean of its members' probabilities
-        return np.mean([classifier_proba(m, x) for m in clf["members"]], axis=0)
-    if clf["kind"] == "logreg":
-        z = x @ np.asarray(clf["coef"], np.float64).T + np.asarray(clf["intercept"], np.float64)
-        if z.shape[1] == 1:  # binary sklearn model
-            z = np.concatenate([-z, z], axis=1) / 2
-        return _softmax(z)
-    if clf["kind"] == "forest":
-        return _forest_proba(x, clf)
-    raise ValueError(f"unknown categorizer classifier kind {clf['kind']!r}")
-
-
 def _scaled(params: dict[str, Any], feats: np.ndarray, all_names: Sequence[str]) -> np.ndarray:
     names = params.get("features", list(all_names))
     idx = [list(all_names).index(nm) for nm in names]
@@ -470,15 +349,9 @@ def _scaled(params: dict[str, Any], feats: np.ndarray, all_names: Sequence[str])
     return (x - np.asarray(params["scaler_mean"])) / np.asarray(params["scaler_scale"])
 
 
-def feature_names(feats: np.ndarray) -> tuple[str, ...]:
-    """The columns of region feature rows: ``FEATURES``, then ``DEEP_FEATURES`` when present."""
-    width = np.asarray(feats).reshape(len(feats), -1).shape[1]
-    return FEATURES if width == len(FEATURES) else FEATURES + DEEP_FEATURES
-
-
 def predict_proba(params: dict[str, Any], feats: np.ndarray) -> np.ndarray:
-    """(n, len(classes)) region probabilities from stored parameters ("logreg", "forest" or "ensemble")."""
-    return classifier_proba(params["classifier"], _scaled(params, feats, feature_names(feats)))
+    """(n, len(classes)) region probabilities of the categorizer's region classifier."""
+    return classifier_proba(params["classifier"], _scaled(params, feats, FEATURES))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -488,8 +361,6 @@ def predict_proba(params: dict[str, Any], feats: np.ndarray) -> np.ndarray:
 class FrameCategories:
     """The frame's category and confidence, the per-region ``(category, confidence)`` list, and
     the regions (``linewatch.messages.Region``) with their category filled when they were given.
-
-    Iterating yields ``(category, confidence, per_region)``.
     """
 
     category: str
@@ -497,9 +368,6 @@ class FrameCategories:
     per_region: list[tuple[str, float]] = field(default_factory=list)
     regions: list[Any] = field(default_factory=list)
     probabilities: list[list[float]] = field(default_factory=list)
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.category, self.confidence, self.per_region))
 
 
 def frame_category(per_region: Sequence[tuple[str, float]], areas: Sequence[float], probs: np.ndarray,
@@ -632,30 +500,6 @@ def frame_probabilities(params: dict[str, Any], probs: np.ndarray, areas: Sequen
     return dict(zip(fc["classes"], classifier_proba(fc["classifier"], x)[0].tolist()))
 
 
-def expert_decision(params: dict[str, Any], probs: np.ndarray, areas: Sequence[float], feats: np.ndarray,
-                    deep: np.ndarray) -> tuple[str, float, np.ndarray] | None:
-    """Frame (category, confidence) and region probabilities (over ``params["classes"]``) of the
-    product-agnostic categorizer blended with the product's own expert (``params["expert"]``,
-    weight ``expert["weight"]``), or None when either lacks a frame classifier.
-
-    Why a blend: the expert knows this product's defects, also through backbone features
-    (``linewatch.region_backbone``), but learnt from a handful of images; the product-agnostic
-    categorizer learnt from every product's."""
-    ex = params["expert"]
-    w = float(ex.get("weight", 0.0))
-    xfeats = np.concatenate([np.asarray(feats, np.float32).reshape(len(feats), -1), deep], axis=1)
-    e_probs = predict_proba(ex, xfeats)
-    pm, pe = frame_probabilities(params, probs, areas, feats), frame_probabilities(ex, e_probs, areas, xfeats)
-    if pm is None or pe is None:
-        return None
-    blend = {c: (1 - w) * pm.get(c, 0.0) + w * pe.get(c, 0.0) for c in CATEGORIES}
-    cat = max(blend, key=blend.__getitem__)
-    classes = list(params["classes"])
-    e_cls = list(ex["classes"])
-    e_aligned = np.stack([e_probs[:, e_cls.index(c)] if c in e_cls else np.zeros(len(e_probs)) for c in classes], 1)
-    return cat, float(blend[cat]), (1 - w) * np.asarray(probs) + w * e_aligned
-
-
 def categorize_regions(params: dict[str, Any], feats: np.ndarray) -> tuple[list[tuple[str, float]], np.ndarray]:
     """Per region (base kind, confidence) -- the confidence is P(kind | defect) * P(real) -- and
     the full (n, len(classes)) probabilities."""
@@ -664,44 +508,26 @@ def categorize_regions(params: dict[str, Any], feats: np.ndarray) -> tuple[list[
     return region_kinds(probs, classes)[0], probs
 
 
-def categorize_frame(image: np.ndarray, anomaly_map: np.ndarray | None = None, mask: np.ndarray | None = None,
-                     regions: Sequence[Any] | None = None, params: dict[str, Any] | None = None, *,
-                     profile: Any = None, amap: np.ndarray | None = None, labels: np.ndarray | None = None,
-                     threshold: float | None = None, background: bool | None = None) -> FrameCategories:
+def categorize_frame(image: np.ndarray, amap: np.ndarray | None, labels: np.ndarray | None,
+                     params: dict[str, Any] | None, *, threshold: float | None = None,
+                     background: bool | None = None, regions: Sequence[Any] | None = None) -> FrameCategories:
     """Category of a frame and of each of its defect regions.
 
-    ``image`` HxWx3 uint8 RGB and ``anomaly_map`` (alias ``amap``) HxW at model size; the
-    regions are the components of ``labels`` (int, 1..n, in the order of ``regions``) or of
-    ``mask``. ``params`` default to ``profile.categorizer``; without parameters everything is
-    ``"unknown"`` with confidence 0 (a profile without a categorizer still works).
+    ``image`` HxWx3 uint8 RGB and ``amap`` HxW at model size; the regions are the components of
+    ``labels`` (int 1..n in the order of ``regions``, or a binary mask). Without ``params``
+    everything is ``"unknown"`` with confidence 0 (a profile without a categorizer still works).
     ``regions`` (``messages.Region``) come back as copies with category/confidence set.
     """
-    amap = anomaly_map if anomaly_map is not None else amap
-    if params is None and profile is not None:
-        params = getattr(profile, "categorizer", None)
-    if threshold is None and profile is not None:
-        threshold = getattr(profile, "threshold", None)
-    if background is None and profile is not None:
-        background = getattr(profile, "background", None)
-    src = labels if labels is not None else mask
     n_given = len(regions) if regions is not None else None
-    if src is None or not params:
-        n = n_given if n_given is not None else (_labels_of(src)[1] if src is not None else 0)
+    if labels is None or not params:
+        n = n_given if n_given is not None else (labels_of(labels)[1] if labels is not None else 0)
         per = [(UNKNOWN, 0.0)] * n
         return FrameCategories(UNKNOWN, 0.0, per, _with_categories(regions, per))
-    lab, n = _labels_of(src)
-    normal = params.get("normal")
-    feats = region_features(image, amap, lab, threshold, background, normal=normal)
+    lab, n = labels_of(labels)
+    feats = region_features(image, amap, lab, threshold, background, normal=params.get("normal"))
     per, probs = categorize_regions(params, feats)
     areas = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(float)
-    hit = None
-    if n and params.get("expert") and normal and usable(normal.get("deep")):
-        hit = expert_decision(params, probs, areas, feats, deep_region_features(image, lab, normal["deep"]))
-    if hit is not None:
-        cat, conf, probs = hit
-        per = region_kinds(probs, list(params["classes"]))[0]
-    else:
-        cat, conf = frame_decision(params, probs, areas, feats)
+    cat, conf = frame_decision(params, probs, areas, feats)
     if cat not in CATEGORIES and cat != UNKNOWN:  # never outside the four
         cat, conf = UNKNOWN, 0.0
     return FrameCategories(cat, conf, per, _with_categories(regions, per), probs.tolist())
@@ -765,11 +591,3 @@ def detect_background(normal_images: np.ndarray, rule: dict[str, float] | None =
     if s["border_contrast"] >= rule["border_contrast"]:
         return True
     return bool(not math.isnan(s["layout"]) and s["layout"] >= rule["layout"])
-
-
-def train_categorizer(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Fit a categorizer (scikit-learn) and return its JSON parameters; see
-    ``calibration.categorizer_fit.train_categorizer``."""
-    from calibration.categorizer_fit import train_categorizer as _train
-
-    return _train(*args, **kwargs)
