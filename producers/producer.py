@@ -1,4 +1,4 @@
-"""Camera producers: frames from sources -> the `frames` topic (DESIGN.md §4).
+"""Camera producers: frames from sources -> the `frames` topic (docs/architecture.md).
 
 One KafkaProducer (idempotent, acks=all) is shared by all cameras of the process; each camera
 runs in its own thread with its own pacing, so one slow source never holds up another.

@@ -1,6 +1,6 @@
 """ONNX export and the engines: every engine present gives the same maps as torch within a
 stated tolerance and the same masks at a threshold, for every model family; the fallback
-chain says what it chose and why. TensorRT tests skip where tensorrt is absent (DESIGN.md 8)."""
+chain says what it chose and why. TensorRT tests skip where tensorrt is absent (the optional extra `gpu`)."""
 
 from __future__ import annotations
 

@@ -15,15 +15,9 @@ import pytest
 from linewatch.messages import DlqRecord, InspectionResult
 from linewatch.profiles import Profile, ProfileError
 from worker_helpers import FakeRecord, encode, frame_headers, plain_image, with_square
-from workers.pipeline import (
-    BatchProcessor,
-    FrameError,
-    _reduced_flag,
-    decode_frame,
-    find_regions,
-    frame_dims,
-    judge,
-)
+from linewatch.inspection.frames import FrameError, _reduced_flag, decode_frame, frame_dims
+from linewatch.inspection.verdict import find_regions, judge
+from workers.pipeline import BatchProcessor
 
 MAX_PX = 64_000_000
 
@@ -47,6 +41,11 @@ class RedEngine:
         self.calls.append(len(images))
         maps = images[..., 0].astype(np.float32) / 255.0
         return maps, maps.reshape(len(images), -1).max(1)
+
+
+def _loaded(profile: Profile, engine) -> SimpleNamespace:
+    """What ``workers.profile_cache`` hands the pipeline: the profile, its engine and its extent."""
+    return SimpleNamespace(profile=profile, engine=engine, extent=profile.extent_model())
 
 
 class Profiles:
@@ -140,6 +139,26 @@ def test_declared_encoding_must_match_the_data():
         decode_frame(encode(plain_image(64)), 64, MAX_PX, "png")
 
 
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+@pytest.mark.parametrize("size", [64, 256])
+def test_offline_image_loading_equals_the_stream_decode_on_the_same_bytes(tmp_path, fmt, size):
+    """Calibration's images (``calibration.datasets.load_images``) are the worker's decode of the
+    same bytes, pixel for pixel (the JPEG's DCT-reduced decode included), so offline maps equal
+    the stream's."""
+    from calibration.datasets import load_images
+
+    src = cv2.resize(plain_image(80, 90, noise=40), (640, 480), interpolation=cv2.INTER_CUBIC)
+    src = with_square(src, 300, 200, 90, 240)  # a camera-like frame, not square
+    data = encode(src, fmt)
+    path = tmp_path / f"frame.{'jpg' if fmt == 'jpeg' else 'png'}"
+    path.write_bytes(data)
+    offline = load_images([path], size)
+    stream, w, h = decode_frame(data, size, MAX_PX, fmt)
+    assert (w, h) == (640, 480) and offline.shape == (1, size, size, 3) and offline.dtype == np.uint8
+    assert np.array_equal(offline[0], stream)
+    assert stream.std() > 10  # a real picture, not a blank both sides agree on
+
+
 # -- regions and verdicts ---------------------------------------------------------------------
 def test_regions_on_a_synthetic_map():
     amap = np.zeros((64, 64), np.float32)
@@ -190,7 +209,7 @@ def _processor(profiles) -> BatchProcessor:
 def test_batch_results_and_dlq_reasons():
     engine = RedEngine()
     prof = _profile(threshold=0.5)
-    proc = _processor(Profiles(widget=SimpleNamespace(profile=prof, engine=engine)))
+    proc = _processor(Profiles(widget=_loaded(profile=prof, engine=engine)))
     good = np.zeros((200, 300, 3), np.uint8)
     bad = good.copy()
     bad[50:100, 150:210, 0] = 255  # red block -> defect at x 150..210, y 50..100
@@ -257,8 +276,8 @@ def test_engine_failure_sends_the_group_to_the_dlq_and_other_products_go_on():
         def run(self, images):
             raise RuntimeError("out of memory")
 
-    proc = _processor(Profiles(a=SimpleNamespace(profile=_profile(product="a"), engine=Broken()),
-                               b=SimpleNamespace(profile=_profile(product="b"), engine=RedEngine())))
+    proc = _processor(Profiles(a=_loaded(profile=_profile(product="a"), engine=Broken()),
+                               b=_loaded(profile=_profile(product="b"), engine=RedEngine())))
     img = encode(np.zeros((64, 64, 3), np.uint8))
     recs = [FakeRecord(img, frame_headers(p, i).to_kafka(), offset=i) for i, p in enumerate("abab")]
     out = proc.process(recs).out
@@ -269,25 +288,27 @@ def test_engine_failure_sends_the_group_to_the_dlq_and_other_products_go_on():
 
 def test_categorizer_is_called_for_defect_frames(monkeypatch):
     import linewatch.inspection.categorize as cz
+    import workers.results
 
     seen = {}
 
-    def fake(image, anomaly_map=None, mask=None, regions=None, params=None, *, profile=None, amap=None,
-             labels=None, threshold=None, background=None):
-        seen.update(n=len(regions), labels=int(labels.max()), shape=image.shape, params=profile.categorizer)
+    def fake(image, amap, labels, params, *, threshold=None, background=None, regions=None):
+        seen.update(n=len(regions), labels=int(labels.max()), shape=image.shape, params=params,
+                    amap=amap.shape, threshold=threshold)
         regs = [r.model_copy(update={"category": "surface", "confidence": 0.8}) for r in regions]
         return cz.FrameCategories("surface", 0.8, [("surface", 0.8)] * len(regs), regs)
 
-    monkeypatch.setattr(cz, "categorize_frame", fake)
+    monkeypatch.setattr(workers.results, "categorize_frame", fake)
     prof = _profile(threshold=0.5, categorizer={"classes": ["surface"]})
-    proc = _processor(Profiles(widget=SimpleNamespace(profile=prof, engine=RedEngine())))
+    proc = _processor(Profiles(widget=_loaded(profile=prof, engine=RedEngine())))
     img = np.zeros((64, 64, 3), np.uint8)
     img[10:20, 10:20, 0] = 255
     img[40:50, 40:50, 0] = 255
     out = proc.process([FakeRecord(encode(img, "png"), frame_headers("widget", 0, encoding="png").to_kafka())]).out
     proc.close()
     r = InspectionResult.from_bytes(out[0].value)
-    assert seen == {"n": 2, "labels": 2, "shape": (64, 64, 3), "params": {"classes": ["surface"]}}
+    assert seen == {"n": 2, "labels": 2, "shape": (64, 64, 3), "params": {"classes": ["surface"]},
+                    "amap": (64, 64), "threshold": 0.5}
     assert r.category == "surface" and r.category_confidence == 0.8
     assert [x.category for x in r.regions] == ["surface", "surface"]
 
@@ -304,7 +325,7 @@ def test_non_finite_scores_and_post_processing_bugs_go_to_the_dlq():
             scores[1] = 0.9
             return maps, scores
 
-    proc = _processor(Profiles(widget=SimpleNamespace(profile=_profile(), engine=NaNEngine())))
+    proc = _processor(Profiles(widget=_loaded(profile=_profile(), engine=NaNEngine())))
     proc.thumbnail_size = 0  # cv2.resize to 0x0 raises inside render_artifacts
     img = encode(np.zeros((64, 64, 3), np.uint8))
     recs = [FakeRecord(img, frame_headers("widget", i).to_kafka(), offset=i) for i in range(3)]

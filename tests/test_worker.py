@@ -320,7 +320,7 @@ def padim_frames(tmp_path_factory):
     from linewatch.models.padim import PaDiM
     from linewatch.profiles import Profile, Registry
     from linewatch.synth import SyntheticProduct
-    from workers.pipeline import decode_frame
+    from linewatch.inspection.frames import decode_frame
 
     root = tmp_path_factory.mktemp("padim-registry")
     sp = SyntheticProduct("cap", size=256, seed=1)
@@ -345,7 +345,8 @@ def padim_frames(tmp_path_factory):
 def test_real_padim_profile_stream_matches_offline(kafka_settings, padim_frames):
     from linewatch.profiles import ONNX_FILE, Registry
     from workers.engines import select_engine
-    from workers.pipeline import decode_frame, judge
+    from linewatch.inspection.frames import decode_frame
+    from linewatch.inspection.verdict import judge
 
     registry, frames = padim_frames
     settings = _settings(kafka_settings, registry, max_batch=5)

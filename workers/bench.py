@@ -201,25 +201,27 @@ class WorkerRun:
 
 
 class CpuSampler:
-    """Samples a process's CPU time (user + system, all threads) from /proc every ``every_s``,
-    so the CPU spent between the first and the last result can be cut out of the run (the
+    """Samples a process's CPU time (user + system, all threads; psutil) every ``every_s``, so
+    the CPU spent between the first and the last result can be cut out of the run (the
     load-independent figure on a shared machine)."""
 
     def __init__(self, pid: int, every_s: float = 0.05):
+        import psutil
+
         self.pid = pid
         self.every_s = every_s
         self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
-        self._tick = os.sysconf("SC_CLK_TCK")
+        self._proc = psutil.Process(pid)
+        self._gone = (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied)
         self._thread = threading.Thread(target=self._loop, name="cpu-sampler", daemon=True)
 
     def _read(self) -> float | None:
         try:
-            with open(f"/proc/{self.pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            t = self._proc.cpu_times()
+        except self._gone:
             return None
-        return (int(fields[11]) + int(fields[12])) / self._tick  # utime, stime
+        return t.user + t.system
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -353,7 +355,9 @@ def offline_split(registry_dir: Path, jpegs: list[bytes], batch: int, threads: i
     from linewatch.messages import FrameHeaders
     from linewatch.profiles import Registry
     from workers.engines import select_engine
-    from workers.pipeline import BatchProcessor, decode_frame, judge
+    from linewatch.inspection.frames import decode_frame
+    from linewatch.inspection.verdict import judge
+    from workers.pipeline import BatchProcessor
     from workers.profile_cache import LoadedProfile
 
     reg = Registry(registry_dir)
@@ -365,7 +369,8 @@ def offline_split(registry_dir: Path, jpegs: list[bytes], batch: int, threads: i
     hdrs = [FrameHeaders(frame_id=f"off-{i}", product=BENCH_PRODUCT, camera="c", line="l", seq=i,
                          capture_ts_ms=0).to_kafka() for i in range(batch)]
     recs = [_Rec("frames", 0, i, None, f, hdrs[i]) for i, f in enumerate(frames)]
-    proc = BatchProcessor(_OneProfile(LoadedProfile(profile, None, engine, 0.0)), worker_id="bench-offline",
+    loaded = LoadedProfile(profile, None, engine, 0.0, profile.extent_model())
+    proc = BatchProcessor(_OneProfile(loaded), worker_id="bench-offline",
                           results_topic="results", dlq_topic="dlq", max_frame_pixels=64_000_000,
                           decode_threads=min(4, threads))
     imgs = np.empty((batch, size, size, 3), np.uint8)
@@ -405,12 +410,13 @@ def offline_split(registry_dir: Path, jpegs: list[bytes], batch: int, threads: i
 
     def post_results() -> None:  # what the worker really does per frame (result JSON for all)
         for k in range(batch):
-            proc._result(recs[k], FrameHeaders.from_kafka(hdrs[k]), profile, engine.name, imgs[k], maps[k],
+            proc._result(recs[k], FrameHeaders.from_kafka(hdrs[k]), loaded, engine.name, imgs[k], maps[k],
                          float(scores[k]), 1024, 1024, 1.0)
 
     split["post"] = per_frame_ms(post_results, "post")
     split["pipeline"] = per_frame_ms(lambda: proc.process(recs), "pipeline")
-    defects = sum(1 for k in range(batch) if judge(maps[k], float(scores[k]), profile, 1024, 1024, imgs[k]).verdict == "defect")
+    defects = sum(judge(maps[k], float(scores[k]), profile, 1024, 1024, imgs[k], loaded.extent).verdict == "defect"
+                  for k in range(batch))
     proc.close()
     return {"batch": batch, "engine": engine.name, "ms_per_frame": split, "cpu_ms_per_frame": cpu_split,
             "defects_in_batch": defects,

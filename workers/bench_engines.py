@@ -25,15 +25,10 @@ import numpy as np
 
 
 def rss_mb() -> float:
-    """Resident memory of this process now (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    """Resident memory of this process now (psutil)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def images_per_second(engine: Any, frames: np.ndarray, batch: int, seconds: float = 2.0, rounds: int = 3,

@@ -5,7 +5,7 @@ upsample -> blur -> image score) on uint8 NHWC RGB frames already at the model's
 and returns ``(maps float32 (N, H, W), scores float32 (N,))``. Batches larger than
 ``max_batch`` are split.
 
-Chain for ``preference="auto"`` (DESIGN.md section 8):
+Chain for ``preference="auto"`` (README, Engines):
 TensorRT -> ONNX Runtime CUDA -> torch CUDA (half) -> ONNX Runtime CPU -> torch CPU.
 The choice and the reason each better engine was skipped are logged and kept on the engine
 (``engine.reason``, ``engine.skipped``) for the worker's metrics.
@@ -62,7 +62,17 @@ def _empty(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((0, size, size), np.float32), np.zeros((0,), np.float32)
 
 
+def _gpu_device_present() -> bool:
+    """An NVIDIA device node exists: the torch-free first check, so a CPU-only worker never
+    imports torch just to learn that CUDA is absent."""
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
 def _cuda_available() -> bool:
+    if not _gpu_device_present():
+        return False
     try:
         import torch
 
@@ -122,8 +132,14 @@ class TorchEngine(_BaseEngine):
     CUDA: the backbone under autocast float16; models keep their scoring in float32."""
 
     def __init__(self, model: Any, device: str = "cpu", threads: int = 0, max_batch: int = 16):
+        if device == "cuda" and not _gpu_device_present():
+            raise EngineUnavailable("torch: no NVIDIA GPU device")
         import torch
 
+        from linewatch.models.registry import SavedModel
+
+        if isinstance(model, SavedModel):  # only this engine needs the model itself
+            model = model.load()
         super().__init__(model.input_size, max_batch)
         if device == "cuda" and not torch.cuda.is_available():
             raise EngineUnavailable("torch: CUDA is not available")
@@ -250,10 +266,9 @@ class TensorRTEngine(_BaseEngine):
             import tensorrt as trt  # type: ignore[import-not-found]
         except ImportError:
             raise EngineUnavailable("tensorrt is not installed") from None
-        import torch
-
-        if not torch.cuda.is_available():
+        if not _cuda_available():
             raise EngineUnavailable("tensorrt: no CUDA GPU")
+        import torch
         super().__init__(input_size, max_batch)
         self.precision = "fp16-backbone"
         path = Path(onnx_path)

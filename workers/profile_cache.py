@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from linewatch.errors import ModelError
 from linewatch.inspection.extent import ExtentModel
+from linewatch.models.registry import SavedModel
 from linewatch.profiles import ONNX_FILE, Profile, ProfileError, Registry
 
 if TYPE_CHECKING:
@@ -109,7 +110,8 @@ class ProfileCache:
     def _load(self, product: str, version: int | None = None) -> LoadedProfile:
         t0 = time.perf_counter()
         try:
-            profile, model = self.registry.load(product, version)
+            profile = self.registry.load_learned(product, version)
+            model = SavedModel(self.registry.version_dir(product, profile.version))  # loaded by a torch engine only
         except ModelError as exc:  # Registry.load converts most, be safe
             raise ProfileError(str(exc)) from None
         except ProfileError:
@@ -123,7 +125,7 @@ class ProfileCache:
         except Exception as exc:
             raise ProfileError(f"{vdir}: no engine could run this profile: {type(exc).__name__}: {exc}") from None
         self.loads += 1
-        keep = model if str(getattr(engine, "name", "torch")).startswith("torch") else None
+        keep = model.load() if str(getattr(engine, "name", "torch")).startswith("torch") else None
         try:
             extent = profile.extent_model()
         except Exception as exc:

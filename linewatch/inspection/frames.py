@@ -13,7 +13,7 @@ from typing import Literal
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import JpegImagePlugin, PngImagePlugin
 
 from linewatch.errors import UserError
 
@@ -48,12 +48,13 @@ def frame_dims(data: bytes, max_pixels: int) -> tuple[Literal["jpeg", "png"], in
     """(format, width, height) from the header alone (Pillow reads only the header); refuses
     decompression bombs and truncated files before any pixel is decoded."""
     fmt = frame_format(data)
+    # the codec's own image class reads the header without Pillow's global bomb limit
+    # (Image.MAX_IMAGE_PIXELS: a warning per frame above it, a refusal above twice it, whatever
+    # ``max_pixels`` allows); ``max_pixels`` below is the one limit, and its message names the size
+    header = JpegImagePlugin.JpegImageFile if fmt == "jpeg" else PngImagePlugin.PngImageFile
     try:
-        with Image.open(io.BytesIO(data), formats=(fmt.upper(),)) as im:
+        with header(io.BytesIO(data)) as im:
             w, h = im.size
-    except Image.DecompressionBombError:
-        raise FrameError("decode", f"{fmt.upper()} declares over {2 * Image.MAX_IMAGE_PIXELS} pixels, over the "
-                                   f"limit of {max_pixels} (decompression bomb?)") from None
     except Exception:  # Pillow found no frame header where the magic bytes promised one
         raise FrameError("decode", "truncated JPEG: ends before its frame header" if fmt == "jpeg"
                          else "corrupt PNG: no IHDR chunk") from None

@@ -22,7 +22,7 @@ synthetic line (100-120 normal images): the share of fine channels is the strong
 IoU lever (cap 0.63 -> 0.66, turf 0.46 -> 0.52 with the calibrated mask step), sigma 4 -> 2
 the next (+0.01..0.06); sigma 1, input 384/512 (4x the cost at 512), k x k neighbourhood
 statistics and a shared Gaussian moved IoU by less than 0.03 or cost AUROC.
-``sigma`` is 2 (DESIGN.md section 5 says 4: it over-spreads small defects).
+``sigma`` is 2 (4, the usual PaDiM setting, over-spreads small defects).
 
 A texture term (``TextureTerm``, off by default, its statistics always fitted) multiplies in a
 stationary stride-4 score for close-up textures; the calibration switches it on per product

@@ -67,6 +67,39 @@ def read_model_config(directory: str | Path) -> dict:
     return cfg
 
 
+def check_weights(path: Path) -> None:
+    """Refuse a missing or corrupt weights file from its header alone (safetensors' numpy
+    reader: no torch), so a damaged version folder never serves, whichever engine runs it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as fh:
+            fh.keys()
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing weights") from None
+    except Exception as exc:
+        raise ModelError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
+class SavedModel:
+    """A saved model folder, loaded (torch and all) on first ``load()`` only: a worker whose
+    engine runs the exported graph never builds the model. ``kind`` and ``input_size`` come from
+    the torch-free config."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        cfg = read_model_config(self.directory)
+        self.kind = str(cfg["kind"])
+        self.input_size = int(cfg["input_size"])
+        self._model: AnomalyModel | None = None
+        check_weights(self.directory / WEIGHTS_FILE)
+
+    def load(self) -> AnomalyModel:
+        if self._model is None:
+            self._model = load_model(self.directory)
+        return self._model
+
+
 def load_model(directory: str | Path) -> AnomalyModel:
     """The model saved in ``directory`` (``AnomalyModel.save``): config, then safetensors weights
     (never pickle). Raises ModelError naming the file."""
