@@ -116,7 +116,6 @@ def read_fit_info(work_dir: Path) -> FitInfo | None:
 # -- region refinement -----------------------------------------------------------------------------
 REFINE_FRACTIONS: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
 REFINE_WINDOWS: tuple[int, ...] = (17, 33, 49)
-GUIDES: tuple[tuple[int, float], ...] = ((8, 1e-3), (16, 1e-3), (16, 1e-4))  # (radius, eps) of the guided filter
 # (scale, floor) of the colour cue (docs/calibration.md: why these)
 CUES: tuple[tuple[float, float], ...] = ((1.0, 0.5), (1.5, 0.5), (1.5, 0.3), (3.0, 0.5), (1.0, 0.3))
 _SEARCH_BINS = 1024  # threshold grid while searching settings (the final thresholds use the default)
@@ -126,16 +125,15 @@ def calibrate_refinement(maps: np.ndarray, masks: np.ndarray, images: np.ndarray
                          k_std: float = 3.0, quantile: float = 0.999,
                          fractions: tuple[float, ...] = REFINE_FRACTIONS,
                          windows: tuple[int, ...] = REFINE_WINDOWS,
-                         guides: tuple[tuple[int, float], ...] = GUIDES,
                          cues: tuple[tuple[float, float], ...] = CUES) -> MaskStep:
-    """The mask step (``MaskStep``: colour cue and guided filter when ``images`` are given, then
-    peak-relative refinement) that maximises the mean per-image IoU at the IoU-curve threshold
+    """The mask step (``MaskStep``: the colour cue when ``images`` are given, then peak-relative
+    refinement) that maximises the mean per-image IoU at the IoU-curve threshold
     on the *validation* maps, adopted only when it clears the project's one rule
     (``calibration.adoption.clears``) against the plain map, paired per image.
 
     Two stages, to keep the search small: the colour cue (or none) is chosen first, each
-    candidate judged with its best refinement fraction at the default window; then the guided
-    filter and the refinement are searched on the maps with that cue.
+    candidate judged with its best refinement fraction at the default window; then the refinement
+    is searched on the maps with that cue.
 
     Off when there are too few anomalous images to judge it, or when maps can be negative (the
     refinement rule is a fraction of a non-negative peak).
@@ -165,27 +163,20 @@ def calibrate_refinement(maps: np.ndarray, masks: np.ndarray, images: np.ndarray
             iou = staged(m)
             if iou > cue_best + 1e-9:
                 cue_best, cue, cued = iou, (scale, floor), m
-    best = (val_iou(cued), 0.0, mid, 0, 1e-3)
-    for radius, eps in ((0, 1e-3), *(guides if images is not None else ())):
-        guided = MaskStep(guide_radius=radius, guide_eps=eps).apply_all(cued, images) if radius else cued
-        iou = val_iou(guided)
-        if iou > best[0] + 1e-9:
-            best = (iou, 0.0, mid, radius, eps)
-        for w in windows:
-            for f in fractions:
-                iou = val_iou(MaskStep(refine_fraction=f, refine_window=w).apply_all(guided, None))
-                if iou > best[0] + 1e-9:
-                    best = (iou, f, w, radius, eps)
-    _, f, w, radius, eps = best
-    step = MaskStep(cue_scale=cue[0], cue_floor=cue[1], guide_radius=radius, guide_eps=eps,
-                    refine_fraction=f, refine_window=w)
+    best = (val_iou(cued), 0.0, mid)
+    for w in windows:
+        for f in fractions:
+            iou = val_iou(MaskStep(refine_fraction=f, refine_window=w).apply_all(cued, None))
+            if iou > best[0] + 1e-9:
+                best = (iou, f, w)
+    _, f, w = best
+    step = MaskStep(cue_scale=cue[0], cue_floor=cue[1], refine_fraction=f, refine_window=w)
     if step.is_off:
         return MaskStep(reason="mask step off: no setting beat the plain map's validation IoU")
     plain = per_image_iou(maps, masks, k_std=k_std, quantile=quantile)
     served = per_image_iou(step.apply_all(maps, images), masks, k_std=k_std, quantile=quantile)
     ok, figures = clears(served - plain)
     parts = ([f"colour cue scale {cue[0]:g}, floor {cue[1]:g}"] if cue[0] > 0 else []) + \
-            ([f"guided filter radius {radius}, eps {eps:g}"] if radius else []) + \
             ([f"peak-relative refinement fraction {f:g}, window {w}"] if f > 0 else [])
     if not ok:
         return MaskStep(reason=f"mask step off: the best setting ({' + '.join(parts)}) gains {figures} on "

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from calibration.extent_fit import fit_extent
-from calibration.fit import served_mask
-from linewatch.profiles import Profile
-from workers.extent import EXTENT_FEATURES, apply_extent, extent_features
-from workers.pipeline import judge
+from calibration.fit import extent_model, served_mask
+from linewatch.inspection.extent import EXTENT_FEATURES, ExtentModel, ExtentSettings, extent_features
+from linewatch.inspection.verdict import judge
+from linewatch.profiles import PROFILE_FILE, Profile, Registry
 
 S = 96
 
@@ -49,16 +49,25 @@ def fitted():
     return fit_extent(maps, maps, images, masks, 0.6, seed=0)
 
 
-def test_extent_learns_whole_defects_from_validation_masks(fitted):
+def test_extent_learns_whole_defects_from_validation_masks(fitted, tmp_path):
+    from linewatch.inspection.forest import externalise, internalise
+
     assert fitted.params is not None and fitted.reason.startswith("region extent on")
     assert fitted.iou_extent > fitted.iou_plain + 0.15  # held-out validation images
-    params = json.loads(json.dumps(fitted.params))  # plain JSON, no pickle
-    assert params["features"] == list(EXTENT_FEATURES)
+    # stored as plain JSON plus the forest as a skops file (no pickle), read back as it was fitted
+    stored = json.loads(json.dumps(externalise(fitted.params, tmp_path, "extent")))
+    assert stored["features"] == list(EXTENT_FEATURES) and stored["classifier"] == {"skops": "extent.skops"}
+    params = internalise(stored, tmp_path)
+    assert type(params["classifier"]).__name__ == "RandomForestClassifier"
+    model = extent_model(params)
+    assert model.settings == ExtentSettings(**{k: v for k, v in stored.items() if k != "classifier"})
     images, maps, masks = disc_frames(8, seed=1)  # frames the forest never saw
     plain = np.mean([_iou(maps[k] >= 0.6, masks[k]) for k in range(8)])
-    grown = np.mean([_iou(apply_extent(params, maps[k], images[k], maps[k] >= 0.6, 0.6), masks[k])
-                     for k in range(8)])
-    assert plain < 0.5 and grown > plain + 0.2
+    grown = [model.apply(maps[k], images[k], maps[k] >= 0.6, 0.6) for k in range(8)]
+    fresh = extent_model(fitted.params)
+    assert all((g == fresh.apply(maps[k], images[k], maps[k] >= 0.6, 0.6)).all() for k, g in enumerate(grown))
+    grown_iou = np.mean([_iou(g, masks[k]) for k, g in enumerate(grown)])
+    assert plain < 0.5 and grown_iou > plain + 0.2
 
 
 def test_extent_never_adds_a_region_and_keeps_every_detection(fitted):
@@ -66,23 +75,24 @@ def test_extent_never_adds_a_region_and_keeps_every_detection(fitted):
     img, amap = images[0].copy(), maps[0]
     img[5:15, 80:90] = 60  # a second dark patch the map does not flag
     thresholded = amap >= 0.6
-    out = apply_extent(fitted.params, amap, img, thresholded, 0.6)
+    model = extent_model(fitted.params)
+    out = model.apply(amap, img, thresholded, 0.6)
     assert not out[5:15, 80:90].any()  # no region where the threshold found none
     assert (out & thresholded).any()
     # a thresholded region the forest would erase keeps its own shape
     lone = np.zeros_like(thresholded)
     lone[80:84, 10:14] = True  # plain material: the forest calls it background
-    out2 = apply_extent(fitted.params, amap, images[0], thresholded | lone, 0.6)
+    out2 = model.apply(amap, images[0], thresholded | lone, 0.6)
     assert out2[80:84, 10:14].all()
-    assert not apply_extent(fitted.params, amap, img, np.zeros_like(thresholded), 0.6).any()
+    assert not model.apply(amap, img, np.zeros_like(thresholded), 0.6).any()
     # parameters fitted on another version's features: the thresholded regions, unchanged
     other = {**fitted.params, "features": ["map_rel", "something_else"]}
-    assert (apply_extent(other, amap, img, thresholded, 0.6) == thresholded).all()
+    assert (extent_model(other).apply(amap, img, thresholded, 0.6) == thresholded).all()
 
 
 def test_extent_on_a_crop_equals_the_whole_frame(fitted):
     """The worker computes the pixel features on the zone's bounding box only: same masks."""
-    from workers.extent import _crop, extent_zone
+    from linewatch.inspection.extent import _crop, extent_zone
 
     images, maps, _ = disc_frames(2, seed=4)
     rng = np.random.default_rng(4)
@@ -95,8 +105,9 @@ def test_extent_on_a_crop_equals_the_whole_frame(fitted):
         m[sub] = big_map[sub] >= 0.6
         box = _crop(extent_zone(m), 2)
         assert box[0].start % 2 == 0 and box[1].start % 2 == 0
-        cropped = apply_extent(fitted.params, big_map, big_img, m, 0.6)
-        whole = apply_extent(fitted.params, big_map, big_img, m, 0.6, crop=False)
+        model = extent_model(fitted.params)
+        cropped = model.apply(big_map, big_img, m, 0.6)
+        whole = model.apply(big_map, big_img, m, 0.6, crop=False)
         assert (cropped != whole).sum() <= 2 and cropped.sum() > m.sum()
     one = np.zeros(big_map.shape, bool)
     one[120:, 110:] = big_map[120:, 110:] >= 0.6
@@ -104,7 +115,7 @@ def test_extent_on_a_crop_equals_the_whole_frame(fitted):
     assert (ys.stop - ys.start) * (xs.stop - xs.start) < 0.5 * one.size
 
 
-def test_extent_stays_off_without_enough_images_or_when_it_costs_iou(monkeypatch):
+def test_extent_stays_off_without_enough_images_or_when_it_does_not_clear_the_bar(monkeypatch):
     images, maps, masks = disc_frames(3)
     off = fit_extent(maps, maps, images, masks, 0.6)
     assert off.params is None and "need 4" in off.reason
@@ -112,29 +123,42 @@ def test_extent_stays_off_without_enough_images_or_when_it_costs_iou(monkeypatch
     import calibration.extent_fit as ef
 
     # a forest whose masks lose the defect's rim on held-out images must be refused
-    monkeypatch.setattr(ef, "apply_extent", lambda params, raw, img, m, thr, crop=True: m & (raw >= 0.8))
+    monkeypatch.setattr(ef.ExtentModel, "apply", lambda self, raw, img, m, thr, crop=True: m & (raw >= 0.8))
     refused = ef.fit_extent(maps, maps, images, masks, 0.6)
-    assert refused.params is None and "costs more than" in refused.reason
+    assert refused.params is None and "under the adoption bar" in refused.reason
     assert refused.iou_extent < refused.iou_plain - 0.005
+    # one that changes nothing gains nothing: refused too (the paired gain must exceed max(0.005, 2 SE))
+    monkeypatch.setattr(ef.ExtentModel, "apply", lambda self, raw, img, m, thr, crop=True: m)
+    idle = ef.fit_extent(maps, maps, images, masks, 0.6)
+    assert idle.params is None and "under the adoption bar" in idle.reason
+    assert idle.iou_extent == idle.iou_plain
 
 
-def test_worker_serves_the_offline_extent(fitted):
+def test_worker_serves_the_offline_extent(fitted, tmp_path):
     images, maps, masks = disc_frames(4, seed=3)
     prof = Profile(product="w", model_kind="padim", backbone="none", input_size=S, threshold=0.6,
                    threshold_method="iou", min_region_px=0, extent=fitted.params)
-    prof = Profile.model_validate_json(prof.model_dump_json())  # as the worker loads it
+    (tmp_path / "model").mkdir()
+    reg = Registry(tmp_path / "registry")
+    stored = reg.publish(prof, source_dir=tmp_path / "model")
+    on_disk = json.loads((reg.version_dir("w", stored.version) / PROFILE_FILE).read_text())
+    assert on_disk["extent"]["classifier"] == {"skops": "extent.skops"}  # the forest beside it, not in the JSON
+    loaded = reg.load_learned("w")  # as the worker loads it
+    extent = loaded.extent_model()
+    assert isinstance(extent, ExtentModel)
     for k in range(4):
-        fv = judge(maps[k], float(maps[k].max()), prof, S, S, images[k])
-        offline = served_mask(maps, k, 0.6, maps, images, prof.extent)
+        fv = judge(maps[k], float(maps[k].max()), loaded, S, S, images[k], extent)
+        offline = served_mask(maps, k, 0.6, maps, images, fitted.params)
         assert fv.verdict == "defect" and ((fv.mask > 0) == offline).all()
         assert fv.regions[0].area_px == int(offline.sum())
         assert offline.sum() > (maps[k] >= 0.6).sum()  # the extent grew the region
     # without the frame (or without an extent) the worker serves the thresholded regions
-    fv = judge(maps[0], float(maps[0].max()), prof, S, S)
+    fv = judge(maps[0], float(maps[0].max()), loaded, S, S, None, extent)
     assert ((fv.mask > 0) == (maps[0] >= 0.6)).all()
-    data = prof.model_dump(mode="json")
-    del data["extent"]
-    assert Profile.model_validate(data).extent is None  # profiles written before the extent: off
+    fv = judge(maps[0], float(maps[0].max()), loaded, S, S, images[0], None)
+    assert ((fv.mask > 0) == (maps[0] >= 0.6)).all()
+    plain = prof.model_copy(update={"extent": None})
+    assert plain.extent_model() is None  # a profile without an extent: off
 
 
 def test_extent_features_are_finite_and_in_order():

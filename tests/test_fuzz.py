@@ -78,9 +78,9 @@ def test_header_parser_on_mutations_of_valid_headers(data):
 
 # ---------------------------------------------------------------------------------------------
 # frame decoder
-pipeline = pytest.importorskip("workers.pipeline")
-FrameError = pipeline.FrameError
-decode_frame = pipeline.decode_frame
+from linewatch.inspection.frames import FrameError, decode_frame  # noqa: E402
+from workers.pipeline import BatchProcessor  # noqa: E402
+
 SIZE = 64
 MAX_PIXELS = 4_000_000
 
@@ -227,7 +227,7 @@ class _Profiles:
         self.loaded = SimpleNamespace(
             profile=Profile(product="widget", version=1, model_kind="fake", backbone="none", input_size=SIZE,
                             threshold=0.5, threshold_method="manual"),
-            engine=_Engine())
+            engine=_Engine(), extent=None)
 
     def get(self, product):
         from linewatch.profiles import ProfileError
@@ -243,7 +243,7 @@ class _Profiles:
     st.one_of(st.just("good"), st.just("hdr"), st.just("bytes"), st.just("product")),
     st.binary(max_size=256)), min_size=1, max_size=12))
 def test_batch_processor_accounts_for_every_record(items):
-    proc = pipeline.BatchProcessor(_Profiles(), worker_id="w-fuzz", results_topic="results", dlq_topic="frames.dlq",
+    proc = BatchProcessor(_Profiles(), worker_id="w-fuzz", results_topic="results", dlq_topic="frames.dlq",
                                    max_frame_pixels=MAX_PIXELS, thumbnail_size=64, decode_threads=1)
     records = []
     for k, (kind, junk) in enumerate(items):
@@ -261,8 +261,10 @@ def test_batch_processor_accounts_for_every_record(items):
     out = proc.process(records).out
     proc.close()
     assert len(out) == len(records)
-    for rec, o in zip(records, out):
+    for (kind, _), rec, o in zip(items, records, out):
         assert o.offset == rec.offset
+        if kind == "good":  # a valid frame of a known product is judged, never dead-lettered
+            assert o.kind == "ok", o.reason
         if o.kind == "dlq":
             assert o.topic == "frames.dlq" and o.value == (rec.value or b"") and o.reason
             assert any(k == "dlq" for k, _ in o.headers)

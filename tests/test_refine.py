@@ -1,18 +1,22 @@
-"""Peak-relative region refinement: calibrated on validation, the same masks offline and in the worker."""
+"""The mask step (colour cue, peak-relative refinement): calibrated on validation, the same masks
+offline and in the worker."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from calibration.data import LabelledSet
 from calibration.evaluate import evaluate_maps
-from calibration.fit import calibrate_refinement, evaluate_model, make_profile, refine_maps, threshold_model
+from calibration.fit import calibrate_refinement, evaluate_model, make_profile, threshold_model
 from calibration.metrics import image_counts, pixel_auroc, segmentation_metrics
 from calibration.thresholds import estimate_thresholds
-from linewatch.profiles import Profile
-from workers.pipeline import guide_map, judge, refine_map
+from linewatch.inspection.mask import CUE_SIGMA, CUE_WINDOW, MaskStep, refine_map
+from linewatch.inspection.verdict import judge
+from linewatch.profiles import PROFILE_FILE, Profile, ProfileError, Registry
 
 S = 64
 
@@ -57,32 +61,46 @@ def _val_set(n_anom: int = 4, n_norm: int = 3) -> tuple[np.ndarray, np.ndarray]:
 def test_calibration_switches_refinement_on_from_validation_iou():
     maps, masks = _val_set()
     r = calibrate_refinement(maps, masks)
-    assert r.fraction > 0 and "validation IoU" in r.reason
-    rep = estimate_thresholds(refine_maps(maps, r.fraction, r.window), masks)
+    assert r.refine_fraction > 0 and "validation IoU" in r.reason
+    rep = estimate_thresholds(r.apply_all(maps, None), masks)
     assert rep.method("iou").val_iou == 1.0
     assert estimate_thresholds(maps, masks).method("iou").val_iou <= 0.5  # best plain: the strong one only
 
 
 def test_refinement_stays_off_when_it_cannot_be_judged():
     maps, masks = _val_set(n_anom=2)
-    assert calibrate_refinement(maps, masks).fraction == 0.0  # too few anomalous images
+    r = calibrate_refinement(maps, masks)
+    assert r.is_off and "need" in r.reason  # too few anomalous images
     maps, masks = _val_set()
-    assert calibrate_refinement(maps - 5.0, masks).fraction == 0.0  # negative maps
+    r = calibrate_refinement(maps - 5.0, masks)
+    assert r.is_off and "negative" in r.reason  # negative maps
     flat = (masks * 5.0).astype(np.float32)  # already perfect maps: nothing to gain
-    r = calibrate_refinement(flat, masks, images=np.zeros((len(flat), S, S, 3), np.uint8))
-    assert r.fraction == 0.0 and r.guide_radius == 0 and "off" in r.reason
+    images = np.zeros((len(flat), S, S, 3), np.uint8)
+    r = calibrate_refinement(flat, masks, images=images)
+    assert r.refine_fraction == 0.0 and r.cue_scale == 0.0 and r.is_off and "off" in r.reason
+    assert r.apply_all(flat, images) is flat  # off = the maps themselves
 
 
-def test_old_profile_json_loads_with_refinement_off():
+def test_old_profile_json_is_refused_and_a_new_one_defaults_to_the_plain_map(tmp_path):
     p = Profile(product="w", model_kind="padim", backbone="none", input_size=64, threshold=1.0,
                 threshold_method="manual")
-    data = p.model_dump(mode="json")
-    del data["refine_fraction"], data["refine_window"]
-    old = Profile.model_validate(data)
-    assert old.refine_fraction == 0.0
+    assert p.mask_step.is_off  # no mask step unless calibration switched one on
     amap, _ = strong_and_weak()
-    fv = judge(amap, float(amap.max()), old.model_copy(update={"threshold": 1.5, "min_region_px": 0}), S, S)
-    assert ((fv.mask > 0) == (amap >= 1.5)).all()  # plain thresholding, as before
+    fv = judge(amap, float(amap.max()), p.model_copy(update={"threshold": 1.5, "min_region_px": 0}), S, S)
+    assert ((fv.mask > 0) == (amap >= 1.5)).all()  # plain thresholding
+    # a format-1 profile.json (flat mask-step fields) is refused, never read as "mask step off"
+    data = p.model_dump(mode="json")
+    del data["format"], data["mask_step"]
+    data.update(refine_fraction=0.5, refine_window=17, cue_scale=1.5, cue_floor=0.3, cue_window=33, cue_sigma=3.0)
+    vdir = tmp_path / "w" / "v0001"
+    vdir.mkdir(parents=True)
+    (vdir / PROFILE_FILE).write_text(json.dumps({**data, "version": 1}))
+    (tmp_path / "w" / "CURRENT").write_text("1\n")
+    with pytest.raises(ProfileError, match=r"profile format 1.*re-run `linewatch calibrate run --product w`"):
+        Registry(tmp_path).read_profile("w")
+    # the current format round-trips through the registry's reader
+    (vdir / PROFILE_FILE).write_text(p.model_copy(update={"version": 1}).model_dump_json())
+    assert Registry(tmp_path).read_profile("w").mask_step == p.mask_step
 
 
 class MapModel:
@@ -116,10 +134,10 @@ def test_worker_judge_and_offline_evaluation_give_identical_masks():
     model = MapModel(np.concatenate([vmaps, tmaps]))
     val, test = _labelled(vmaps, vmasks, 0), _labelled(tmaps, tmasks, len(vmaps))
     report, _ = threshold_model(model, val)  # type: ignore[arg-type]
-    assert report.refine_fraction > 0
+    assert report.mask_step.refine_fraction > 0
     ev = evaluate_model("padim", "w", model, test, report, val)  # type: ignore[arg-type]
     profile = make_profile("w", model, report)  # type: ignore[arg-type]
-    assert (profile.refine_fraction, profile.refine_window) == (report.refine_fraction, report.refine_window)
+    assert profile.mask_step == report.mask_step
     profile = profile.model_copy(update={"min_region_px": 0})
     offline = ev.maps >= report.threshold
     verdicts = [judge(m, float(m.max()), profile, S, S) for m in tmaps]
@@ -132,7 +150,7 @@ def test_worker_judge_and_offline_evaluation_give_identical_masks():
     assert overall["iou_iou"] == 1.0
     # threshold-free metrics stay on the model's own maps
     assert overall["pixel_auroc"] == round(pixel_auroc(tmaps, tmasks), 4)
-    assert ev.extra["refinement"]["fraction"] == report.refine_fraction
+    assert ev.extra["refinement"]["refine_fraction"] == report.mask_step.refine_fraction
 
 
 def test_evaluate_maps_without_raw_maps_is_unchanged():
@@ -141,41 +159,6 @@ def test_evaluate_maps_without_raw_maps_is_unchanged():
     a = evaluate_maps("m", "w", test, maps, maps.reshape(len(maps), -1).max(1), {"iou": 1.5}, "iou")
     b = evaluate_maps("m", "w", test, maps, maps.reshape(len(maps), -1).max(1), {"iou": 1.5}, "iou", raw_maps=maps)
     assert a.summary == b.summary
-
-
-def soft_square() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A dark square on a bright frame, and a map that is the square 3 px off (the feature
-    grid's misplacement) and blurred (sigma 4)."""
-    import cv2
-
-    mask = np.zeros((S, S), bool)
-    mask[20:36, 24:40] = True
-    image = np.full((S, S, 3), 200, np.uint8)
-    image[mask] = 60
-    amap = cv2.GaussianBlur(np.roll(mask, 3, axis=1).astype(np.float32) * 10, (0, 0), 4) + np.float32(1.0)
-    return image, amap, mask
-
-
-def test_guided_filter_snaps_a_blurred_map_to_the_image_edges():
-    image, amap, mask = soft_square()
-    guided = guide_map(amap, image, 8, 1e-3)
-    assert guided.min() >= amap.min()
-    best = lambda m: max(segmentation_metrics(m, mask, t).iou for t in np.quantile(m, np.linspace(0.5, 1, 200)))
-    assert best(amap) < 0.7  # measured 0.671
-    assert best(guided) > 0.95  # measured 0.992
-    assert guide_map(amap, image, 0, 1e-3) is amap
-
-
-def test_worker_and_offline_agree_with_the_guided_filter_on():
-    image, amap, mask = soft_square()
-    maps, images = amap[None], image[None]
-    prof = Profile(product="w", model_kind="padim", backbone="none", input_size=S, threshold=4.0,
-                   threshold_method="manual", min_region_px=0, guide_radius=8, guide_eps=1e-3,
-                   refine_fraction=0.5, refine_window=17)
-    offline = refine_maps(maps, 0.5, 17, images, 8, 1e-3)[0] >= 4.0
-    fv = judge(amap, float(amap.max()), prof, S, S, image)
-    assert fv.verdict == "defect" and ((fv.mask > 0) == offline).all()
-    assert segmentation_metrics(offline, mask, 0.5).iou > segmentation_metrics(amap, mask, 4.0).iou
 
 
 def colour_squares(n: int, dx: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -199,15 +182,15 @@ def colour_squares(n: int, dx: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def test_colour_cue_damps_the_spread_around_a_colour_defect():
-    from workers.pipeline import colour_cue, cue_map
+    from linewatch.inspection.mask import colour_cue, cue_map
 
     images, maps, masks = colour_squares(1)
     image, amap, mask = images[0], maps[0], masks[0]
     c = colour_cue(amap, image, 33)
     assert c[mask].mean() > 5 * c[~mask].mean()  # foreign colour vs the part's own texture
-    cued = cue_map(amap, image, 1.5, 0.3, 33)
+    cued = cue_map(amap, image, 1.5, 0.3, 33, sigma=0.0)  # the per-pixel cue
     assert (cued <= amap + 1e-6).all() and (cued >= 0.3 * amap - 1e-6).all()  # damped, never erased
-    assert cue_map(amap, image, 0.0, 0.3, 33) is amap  # off = the map itself
+    assert cue_map(amap, image, 0.0, 0.3) is amap  # off = the map itself
     best = lambda m: max(segmentation_metrics(m, mask, t).iou for t in np.quantile(m, np.linspace(0.5, 1, 200)))
     assert best(amap) < 0.65  # measured 0.58
     assert best(cued) > 0.78  # measured 0.83
@@ -221,7 +204,7 @@ def test_blurred_colour_cue_removes_speckle_and_keeps_the_defect():
     between ``floor`` x map and the map, and still keeps a foreign-coloured defect."""
     import cv2
 
-    from workers.pipeline import cue_map
+    from linewatch.inspection.mask import cue_map
 
     rng = np.random.default_rng(0)
     grain = rng.normal(0, 12, (S, S)).astype(np.float32)
@@ -232,39 +215,37 @@ def test_blurred_colour_cue_removes_speckle_and_keeps_the_defect():
     def stray(m: np.ndarray) -> int:
         return cv2.connectedComponents((m >= 4).astype(np.uint8), connectivity=8)[0] - 1
 
-    per_pixel, blurred = cue_map(bump, img, 1.5, 0.3, 33), cue_map(bump, img, 1.5, 0.3, 33, sigma=3.0)
-    assert np.array_equal(per_pixel, cue_map(bump, img, 1.5, 0.3, 33, sigma=0.0))  # 0 = older profiles
+    per_pixel, blurred = cue_map(bump, img, 1.5, 0.3, 33, sigma=0.0), cue_map(bump, img, 1.5, 0.3)
+    assert (CUE_WINDOW, CUE_SIGMA) == (33, 3.0)
+    assert np.array_equal(blurred, cue_map(bump, img, 1.5, 0.3, 33, sigma=3.0))  # the default: blurred
     assert stray(per_pixel) >= 10  # measured 14
     assert stray(blurred) == 0
     assert (blurred <= bump + 1e-5).all() and (blurred >= 0.3 * bump - 1e-5).all()
     images, maps, masks = colour_squares(1)
-    cued = cue_map(maps[0], images[0], 1.5, 0.3, 33, sigma=3.0)
+    cued = cue_map(maps[0], images[0], 1.5, 0.3)
     best = lambda m: max(segmentation_metrics(m, masks[0], t).iou for t in np.quantile(m, np.linspace(0.5, 1, 200)))
     assert best(cued) > best(maps[0]) + 0.1
 
 
 def test_colour_cue_is_calibrated_and_the_worker_applies_it_identically():
+    from linewatch.inspection.mask import cue_map
+
     images, maps, masks = colour_squares(4)
     r = calibrate_refinement(maps, masks, images)
-    assert r.cue_scale > 0 and "colour cue" in r.reason
-    assert r.cue_sigma > 0 and "blur" in r.reason
-    refined = refine_maps(maps, r.fraction, r.window, images, r.guide_radius, r.guide_eps, r.cue_scale,
-                          r.cue_floor, r.cue_window, r.cue_sigma)
+    assert isinstance(r, MaskStep) and r.cue_scale > 0 and "colour cue" in r.reason
+    refined = r.apply_all(maps, images)
+    # the served cue is the blurred one (CUE_WINDOW, CUE_SIGMA), then the refinement
+    for k in range(len(maps)):
+        cued = cue_map(maps[k], images[k], r.cue_scale, r.cue_floor, CUE_WINDOW, CUE_SIGMA)
+        assert np.array_equal(refined[k], refine_map(cued, r.refine_fraction, r.refine_window))
     rep = estimate_thresholds(refined, masks)
     assert rep.method("iou").val_iou > estimate_thresholds(maps, masks).method("iou").val_iou + 0.1
     prof = Profile(product="w", model_kind="padim", backbone="none", input_size=S, threshold=rep.threshold,
-                   threshold_method="iou", min_region_px=0, refine_fraction=r.fraction, refine_window=r.window,
-                   guide_radius=r.guide_radius, guide_eps=r.guide_eps, cue_scale=r.cue_scale,
-                   cue_floor=r.cue_floor, cue_window=r.cue_window, cue_sigma=r.cue_sigma)
+                   threshold_method="iou", min_region_px=0, mask_step=r)
     for k in range(4):
         fv = judge(maps[k], float(maps[k].max()), prof, S, S, images[k])
         assert fv.verdict == "defect" and ((fv.mask > 0) == (refined[k] >= rep.threshold)).all()
-    data = prof.model_dump(mode="json")
-    assert Profile.model_validate_json(prof.model_dump_json()).cue_sigma == r.cue_sigma  # stored with the profile
-    del data["cue_sigma"]
-    assert Profile.model_validate(data).cue_sigma == 0.0  # profiles written before the blur: per-pixel cue
-    del data["cue_scale"], data["cue_floor"], data["cue_window"]
-    assert Profile.model_validate(data).cue_scale == 0.0  # profiles written before the cue: off
+    assert Profile.model_validate_json(prof.model_dump_json()).mask_step == r  # stored with the profile
 
 
 class VariantModel:

@@ -269,6 +269,7 @@ class TensorRTEngine(_BaseEngine):
         if not _cuda_available():
             raise EngineUnavailable("tensorrt: no CUDA GPU")
         import torch
+
         super().__init__(input_size, max_batch)
         self.precision = "fp16-backbone"
         path = Path(onnx_path)

@@ -18,6 +18,7 @@ ones. The forest itself is a scikit-learn estimator stored beside the weights
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from linewatch.inspection.mask import CUE_WINDOW, colour_cue
+
+log = logging.getLogger(__name__)
 
 EXTENT_FEATURES = ("map_rel", "map_local_peak", "map_frame_peak", "cue", "cue_blur", "inside", "signed_dist",
                    "grad_L", "L_minus_median")
@@ -111,6 +114,12 @@ class ExtentModel:
         st = self.settings
         m = np.asarray(mask) > 0
         if not m.any():
+            return m
+        if tuple(st.features) != EXTENT_FEATURES:  # fitted by another linewatch version: its forest reads other columns
+            if not getattr(self, "_warned", False):
+                self._warned = True
+                log.warning("region extent fitted on features %s, this version computes %s: serving the thresholded "
+                            "regions; recalibrate the product", list(st.features), list(EXTENT_FEATURES))
             return m
         k = st.stride
         a = np.asarray(raw_map, np.float32)

@@ -4,8 +4,7 @@ One ``MaskStep`` (owned by the profile, chosen by calibration on the validation 
 ``MaskStep.apply(map, image)``, called by calibration, evaluation, reports and the worker alike,
 so the served masks are the calibrated ones. Its stages, each off unless calibration switched it
 on for the product (docs/calibration.md says how, docs/results/ablation-synthetic.md what each
-one earns): the colour cue (``cue_map``), the guided filter (``guide_map``) and the
-peak-relative refinement (``refine_map``).
+one earns): the colour cue (``cue_map``), then the peak-relative refinement (``refine_map``).
 """
 
 from __future__ import annotations
@@ -27,9 +26,6 @@ class MaskStep(BaseModel):
         "colour cue fused with the map before thresholding: pixels that look like the normal material "
         "around them are damped (z-score scale; 0 = off)"))
     cue_floor: float = Field(0.5, ge=0.0, le=1.0, description="least weight the colour cue leaves a pixel")
-    guide_radius: int = Field(0, ge=0, le=64, description=(
-        "edge-aware guided filter of the map by the frame's grey image (box radius, model-size pixels; 0 = off)"))
-    guide_eps: float = Field(1e-3, gt=0.0, description="guided-filter regulariser (grey levels in 0..1)")
     refine_fraction: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "peak-relative refinement: a map pixel counts only if it is >= this fraction of the map's maximum "
         "in its refine_window neighbourhood (0 = off)"))
@@ -38,20 +34,18 @@ class MaskStep(BaseModel):
 
     @property
     def needs_image(self) -> bool:
-        """Whether a stage reads the frame (the cue and the guided filter do)."""
-        return self.cue_scale > 0 or self.guide_radius > 0
+        """Whether a stage reads the frame (the colour cue does)."""
+        return self.cue_scale > 0
 
     @property
     def is_off(self) -> bool:
         return not self.needs_image and self.refine_fraction <= 0
 
     def apply(self, amap: np.ndarray, image_rgb: np.ndarray | None) -> np.ndarray:
-        """The map that is thresholded: ``cue_map`` and ``guide_map`` (each when on and the frame
-        is given), then ``refine_map``. The image score stays the raw map's maximum."""
+        """The map that is thresholded: ``cue_map`` (when on and the frame is given), then
+        ``refine_map``. The image score stays the raw map's maximum."""
         if image_rgb is not None:
             amap = cue_map(amap, image_rgb, self.cue_scale, self.cue_floor)
-            if self.guide_radius > 0:
-                amap = guide_map(amap, image_rgb, self.guide_radius, self.guide_eps)
         return refine_map(amap, self.refine_fraction, self.refine_window)
 
     def apply_all(self, maps: np.ndarray, images: np.ndarray | None) -> np.ndarray:
@@ -77,35 +71,6 @@ def refine_map(amap: np.ndarray, fraction: float, window: int) -> np.ndarray:
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (int(window), int(window)))
     local_max = cv2.dilate(amap, kernel, borderType=cv2.BORDER_REPLICATE)
     return np.where(amap >= np.float32(fraction) * local_max, amap, amap.min()).astype(amap.dtype, copy=False)
-
-
-def guide_map(amap: np.ndarray, image_rgb: np.ndarray, radius: int, eps: float) -> np.ndarray:
-    """Guided filter (He, Sun & Tang 2010) of the map, guided by the frame's grey image.
-
-    Why: the map is made on a stride-4..16 feature grid and upsampled, so its edges are soft
-    and misplaced; the filter makes it locally linear in the image, so region edges snap to
-    the image's edges (a defect is usually a change in colour or texture). Written with
-    ``cv2.boxFilter`` (``cv2.ximgproc`` is only in the contrib wheel). The result never
-    goes below the map's minimum. ``radius <= 0`` returns ``amap`` itself.
-    """
-    if radius <= 0:
-        return amap
-    grey = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2GRAY)
-    if grey.shape != amap.shape:
-        grey = cv2.resize(grey, (amap.shape[1], amap.shape[0]), interpolation=cv2.INTER_AREA)
-    guide = grey.astype(np.float32) * np.float32(1 / 255)
-    p = amap.astype(np.float32, copy=False)
-    k = (2 * int(radius) + 1, 2 * int(radius) + 1)
-
-    def box(x: np.ndarray) -> np.ndarray:
-        return cv2.boxFilter(x, cv2.CV_32F, k, borderType=cv2.BORDER_REFLECT)
-
-    mean_i, mean_p = box(guide), box(p)
-    cov_ip = box(guide * p) - mean_i * mean_p
-    var_i = box(guide * guide) - mean_i * mean_i
-    a = cov_ip / (var_i + np.float32(eps))
-    b = mean_p - a * mean_i
-    return np.maximum(box(a) * guide + box(b), p.min())
 
 
 CUE_REL = 0.5  # pixels whose map value is below this fraction of the frame's peak are "normal material"

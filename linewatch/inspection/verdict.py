@@ -84,7 +84,7 @@ def judge(amap: np.ndarray, score: float, profile: Profile, width: int, height: 
     reaches the image threshold and, unless an explicit ``image_threshold`` is set, at least
     one region of ``min_region_px`` map pixels survives. With an explicit image threshold the
     image score alone decides (regions are still reported when there are any).
-    Regions come from the profile's ``MaskStep`` (its cue and guided filter need ``image``, the
+    Regions come from the profile's ``MaskStep`` (its colour cue needs ``image``, the
     model-size RGB frame) and then, when given, the learned region ``extent`` (reshapes the
     regions, never adds one). The image score stays the raw map's max.
     """
@@ -93,10 +93,10 @@ def judge(amap: np.ndarray, score: float, profile: Profile, width: int, height: 
     score = float(score)
     step = profile.mask_step
     if step.needs_image and image is None:
-        _warn_once(f"mask:{profile.product}:{profile.version}", "profile %s v%s asks for the colour cue / guided "
-                   "filter but no frame was given: regions from the plain map", profile.product, profile.version)
+        _warn_once(f"mask:{profile.product}:{profile.version}", "profile %s v%s asks for the colour cue "
+                   "but no frame was given: regions from the plain map", profile.product, profile.version)
     seg = None
-    top = score  # the raw map's max; refinement keeps it, the guided filter may move it
+    top = score  # the raw map's max; the cue may lower it, refinement keeps it
     if step.needs_image and image is not None:
         seg = step.apply(amap, image)
         top = float(seg.max())
