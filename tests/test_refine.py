@@ -140,7 +140,9 @@ def test_worker_judge_and_offline_evaluation_give_identical_masks():
     assert profile.mask_step == report.mask_step
     profile = profile.model_copy(update={"min_region_px": 0})
     offline = ev.maps >= report.threshold
-    verdicts = [judge(m, float(m.max()), profile, S, S) for m in tmaps]
+    assert profile.extent == report.extent
+    verdicts = [judge(m, float(m.max()), profile, S, S, img, profile.extent_model())
+                for m, img in zip(tmaps, test.images)]
     assert [v.verdict for v in verdicts] == ["defect"] * 3 + ["ok"] * 2
     stream = np.stack([np.zeros((S, S), bool) if v.mask is None else v.mask > 0 for v in verdicts])
     assert (offline == stream).all()
