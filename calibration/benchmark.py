@@ -102,7 +102,7 @@ def run_benchmark(dataset_root: str | Path, products: Sequence[str], families: S
     """
     from calibration.data import load_product_splits, load_train
     from calibration.evaluate import evaluate_maps
-    from calibration.fit import build, threshold_model
+    from calibration.workflow import build, threshold_model
     from linewatch.models.registry import FAMILIES
 
     products, families = list(products), list(families)

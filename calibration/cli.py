@@ -1,4 +1,4 @@
-"""``linewatch calibrate …``: the line engineer's commands, thin shells over calibration.fit.
+"""``linewatch calibrate …``: the line engineer's commands, thin shells over calibration.workflow.
 
     fit         fit a model on a product's normal images            -> work folder
     threshold   all five threshold methods on a validation set       -> threshold.json (+ --publish)
@@ -71,7 +71,7 @@ def _load_set(args: argparse.Namespace, which: str, size: int, progress: bool = 
 
 # -- handlers ---------------------------------------------------------------------------------------
 def cmd_fit(args: argparse.Namespace) -> int:
-    from calibration.fit import fit_product
+    from calibration.workflow import fit_product
 
     out = args.out or Path("calibration-work") / f"{args.product}-{args.model_kind}"
     model, info = fit_product(args.dataset, args.product, out, args.model_kind, args.input_size,
@@ -82,7 +82,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_threshold(args: argparse.Namespace) -> int:
-    from calibration.fit import load_model_dir, publish_work_dir, read_fit_info, save_threshold, threshold_model
+    from calibration.workflow import load_model_dir, publish_work_dir, read_fit_info, save_threshold, threshold_model
 
     model = load_model_dir(args.model)
     info = read_fit_info(args.model)
@@ -95,7 +95,7 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     if json.dumps(model.config(), sort_keys=True) != fitted_config:  # the calibration chose a model setting (PaDiM's texture term)
         model.save(args.model)
     path = save_threshold(args.model, report)
-    from calibration.fit import CATEGORIZER_FILE, fit_categorizer, save_categorizer
+    from calibration.categorizer_samples import CATEGORIZER_FILE, fit_categorizer, save_categorizer
 
     cat = fit_categorizer(val, report.mask_step.apply_all(val_maps, val.images),
                           report.threshold, args.product or "product", raw_maps=val_maps,
@@ -137,7 +137,7 @@ def _normal_appearance(info: Any, product: str | None, size: int) -> dict[str, A
 
 def _categorizer_pool(args: argparse.Namespace, size: int) -> list:
     """Other products' labelled validation samples for the categorizer (--categorizer-products)."""
-    from calibration.fit import pooled_category_samples, resolve_categorizer_products
+    from calibration.categorizer_samples import pooled_category_samples, resolve_categorizer_products
     from linewatch.errors import UserError
 
     names = [n for n in (args.categorizer_products or "").split(",") if n]
@@ -158,7 +158,8 @@ def _categorizer_products_option(p: argparse.ArgumentParser) -> None:
 
 def _eval_models(args: argparse.Namespace):
     """(name, model, ThresholdReport) for every --model folder and --profile."""
-    from calibration.fit import load_model_dir, read_categorizer, read_fit_info, read_threshold
+    from calibration.categorizer_samples import read_categorizer
+    from calibration.workflow import load_model_dir, read_fit_info, read_threshold
     from calibration.thresholds import METHOD_TITLES, MethodResult, ThresholdReport
     from linewatch.errors import UserError
     from linewatch.profiles import Registry
@@ -191,7 +192,7 @@ def _eval_models(args: argparse.Namespace):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from calibration.evaluate import summary_markdown, write_tables
-    from calibration.fit import evaluate_model
+    from calibration.workflow import evaluate_model
     from calibration.report import write_report
     from linewatch.errors import UserError
 
@@ -230,7 +231,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from calibration.fit import calibrate_product
+    from calibration.workflow import calibrate_product
 
     prof = calibrate_product(args.dataset, args.product, _registry_dir(args), args.model_kind,
                              input_size=args.input_size, method=args.method, options=_options(args.option),
@@ -264,7 +265,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_recalibrate(args: argparse.Namespace) -> int:
-    from calibration.fit import recalibrate
+    from calibration.workflow import recalibrate
     from linewatch.profiles import Registry
 
     from linewatch.errors import UserError
@@ -282,7 +283,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from calibration.fit import publish_work_dir
+    from calibration.workflow import publish_work_dir
 
     prof = publish_work_dir(args.model, _registry_dir(args), args.product, export_onnx=not args.no_onnx)
     print(f"published {prof.product} v{prof.version} ({prof.model_kind}, {prof.threshold_method} = "

@@ -64,7 +64,7 @@ def recommend_measured(dataset_root: Path, product: str, candidates: list[str] |
                        progress: bool = True) -> Recommendation:
     """Fit each candidate family, threshold on validation (IoU curve), measure IoU on test."""
     from calibration.data import load_product_splits, load_train
-    from calibration.fit import evaluate_model, fit_model, threshold_model
+    from calibration.workflow import evaluate_model, fit_model, threshold_model
     from linewatch.models.registry import FAMILIES
 
     candidates = candidates or [k for k in ("padim", "cflow") if k in FAMILIES]

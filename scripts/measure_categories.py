@@ -16,7 +16,7 @@ Regions come from the ground-truth masks (``--regions gt``) or from PaDiM's thre
 ``calibrate`` chooses it;
 PaDiM maps are cached as .npy in ``--cache``; ``--regions padim-refined``: the maps after the
 calibrated refinement, as the worker thresholds them -- training also sees the validation
-images' unrefined-map regions, as ``calibration.fit.fit_categorizer`` does; then the learned region
+images' unrefined-map regions, as ``calibration.categorizer_samples.fit_categorizer`` does; then the learned region
 extent reshapes them unless it costs held-out validation IoU, ``--no-extent``: never). Every product's normal appearance
 (``linewatch.inspection.categorize.normal_appearance`` of its train/good images, which need no labels) goes
 with its samples and with the parameters applied to it, as its profile would carry it.
@@ -42,7 +42,7 @@ from calibration.datasets import load_mvtec, split_validation_test
 
 def padim_maps(root: Path, product: str, size: int, items, cache: Path, val_items=None) -> np.ndarray:
     """PaDiM maps of ``items``; with ``val_items``, PaDiM's own setting (the texture term) is
-    first chosen on them as calibrate_product does (calibration.fit.choose_variant)."""
+    first chosen on them as calibrate_product does (calibration.mask_step.choose_variant)."""
     path = cache / f"{root.name}_{product}_{size}_padim{'_chosen' if val_items is not None else ''}.npy"
     if path.is_file():
         return np.load(path).astype(np.float32)
@@ -56,7 +56,7 @@ def padim_maps(root: Path, product: str, size: int, items, cache: Path, val_item
     model = build_model("padim", input_size=size).fit(ds.train_images(size), progress=False)
     if val_items is not None:
         from calibration.data import LabelledSet
-        from calibration.fit import calibrate_refinement, choose_variant
+        from calibration.mask_step import calibrate_refinement, choose_variant
 
         vi, vm = ds.load_images(val_items, size), ds.load_masks(val_items, size)
         val = LabelledSet([it.path for it in val_items], vi, vm, [it.category for it in val_items],
@@ -93,7 +93,7 @@ def build_samples(root: Path, products: list[str], size: int, source: str, cache
             nv = len(val)
             raw = maps
             if source == "padim-refined":  # the mask refinement calibrate_product uses (validation only)
-                from calibration.fit import calibrate_refinement
+                from calibration.mask_step import calibrate_refinement
 
                 r = calibrate_refinement(maps[:nv], gts[:nv], imgs[:nv])
                 print(f"  {p}: {r.reason}", flush=True)
@@ -102,13 +102,13 @@ def build_samples(root: Path, products: list[str], size: int, source: str, cache
             masks = maps >= thr
             if source == "padim-refined" and extent:  # the learned region extent, fitted on validation as calibrate does
                 from calibration.extent_fit import fit_extent
-                from calibration.fit import served_mask
+                from calibration.categorizer_samples import served_mask
 
                 ext = fit_extent(raw[:nv], maps[:nv], imgs[:nv], gts[:nv], thr)
                 print(f"  {p}: {ext.reason}", flush=True)
                 masks = np.stack([served_mask(maps, k, thr, raw, imgs, ext.params) for k in range(len(items))])
             if source == "padim-refined":  # training only: the unrefined map's regions too (calibrate does this)
-                from calibration.fit import raw_view_threshold
+                from calibration.categorizer_samples import raw_view_threshold
 
                 raw_thr = raw_view_threshold(raw[:nv], gts[:nv])
                 if raw_thr is not None:

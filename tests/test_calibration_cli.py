@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.fit import calibrate_product
+from calibration.workflow import calibrate_product
 from calibration.recommend import recommend_from_categories
 from linewatch.cli import main
 from linewatch.profiles import Registry
@@ -288,7 +288,7 @@ def test_a_product_without_category_labels_learns_from_the_other_products(line):
     from dataclasses import replace
 
     from calibration.data import load_product_splits
-    from calibration.fit import _category_samples, fit_categorizer
+    from calibration.categorizer_samples import _category_samples, fit_categorizer
 
     def blurred(s):
         return np.stack([cv2.GaussianBlur(m.astype(np.float32), (0, 0), 2) for m in s.masks]) + 0.01
@@ -308,7 +308,7 @@ def test_fit_categorizer_also_trains_on_the_unrefined_view(line):
     """With a refinement on, the validation images' unrefined-map regions join the training (a
     second cut of every labelled defect); without one, nothing is added."""
     from calibration.data import load_product_splits
-    from calibration.fit import fit_categorizer
+    from calibration.categorizer_samples import fit_categorizer
 
     val, _ = load_product_splits(line, "pcb", SIZE, progress=False)
     rng = np.random.default_rng(0)

@@ -34,7 +34,7 @@ def e2e_registry(tmp_path_factory) -> Path:
     session."""
     import torch
 
-    from calibration.fit import calibrate_product
+    from calibration.workflow import calibrate_product
     from linewatch.synth import generate_dataset
 
     torch.set_num_threads(1)

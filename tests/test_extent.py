@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from calibration.extent_fit import fit_extent
-from calibration.fit import extent_model, served_mask
+from calibration.categorizer_samples import extent_model, served_mask
 from linewatch.inspection.extent import EXTENT_FEATURES, ExtentModel, ExtentSettings, extent_features
 from linewatch.inspection.verdict import judge
 from linewatch.profiles import PROFILE_FILE, Profile, Registry
@@ -189,7 +189,7 @@ def test_calibration_fits_the_extent_and_the_report_shows_served_regions(tmp_pat
     from pathlib import Path
 
     from calibration.data import LabelledSet
-    from calibration.fit import evaluate_model, make_profile, threshold_model
+    from calibration.workflow import evaluate_model, make_profile, threshold_model
     from calibration.report import write_report
 
     # 32 validation images: enough for the paired gain to clear max(0.005, 2 SE) (calibration.adoption)

@@ -11,7 +11,8 @@ import pytest
 
 from calibration.data import LabelledSet
 from calibration.evaluate import evaluate_maps
-from calibration.fit import calibrate_refinement, evaluate_model, make_profile, threshold_model
+from calibration.mask_step import calibrate_refinement
+from calibration.workflow import evaluate_model, make_profile, threshold_model
 from calibration.metrics import image_counts, pixel_auroc, segmentation_metrics
 from calibration.thresholds import estimate_thresholds
 from linewatch.inspection.mask import CUE_SIGMA, CUE_WINDOW, MaskStep, refine_map
@@ -279,7 +280,7 @@ def _blob_set(n_anom: int = 4, n_norm: int = 3) -> tuple[np.ndarray, np.ndarray]
 
 
 def test_calibration_chooses_the_model_setting_with_the_best_validation_iou():
-    from calibration.fit import choose_variant
+    from calibration.mask_step import choose_variant
 
     _, masks = _blob_set()
     model = VariantModel(masks)

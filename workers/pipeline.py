@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import cv2
 import numpy as np
 
 from linewatch.inspection.frames import FrameError, Stage, decode_frame

@@ -58,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
     # texture term: exponent w of a second, stationary score multiplied into the map,
     # map * (t / t_normal)^w, where t is the Mahalanobis distance of the finest tap's full
     # channels to ONE Gaussian shared by every position. Fitted always (a few KB); 0 = off. The
-    # calibration chooses w on the validation images (calibration.fit.choose_variant).
+    # calibration chooses w on the validation images (calibration.mask_step.choose_variant).
     "texture_weight": 0.0,
     "texture_sigma": 1.0,  # blur (input pixels) of the texture map after upsampling
     "backbone_weights": None,

@@ -1,0 +1,315 @@
+"""The calibration workflow as library functions (the CLI is a thin shell over these).
+
+A *work folder* holds one fitted model between steps::
+
+    <work>/model.json, weights.safetensors   AnomalyModel.save()
+    <work>/fit.json                          product, dataset, image count, fit time, background
+    <work>/threshold.json                    ThresholdReport of the last `threshold` run
+
+``calibrate_product`` runs the whole path -- fit, threshold, evaluate (report folder), publish --
+and returns the published Profile (`linewatch calibrate run`, which the demo runs too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from calibration.categorizer_samples import (categorizer_evaluation, extent_iou, fit_categorizer,
+                                             pooled_category_samples, read_categorizer,
+                                             resolve_categorizer_products, served_mask)
+from calibration.data import LabelledSet, load_product_splits, load_train, open_product
+from calibration.extent_fit import ExtentFit, fit_extent
+from calibration.mask_step import calibrate_refinement, choose_variant
+from calibration.thresholds import (METHODS, ThresholdReport, estimate_image_threshold, estimate_thresholds,
+                                   pixel_curves)
+from linewatch.inspection.categorize import normal_appearance
+from linewatch.inspection.forest import externalise, internalise
+from linewatch.errors import UserError
+from linewatch.inspection.mask import MaskStep
+from linewatch.models.base import AnomalyModel, ModelError
+from linewatch.models.registry import CONFIG_FILE, WEIGHTS_FILE, load_model
+from linewatch.profiles import Profile, Registry
+
+log = logging.getLogger(__name__)
+FIT_FILE = "fit.json"
+THRESHOLD_FILE = "threshold.json"
+
+
+class FitInfo(BaseModel):
+    product: str
+    model_kind: str
+    dataset: str
+    n_train: int
+    fit_seconds: float
+    input_size: int
+    background: bool | None = None
+    options: dict[str, Any] = {}
+
+
+# -- models --------------------------------------------------------------------------------------
+def build(model_kind: str, input_size: int = 256, options: dict[str, Any] | None = None) -> AnomalyModel:
+    from linewatch.models.registry import build_model
+
+    return build_model(model_kind, input_size=input_size, **(options or {}))
+
+
+def fit_model(images: np.ndarray, model_kind: str = "padim", input_size: int = 256,
+              options: dict[str, Any] | None = None, progress: bool = True) -> tuple[AnomalyModel, float]:
+    """Fit on normal images only; returns the model and the fit time in seconds."""
+    model = build(model_kind, input_size, options)
+    t0 = time.perf_counter()
+    model.fit(images, progress=progress)
+    return model, time.perf_counter() - t0
+
+
+def load_model_dir(directory: Path) -> AnomalyModel:
+    """Load a work folder or profile version folder; errors name the file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: model folder does not exist")
+    try:
+        return load_model(directory)
+    except ModelError as exc:
+        msg = str(exc)
+        if str(directory) not in msg:
+            msg = f"{directory / WEIGHTS_FILE}: {msg}"
+        raise UserError(msg) from None
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{directory / CONFIG_FILE}: incomplete model config ({exc})") from None
+
+
+def background_of(labelled: LabelledSet) -> bool | None:
+    flags = [b for b in labelled.background if b is not None]
+    return None if not flags else bool(np.mean(flags) >= 0.5)
+
+
+def fit_product(dataset_root: Path, product: str, work_dir: Path, model_kind: str = "padim",
+                input_size: int = 256, options: dict[str, Any] | None = None,
+                progress: bool = True) -> tuple[AnomalyModel, FitInfo]:
+    """Fit ``product``'s normal training images and save the model to ``work_dir``."""
+    ds = open_product(Path(dataset_root), product)
+    train = ds.train_images(input_size, progress=progress)
+    if len(train) < 2:
+        raise UserError(f"{ds.train[0].path.parent}: need at least 2 normal images, found {len(train)}")
+    model, secs = fit_model(train, model_kind, input_size, options, progress)
+    bg = ds.background
+    info = FitInfo(product=product, model_kind=model_kind, dataset=str(dataset_root), n_train=len(train),
+                   fit_seconds=round(secs, 2), input_size=input_size, background=bg, options=options or {})
+    work_dir = Path(work_dir)
+    model.save(work_dir)
+    (work_dir / FIT_FILE).write_text(info.model_dump_json(indent=2))
+    return model, info
+
+
+def read_fit_info(work_dir: Path) -> FitInfo | None:
+    p = Path(work_dir) / FIT_FILE
+    return FitInfo.model_validate_json(p.read_text()) if p.is_file() else None
+
+
+# -- thresholds ----------------------------------------------------------------------------------
+def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", k_std: float = 3.0,
+                    quantile: float = 0.999, require_anomalies: bool = True,
+                    batch_size: int = 16, refine: bool = True,
+                    choose_setting: bool = True, extent: bool = True,
+                    progress: bool = False) -> tuple[ThresholdReport, np.ndarray]:
+    """All five methods on the validation set; one chosen. Returns (report, raw validation maps).
+
+    ``refine``: also calibrate the mask step (``calibrate_refinement``) on the validation set;
+    the thresholds are then estimated on the served maps and the report carries the step (the
+    profile and the worker's ``judge`` apply it the same way).
+
+    ``extent``: also fit the learned region extent on the validation masks
+    (``calibration.extent_fit.fit_extent``, adopted by the rule of ``calibration.adoption`` on
+    held-out validation images); the profile and the worker apply it after thresholding.
+
+    ``choose_setting``: also choose between the model's own settings (``choose_variant``; the
+    model is left on the chosen one and must be saved with it); recalibration passes False,
+    since it republishes the current model files unchanged.
+
+    ``require_anomalies``: when ``prefer`` needs anomalous images and there are none, refuse
+    (UserError) rather than fall back -- the CLI passes True, a caller that accepts the
+    normal-statistics fallback passes False (the report then says so).
+    """
+    if prefer not in METHODS:
+        raise UserError(f"--method {prefer!r} is not one of {', '.join(METHODS)}")
+    n_anom = int(val.anomalous.sum())
+    if n_anom == 0 and prefer in ("iou", "f1", "roc") and require_anomalies:
+        where = val.paths[0].parent.parent if val.paths else "validation set"
+        raise UserError(f"{where}: validation set has no anomalous images, so methods iou, f1 and roc are "
+                        "impossible; add a few defective images with masks or pass --method normal_quantile "
+                        "(or normal_std)")
+    maps, scores = model.predict(val.images, batch_size=batch_size)
+    ref = (calibrate_refinement(maps, val.masks, val.images, k_std=k_std, quantile=quantile) if refine
+           else MaskStep(reason="mask step off (not requested)"))
+    variant_note = ""
+    if refine and choose_setting:
+        maps, scores, ref, variant_note = choose_variant(model, val, maps, scores, ref, k_std=k_std,
+                                                         quantile=quantile, batch_size=batch_size)
+    served = ref.apply_all(maps, val.images)
+    report = estimate_thresholds(served, val.masks, prefer=prefer, k_std=k_std, quantile=quantile)
+    img_thr, img_reason = estimate_image_threshold(scores, val.anomalous)
+    ext = (fit_extent(maps, served, val.images, val.masks, report.threshold, progress=progress) if extent
+           else ExtentFit(reason="region extent off (not requested)"))
+    report = report.model_copy(update={"image_threshold": img_thr, "image_threshold_reason": img_reason,
+                                       "mask_step": ref, "extent": ext.params, "extent_reason": ext.reason,
+                                       "notes": [*report.notes, *([variant_note] if variant_note else []), ref.reason,
+                                                 ext.reason]})
+    return report, maps
+
+
+def save_threshold(work_dir: Path, report: ThresholdReport) -> Path:
+    """The report as JSON in the work folder, its extent forest beside it (skops)."""
+    p = Path(work_dir) / THRESHOLD_FILE
+    on_disk = report.model_copy(update={"extent": externalise(report.extent, Path(work_dir), "extent")})
+    p.write_text(on_disk.model_dump_json(indent=2))
+    return p
+
+
+def read_threshold(work_dir: Path) -> ThresholdReport:
+    p = Path(work_dir) / THRESHOLD_FILE
+    if not p.is_file():
+        raise UserError(f"{p}: no threshold yet; run `linewatch calibrate threshold` first")
+    report = ThresholdReport.model_validate_json(p.read_text())
+    return report.model_copy(update={"extent": internalise(report.extent, Path(work_dir))})
+
+
+# -- profiles ------------------------------------------------------------------------------------
+def make_profile(product: str, model: AnomalyModel, report: ThresholdReport,
+                 metrics: dict[str, Any] | None = None, background: bool | None = None,
+                 categorizer: dict[str, Any] | None = None, notes: str = "",
+                 parent_version: int | None = None) -> Profile:
+    return Profile(product=product, model_kind=model.kind, backbone=model.backbone_name,
+                   input_size=model.input_size, threshold=report.threshold, threshold_method=report.chosen,
+                   image_threshold=report.image_threshold,
+                   thresholds=report.thresholds(),
+                   threshold_reason=report.reason + (f"; frame verdict: {report.image_threshold_reason}"
+                                                     if report.image_threshold_reason else ""),
+                   calibration_metrics={"validation": {m.method: {"threshold": m.threshold, "iou": m.val_iou,
+                                                                  "f1": m.val_f1} for m in report.methods},
+                                        "n_val_anomalous": report.n_anomalous, "n_val_normal": report.n_normal,
+                                        "notes": report.notes, **(metrics or {})},
+                   mask_step=report.mask_step, extent=report.extent, categorizer=categorizer, background=background,
+                   background_source="override" if background is not None else "unknown",
+                   notes=notes, parent_version=parent_version)
+
+
+def publish_work_dir(work_dir: Path, registry_dir: Path, product: str | None = None,
+                     metrics: dict[str, Any] | None = None, categorizer: dict[str, Any] | None = None,
+                     export_onnx: bool = True) -> Profile:
+    """Publish a fitted + thresholded work folder as the product's next profile version."""
+    work_dir = Path(work_dir)
+    report = read_threshold(work_dir)
+    model = load_model_dir(work_dir)
+    info = read_fit_info(work_dir)
+    product = product or (info.product if info else None)
+    if not product:
+        raise UserError(f"{work_dir / FIT_FILE}: product unknown; pass --product")
+    if metrics is None and (work_dir / "evaluation.json").is_file():
+        metrics = {"test": json.loads((work_dir / "evaluation.json").read_text())}
+    if categorizer is None:
+        categorizer = read_categorizer(work_dir)
+    profile = make_profile(product, model, report, metrics, info.background if info else None, categorizer,
+                           notes=f"fitted on {info.n_train} images of {info.dataset}" if info else "")
+    return Registry(registry_dir).publish(profile, model, export_onnx=export_onnx)
+
+
+def recalibrate(registry_dir: Path, product: str, val: LabelledSet, prefer: str | None = None,
+                k_std: float = 3.0, quantile: float = 0.999) -> tuple[Profile, ThresholdReport]:
+    """New threshold for the current profile from new validation images; no refit.
+
+    Publishes a new version whose model files are copied from the current one.
+    """
+    reg = Registry(registry_dir)
+    profile, model = reg.load(product)
+    method = prefer or (profile.threshold_method if profile.threshold_method in METHODS else "iou")
+    report, _ = threshold_model(model, val, method, k_std, quantile, choose_setting=False)
+    new = make_profile(product, model, report, {"recalibrated_from": profile.version},
+                       profile.background, profile.categorizer,
+                       notes=f"recalibrated from v{profile.version} on {len(val)} images", parent_version=profile.version)
+    new = new.model_copy(update={"background_source": profile.background_source,
+                                 "min_region_px": profile.min_region_px})
+    stored = reg.publish(new, source_dir=reg.version_dir(product, profile.version))
+    return stored, report
+
+
+# -- evaluation of a model on a test set -------------------------------------------------------------
+def evaluate_model(name: str, product: str, model: AnomalyModel, test: LabelledSet,
+                   report: ThresholdReport, val: LabelledSet | None = None,
+                   val_maps: np.ndarray | None = None, categorizer: dict[str, Any] | None = None,
+                   batch_size: int = 16):
+    """Maps on test, every metric, and the category evaluation when a categorizer is given."""
+    from calibration.evaluate import evaluate_maps
+
+    raw, scores = model.predict(test.images, batch_size=batch_size)
+    ref = report.mask_step
+    maps = ref.apply_all(raw, test.images)  # what the worker thresholds (linewatch.inspection.verdict.judge)
+    val_curves = None
+    if val is not None:
+        if val_maps is None:
+            val_maps, _ = model.predict(val.images, batch_size=batch_size)
+        val_curves = pixel_curves(ref.apply_all(val_maps, val.images), val.masks,
+                                  extra=[t for t in report.thresholds().values() if t is not None])
+    ev = evaluate_maps(name, product, test, maps, scores, report.thresholds(), report.chosen, report, val_curves,
+                       raw_maps=raw)
+    ev.extra["refinement"] = ref.model_dump()
+    if report.extent:
+        ev.served_masks = np.stack([served_mask(maps, i, report.threshold, raw, test.images, report.extent)
+                                    for i in range(len(maps))])
+        ev.extra["extent"] = extent_iou(maps, ev.served_masks, test, report.threshold, report.extent)
+    ev.category_eval = categorizer_evaluation(categorizer, test, maps, report.threshold, product, raw, report.extent,
+                                              served=ev.served_masks)
+    return ev
+
+
+# -- one shot --------------------------------------------------------------------------------------
+def calibrate_product(dataset_root: str | Path, product: str, registry_dir: str | Path,
+                      model_kind: str = "padim", *, input_size: int = 256, method: str = "iou",
+                      options: dict[str, Any] | None = None, val_fraction: float = 1 / 3, seed: int = 0,
+                      report_dir: str | Path | None = None, publish: bool = True, export_onnx: bool = True,
+                      k_std: float = 3.0, quantile: float = 0.999, progress: bool = True,
+                      categorizer_products: Sequence[str] = ()) -> Profile:
+    """Fit on ``<root>/<product>/train/good``, threshold on the validation split, evaluate on the
+    test split (report folder when ``report_dir``), publish to ``registry_dir``; returns the
+    published Profile (version 0 = not published when ``publish=False``).
+
+    ``categorizer_products``: other products under ``dataset_root`` (``["all"]``: every one)
+    whose labelled validation images also train the categorizer (``pooled_category_samples``;
+    regions from their profiles in ``registry_dir``), this product's own weighed up.
+    """
+    root = Path(dataset_root)
+    train = load_train(root, product, input_size, progress)
+    val, test = load_product_splits(root, product, input_size, val_fraction, seed, progress=progress)
+    model, secs = fit_model(train, model_kind, input_size, options, progress)
+    report, val_maps = threshold_model(model, val, method, k_std, quantile, progress=progress)
+    pool = resolve_categorizer_products(root, product, categorizer_products)
+    pooled = pooled_category_samples(root, pool, input_size, Path(registry_dir), val_fraction, seed) if pool else []
+    categorizer = fit_categorizer(val, report.mask_step.apply_all(val_maps, val.images),
+                                  report.threshold, product, raw_maps=val_maps, normal=normal_appearance(train),
+                                  pooled=pooled, extent=report.extent)
+    ev = evaluate_model(model_kind, product, model, test, report, val, val_maps, categorizer)
+    metrics = {"test": ev.headline(), "fit_seconds": round(secs, 2), "n_train": int(len(train)),
+               "n_val": len(val), "n_test": len(test)}
+    if "extent" in ev.extra:
+        metrics["extent"] = ev.extra["extent"]
+    if ev.category_eval:
+        metrics["categories"] = {k: ev.category_eval[k] for k in ("accuracy", "macro_f1", "n") if k in ev.category_eval}
+    if report_dir is not None:
+        from calibration.evaluate import write_tables
+        from calibration.report import write_report
+
+        write_tables([ev], Path(report_dir))
+        write_report([ev], Path(report_dir), title=f"linewatch calibration: {product}")
+    bg = background_of(val) if background_of(val) is not None else background_of(test)
+    profile = make_profile(product, model, report, metrics, bg, categorizer,
+                           notes=f"calibrate_product: {model_kind} on {len(train)} normal images of {root}")
+    if not publish:
+        return profile
+    return Registry(registry_dir).publish(profile, model, export_onnx=export_onnx)
