@@ -17,7 +17,7 @@ from calibration.data import LabelledSet, load_product_splits, load_train
 from calibration.thresholds import estimate_thresholds
 from linewatch.errors import UserError
 from linewatch.inspection.categorize import normal_appearance
-from linewatch.inspection.extent import ExtentModel, ExtentSettings
+from linewatch.inspection.extent import ExtentModel
 from linewatch.inspection.forest import externalise, internalise
 from linewatch.profiles import ProfileError, Registry
 
@@ -33,12 +33,7 @@ def served_mask(maps: np.ndarray, i: int, threshold: float, raw_maps: np.ndarray
     mask = maps[i] >= threshold
     if not extent or not mask.any():
         return mask
-    return extent_model(extent).apply(maps[i] if raw_maps is None else raw_maps[i], images[i], mask, threshold)
-
-
-def extent_model(extent: dict[str, Any]) -> ExtentModel:
-    """A fitted extent's parameters (settings and forest, as ``fit_extent`` gives them) ready to apply."""
-    return ExtentModel(ExtentSettings(**{k: v for k, v in extent.items() if k != "classifier"}), extent["classifier"])
+    return ExtentModel.from_params(extent).apply(maps[i] if raw_maps is None else raw_maps[i], images[i], mask, threshold)
 
 
 def save_categorizer(work_dir: Path, params: dict[str, Any] | None) -> Path:

@@ -84,8 +84,7 @@ def fit_extent(raw_maps: np.ndarray, served_maps: np.ndarray, images: np.ndarray
             return ExtentFit(reason="region extent off: a fold's training pixels hold one class only")
         for i in order[held_idx].tolist():
             gt = np.asarray(masks[i]) > 0
-            model = ExtentModel(ExtentSettings(**{k: v for k, v in params.items() if k != "classifier"}),
-                                params["classifier"])
+            model = ExtentModel.from_params(params)
             plain.append(iou_per_image(thresholded[i][None], gt[None])[0])
             extent.append(iou_per_image(model.apply(raw_maps[i], images[i], thresholded[i], threshold)[None],
                                         gt[None])[0])

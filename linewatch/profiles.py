@@ -90,12 +90,12 @@ class Profile(BaseModel):
         """The learned extent ready to apply (its forest loaded: ``Registry.load``), or None."""
         if not self.extent:
             return None
-        from linewatch.inspection.extent import ExtentModel, ExtentSettings
+        from linewatch.inspection.extent import ExtentModel
 
         forest = self.extent.get("classifier")
         if forest is None or isinstance(forest, dict):
             raise ProfileError(f"profile {self.product} v{self.version}: extent forest not loaded (Registry.load)")
-        return ExtentModel(ExtentSettings(**{k: v for k, v in self.extent.items() if k != "classifier"}), forest)
+        return ExtentModel.from_params(self.extent)
 
     def learned_files(self) -> list[str]:
         """The skops files this profile's learned parts are stored in."""

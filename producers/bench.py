@@ -82,6 +82,7 @@ def bench_producer(bootstrap_servers: str | None = None, *, frames: int = 300, s
                    quality: int = 90, cameras: int = 1, distinct: int = 8, partitions: int = 8,
                    phases: tuple[str, ...] = ("send", "encode+send")) -> dict:
     """Run the benchmark; returns ``{"phases": [BenchPhase...], ...}`` as a dict."""
+    from linewatch.kafka.broker import bench_topics, temporary_broker
     from linewatch.kafka.io import ensure_topics
     from linewatch.settings import Settings
     from producers.producer import CameraConfig, FrameProducer
@@ -89,16 +90,12 @@ def bench_producer(bootstrap_servers: str | None = None, *, frames: int = 300, s
     broker = None
     with contextlib.ExitStack() as stack:  # stops the temporary broker, removes its directory
         if bootstrap_servers is None:
-            from linewatch.kafka.broker import temporary_broker
-
             broker = stack.enter_context(temporary_broker())
             bootstrap_servers = broker.bootstrap_servers
         tag = uuid.uuid4().hex[:8]
         settings = Settings(
             kafka={"bootstrap_servers": bootstrap_servers},
-            topics={"frames": f"bench-frames-{tag}", "results": f"bench-results-{tag}", "dlq": f"bench-dlq-{tag}",
-                    "alerts": f"bench-alerts-{tag}", "profiles": f"bench-profiles-{tag}",
-                    "frames_partitions": partitions, "results_partitions": 1},
+            topics=bench_topics(tag, partitions),
         )
         ensure_topics(settings)
         t0 = time.monotonic()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from calibration.extent_fit import fit_extent
-from calibration.categorizer_samples import extent_model, served_mask
+from calibration.categorizer_samples import served_mask
 from linewatch.inspection.extent import EXTENT_FEATURES, ExtentModel, ExtentSettings, extent_features
 from linewatch.inspection.verdict import judge
 from linewatch.profiles import PROFILE_FILE, Profile, Registry
@@ -59,12 +59,12 @@ def test_extent_learns_whole_defects_from_validation_masks(fitted, tmp_path):
     assert stored["features"] == list(EXTENT_FEATURES) and stored["classifier"] == {"skops": "extent.skops"}
     params = internalise(stored, tmp_path)
     assert type(params["classifier"]).__name__ == "RandomForestClassifier"
-    model = extent_model(params)
+    model = ExtentModel.from_params(params)
     assert model.settings == ExtentSettings(**{k: v for k, v in stored.items() if k != "classifier"})
     images, maps, masks = disc_frames(8, seed=1)  # frames the forest never saw
     plain = np.mean([_iou(maps[k] >= 0.6, masks[k]) for k in range(8)])
     grown = [model.apply(maps[k], images[k], maps[k] >= 0.6, 0.6) for k in range(8)]
-    fresh = extent_model(fitted.params)
+    fresh = ExtentModel.from_params(fitted.params)
     assert all((g == fresh.apply(maps[k], images[k], maps[k] >= 0.6, 0.6)).all() for k, g in enumerate(grown))
     grown_iou = np.mean([_iou(g, masks[k]) for k, g in enumerate(grown)])
     assert plain < 0.5 and grown_iou > plain + 0.2
@@ -75,7 +75,7 @@ def test_extent_never_adds_a_region_and_keeps_every_detection(fitted):
     img, amap = images[0].copy(), maps[0]
     img[5:15, 80:90] = 60  # a second dark patch the map does not flag
     thresholded = amap >= 0.6
-    model = extent_model(fitted.params)
+    model = ExtentModel.from_params(fitted.params)
     out = model.apply(amap, img, thresholded, 0.6)
     assert not out[5:15, 80:90].any()  # no region where the threshold found none
     assert (out & thresholded).any()
@@ -87,7 +87,7 @@ def test_extent_never_adds_a_region_and_keeps_every_detection(fitted):
     assert not model.apply(amap, img, np.zeros_like(thresholded), 0.6).any()
     # parameters fitted on another version's features: the thresholded regions, unchanged
     other = {**fitted.params, "features": ["map_rel", "something_else"]}
-    assert (extent_model(other).apply(amap, img, thresholded, 0.6) == thresholded).all()
+    assert (ExtentModel.from_params(other).apply(amap, img, thresholded, 0.6) == thresholded).all()
 
 
 def test_extent_on_a_crop_equals_the_whole_frame(fitted):
@@ -105,7 +105,7 @@ def test_extent_on_a_crop_equals_the_whole_frame(fitted):
         m[sub] = big_map[sub] >= 0.6
         box = _crop(extent_zone(m), 2)
         assert box[0].start % 2 == 0 and box[1].start % 2 == 0
-        model = extent_model(fitted.params)
+        model = ExtentModel.from_params(fitted.params)
         cropped = model.apply(big_map, big_img, m, 0.6)
         whole = model.apply(big_map, big_img, m, 0.6, crop=False)
         assert (cropped != whole).sum() <= 2 and cropped.sum() > m.sum()

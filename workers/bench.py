@@ -433,6 +433,7 @@ def bench_worker(bootstrap_servers: str | None = None, *, frames: int = 600, siz
                  profile_out: Path | None = None, progress: bool = True,
                  cache: Path | None = None) -> dict[str, Any]:
     """Run the benchmark (see the module docstring); returns a JSON-able dict."""
+    from linewatch.kafka.broker import bench_topics, temporary_broker
     from linewatch.kafka.io import ensure_topics
     from linewatch.settings import Settings
 
@@ -459,16 +460,12 @@ def bench_worker(bootstrap_servers: str | None = None, *, frames: int = 600, siz
     stack = contextlib.ExitStack()
     try:
         if bootstrap_servers is None:
-            from linewatch.kafka.broker import temporary_broker
-
             broker = stack.enter_context(temporary_broker(tmp / "kafka"))
             bootstrap_servers = broker.bootstrap_servers
         tag = uuid.uuid4().hex[:8]
         settings = Settings(
             kafka={"bootstrap_servers": bootstrap_servers},
-            topics={"frames": f"bench-frames-{tag}", "results": f"bench-results-{tag}", "dlq": f"bench-dlq-{tag}",
-                    "alerts": f"bench-alerts-{tag}", "profiles": f"bench-profiles-{tag}",
-                    "frames_partitions": partitions, "results_partitions": 1},
+            topics=bench_topics(tag, partitions),
             storage={"registry_dir": tmp / "registry", "db_path": tmp / "bench.duckdb"},
             worker={"group_id": f"bench-workers-{tag}", "max_batch": max_batch, "threads": threads,
                     "engine": engine},

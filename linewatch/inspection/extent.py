@@ -102,6 +102,12 @@ class ExtentModel:
     settings: ExtentSettings
     forest: Any
 
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "ExtentModel":
+        """From the profile's ``extent`` dict: ``ExtentSettings`` fields plus the fitted forest
+        under "classifier" (as ``calibration.extent_fit.fit_extent`` gives it, or as loaded)."""
+        return cls(ExtentSettings(**{k: v for k, v in params.items() if k != "classifier"}), params["classifier"])
+
     def apply(self, raw_map: np.ndarray, image_rgb: np.ndarray, mask: np.ndarray, threshold: float,
               crop: bool = True) -> np.ndarray:
         """The served mask (bool, model size) from the thresholded ``mask``.

@@ -45,15 +45,13 @@ def load_classifier(path: str | Path) -> Any:
 
     from linewatch.errors import ModelError
 
+    from skops.io.exceptions import UntrustedTypesFoundException
+
     path = Path(path)
     try:
-        untrusted = sio.get_untrusted_types(file=path)
-        refused = sorted(set(untrusted) - set(TRUSTED))
-        if refused:
-            raise ModelError(f"{path}: refused types {', '.join(refused)} (not a linewatch classifier)")
-        clf = sio.load(path, trusted=[t for t in untrusted if t in TRUSTED])
-    except ModelError:
-        raise
+        clf = sio.load(path, trusted=TRUSTED)
+    except UntrustedTypesFoundException as exc:
+        raise ModelError(f"{path}: refused types ({exc}): not a linewatch classifier") from None
     except FileNotFoundError:
         raise ModelError(f"{path}: missing classifier file") from None
     except Exception as exc:

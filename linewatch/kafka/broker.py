@@ -471,6 +471,14 @@ def start_on_free_ports(home: Path, *, attempts: int = 3, die_with_parent: bool 
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def bench_topics(tag: str, frames_partitions: int) -> dict[str, object]:
+    """``TopicSettings`` fields for one benchmark run: its own tagged topics, so runs against a
+    shared broker never read each other's records."""
+    return {"frames": f"bench-frames-{tag}", "results": f"bench-results-{tag}", "dlq": f"bench-dlq-{tag}",
+            "alerts": f"bench-alerts-{tag}", "profiles": f"bench-profiles-{tag}",
+            "frames_partitions": frames_partitions, "results_partitions": 1}
+
+
 @contextlib.contextmanager
 def temporary_broker(home: Path | None = None, *, stop_timeout_s: float = 30.0, **kw) -> Iterator[Broker]:
     """A throwaway broker on free ports, for tests and benchmarks: yields the started Broker
