@@ -114,7 +114,7 @@ MIN_SPURIOUS_ROWS = 4  # fewer regions off the labelled defects than this: no "s
 # features whose size grows with how strongly a product's defects contrast with its material (a
 # dark hole on bright turf vs on a brick): differences, z-scores, novelty levels and log-ratios
 CONTRAST_FEATURES = ("map_mean", "map_max", "dL", "dL_abs", "dab", "dchroma", "tex_ratio", "std_ratio", "zL",
-                     "zab", "z_p10", "z_p90", "core_dL", "core_dab", "nov_mean", "nov_p90", "nov_dL",
+                     "zab", "z_p10", "z_p90", "nov_mean", "nov_p90", "nov_dL",
                      "tex_nov_mean", "tex_nov_p90", "nov_grad")
 
 

@@ -183,6 +183,15 @@ class Registry:
 
         profile = self.read_profile(product, version)
         vdir = self.version_dir(product, profile.version)
+        if profile.categorizer is not None:
+            from linewatch.inspection.categorize import PARAMS_VERSION
+
+            got = profile.categorizer.get("version")
+            if got != PARAMS_VERSION:
+                raise ProfileError(
+                    f"{vdir / PROFILE_FILE}: categorizer written by another linewatch version (categorizer "
+                    f"version {got}, this version reads {PARAMS_VERSION}); re-run "
+                    f"`linewatch calibrate run --product {product}`")
         try:
             return profile.model_copy(update={"extent": internalise(profile.extent, vdir),
                                               "categorizer": internalise(profile.categorizer, vdir)})

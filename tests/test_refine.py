@@ -299,3 +299,19 @@ def test_calibration_chooses_the_model_setting_with_the_best_validation_iou():
     m0, s0 = model.predict(few.images)
     out = choose_variant(model, few, m0, s0, calibrate_refinement(m0, few.masks))  # type: ignore[arg-type]
     assert out[3] == "" and model.options["sharpness"] == 0.0
+
+
+def test_a_categorizer_of_another_version_is_refused_with_the_command_that_mends_it(tmp_path):
+    """Stored region features are read by name: a categorizer trained on features this version
+    no longer computes (``PARAMS_VERSION``) must not be misread as zeros."""
+    from linewatch.inspection.categorize import PARAMS_VERSION
+
+    p = Profile(product="w", model_kind="padim", backbone="none", input_size=64, threshold=1.0,
+                threshold_method="manual", categorizer={"version": PARAMS_VERSION - 1, "features": ["core_frac"]})
+    vdir = tmp_path / "w" / "v0001"
+    vdir.mkdir(parents=True)
+    (vdir / PROFILE_FILE).write_text(p.model_copy(update={"version": 1}).model_dump_json())
+    (tmp_path / "w" / "CURRENT").write_text("1\n")
+    with pytest.raises(ProfileError, match=rf"categorizer version {PARAMS_VERSION - 1}, this version reads "
+                                           rf"{PARAMS_VERSION}.*re-run `linewatch calibrate run --product w`"):
+        Registry(tmp_path).load_learned("w")

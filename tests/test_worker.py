@@ -61,12 +61,18 @@ def _read_all(settings: Settings, topic: str, want: int, timeout_s: float = 60.0
 
     consumer = make_consumer(settings, None)
     try:
+        deadline = time.monotonic() + timeout_s
+        # the worker under test creates its topics in its own thread: wait for them to exist
+        # (assigning an empty partition list would read nothing until the deadline)
         parts = consumer.partitions_for_topic(topic) or set()
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.2)
+            consumer.topics()  # forces a metadata refresh
+            parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         out: list = []
-        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for recs in consumer.poll(timeout_ms=300).values():
                 out.extend(recs)

@@ -45,7 +45,7 @@ UNKNOWN = "unknown"
 # not touch the labelled defect (a detector's false blobs, the worker serves them too). It is
 # never reported: it only discounts a region's say in the frame's category.
 SPURIOUS = "spurious"
-PARAMS_VERSION = 1
+PARAMS_VERSION = 2  # 2: the six "core" region features deleted (docs/results/ablation-synthetic.md)
 
 FEATURES = (
     "log_area_frac",  # size
@@ -72,14 +72,6 @@ FEATURES = (
     "zab",  # colour shift in units of the ring's colour spread
     "z_p10",  # darkest tenth inside vs the ring's darkest tenth, in ring spreads
     "z_p90",  # brightest tenth inside vs the ring's brightest tenth
-    # the region's "core": its pixels that really differ from the ring (a detector's region is a
-    # blurred blob around the defect; the core recovers the defect's own shape and colour)
-    "core_frac",
-    "core_elongation",
-    "core_compactness",
-    "core_log_width",
-    "core_dL",
-    "core_dab",
     # novelty against the product's normal appearance (``normal_appearance``; 0 without one): how
     # unlikely the region's colours / (lightness, texture) pairs are under the normal images'
     # distribution. Survives a blurred region: a few truly foreign pixels stand out however
@@ -193,42 +185,22 @@ def region_features(image: np.ndarray, amap: np.ndarray | None, labels: np.ndarr
         f[21] = f[12] / sab
         f[22] = (float(np.percentile(li, 10)) - float(np.percentile(lr, 10))) / sr_l
         f[23] = (float(np.percentile(li, 90)) - float(np.percentile(lr, 90))) / sr_l
-        dev = np.sqrt(((lab_c[..., 0] - mr_l) / sr_l) ** 2
-                      + (np.linalg.norm(lab_c[..., 1:] - mab_r, axis=2) / sab) ** 2)
-        core = reg & (dev > 2.5)
-        if core.sum() >= max(6, 0.03 * area):
-            core_u8 = core.astype(np.uint8)
-            c_area = float(core.sum())
-            c_cnts, _ = cv2.findContours(core_u8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-            c_perim = float(sum(cv2.arcLength(c, True) for c in c_cnts)) or 1.0
-            cm = cv2.moments(core_u8, binaryImage=True)
-            c20, c02, c11 = cm["mu20"] / c_area, cm["mu02"] / c_area, cm["mu11"] / c_area
-            cc = math.sqrt(max(((c20 - c02) / 2) ** 2 + c11 ** 2, 0.0))
-            cl1, cl2 = (c20 + c02) / 2 + cc + 1 / 12, max((c20 + c02) / 2 - cc, 0.0) + 1 / 12
-            f[24] = c_area / area
-            f[25] = 0.5 * math.log(cl1 / cl2)
-            f[26] = min(1.0, 4 * math.pi * c_area / c_perim ** 2)
-            f[27] = math.log(max(2 * c_area / c_perim, 0.5) / side)
-            f[28] = float(lab_c[..., 0][core].mean()) - mr_l
-            f[29] = float(np.linalg.norm(lab_c[..., 1:][core].mean(0) - mab_r))
-        else:
-            f[27] = math.log(0.5 / side)
         if nov is not None:
             zc, zt = nov[0][y0:y1, x0:x1][reg], nov[1][y0:y1, x0:x1][reg]
             hi = zc > 1.0
-            f[30] = float(zc.mean())
-            f[31] = float(hi.mean())
-            f[32] = float((zc > nov[2]).mean())
-            f[33] = float(np.percentile(zc, 90))
-            f[34] = float(li[hi].mean() - li[~hi].mean()) if hi.any() and (~hi).any() else 0.0
-            f[35] = float(zt.mean())
-            f[36] = float((zt > 1.0).mean())
-            f[37] = float(np.percentile(zt, 90))
+            f[24] = float(zc.mean())
+            f[25] = float(hi.mean())
+            f[26] = float((zc > nov[2]).mean())
+            f[27] = float(np.percentile(zc, 90))
+            f[28] = float(li[hi].mean() - li[~hi].mean()) if hi.any() and (~hi).any() else 0.0
+            f[29] = float(zt.mean())
+            f[30] = float((zt > 1.0).mean())
+            f[31] = float(np.percentile(zt, 90))
             sel = hi if hi.sum() >= 3 else np.ones_like(hi)
-            f[38] = float(li[sel].mean())
-            f[39] = float(np.linalg.norm(abi[sel], axis=1).mean())
-            f[40] = float(li[sel].std())
-            f[41] = math.log((float(g[reg][sel].mean()) + 0.01) / (float(g[ring].mean()) + 0.01))
+            f[32] = float(li[sel].mean())
+            f[33] = float(np.linalg.norm(abi[sel], axis=1).mean())
+            f[34] = float(li[sel].std())
+            f[35] = math.log((float(g[reg][sel].mean()) + 0.01) / (float(g[ring].mean()) + 0.01))
     return out
 
 
@@ -410,8 +382,8 @@ FRAME_FEATURES = (
 # regions ("w_") and of its weightiest region ("top_"): the region forest only learns from frames
 # of one kind, the frame classifier from all four -- ``combined`` included -- and a product's own
 # mix of evidence shows in the features before the region forest's probabilities flatten it
-FRAME_REGION_FEATURES = ("log_area_frac", "elongation", "dL", "dab", "frac_dark", "nov_frac", "nov_L", "core_frac",
-                         "tex_ratio", "map_max")
+FRAME_REGION_FEATURES = ("log_area_frac", "elongation", "dL", "dab", "frac_dark", "nov_frac", "nov_L", "tex_ratio",
+                         "map_max")
 FRAME_FEATURES = FRAME_FEATURES + tuple(f"w_{f}" for f in FRAME_REGION_FEATURES) \
     + tuple(f"top_{f}" for f in FRAME_REGION_FEATURES)
 
