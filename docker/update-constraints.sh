@@ -11,7 +11,7 @@ BIN="${1:-$("$HERE/../scripts/bootstrap.sh" | tail -n 1)}"
   echo "# from the tested CI venv: every runtime dependency of linewatch at the version the tests passed with."
   echo "# torch is installed from the index named by the TORCH_INDEX_URL build arg (CPU or CUDA build)."
   "$BIN/python" -m pip freeze --exclude-editable --disable-pip-version-check \
-    | grep -v -i -E '^((pytest[a-z_-]*|hypothesis|playwright|pyinstrument|compose[-_]spec|dockerfile|pyee|greenlet|sortedcontainers|iniconfig|pluggy|pip|setuptools|wheel|triton)==|cuda-|nvidia-)' \
+    | grep -v -i -E '^((pytest[a-z_-]*|hypothesis|playwright|pyinstrument|compose[-_]spec|dockerfile|import[-_]linter|grimp|elpv[-_]dataset|pyee|greenlet|sortedcontainers|iniconfig|pluggy|pip|setuptools|wheel|triton)==|cuda-|nvidia-)' \
     | grep -v -E '@|^#|^-e ' | LC_ALL=C sort -f
 } > "$HERE/constraints.txt"
 echo "wrote $HERE/constraints.txt ($(grep -vc '^#' "$HERE/constraints.txt") pins)"

@@ -3,7 +3,8 @@
 #   - a virtual environment outside the clone, keyed by a hash of the dependency spec,
 #     so a second run (or a second clone) reuses it;
 #   - the Apache Kafka jars from Maven Central (cached);
-#   - Debian's chromium + chromium-driver for the browser tests (with --with-browser).
+#   - Debian's chromium + chromium-driver for the browser tests and mosquitto for the MQTT
+#     bridge's tests (with --with-browser).
 # Prints the path of the venv's bin directory on its last line.
 set -euo pipefail
 
@@ -34,6 +35,8 @@ command -v mvn  >/dev/null || need_apt+=(maven)
 if [[ $WITH_BROWSER == 1 ]]; then
   command -v chromium >/dev/null || need_apt+=(chromium)
   command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
+  # the MQTT bridge's integration tests run against a real broker (Debian's mosquitto)
+  command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || need_apt+=(mosquitto)
 fi
 if (( ${#need_apt[@]} )); then
   log "installing Debian packages: ${need_apt[*]}"
