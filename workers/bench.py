@@ -631,9 +631,10 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--product", default="cap", help="synthetic product (default cap)")
     p.add_argument("--max-batch", type=int, default=16, help="worker.max_batch (default 16)")
     p.add_argument("--threads", type=int, default=0, help="worker.threads, 0 = all cores (default 0)")
-    p.add_argument("--engine", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"])
+    p.add_argument("--engine", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"],
+                   help="inference engine of the worker under test (default auto: the first that loads of TensorRT, ONNX Runtime CUDA, torch CUDA, ONNX Runtime CPU, torch CPU)")
     p.add_argument("--distinct", type=int, default=16, help="distinct frames cycled (default 16)")
-    p.add_argument("--defect-share", type=float, default=0.25, help="share of distinct frames with defects")
+    p.add_argument("--defect-share", type=float, default=0.25, help="share of distinct frames with defects (default 0.25)")
     p.add_argument("--bootstrap-servers", help="use this broker instead of a temporary embedded one")
     p.add_argument("--in-process", action="store_true", help="run_worker in a thread instead of a subprocess")
     p.add_argument("--refit", action="store_true", help="refit the cached bench profile")

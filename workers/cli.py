@@ -81,8 +81,8 @@ def _register_sink(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--db", type=Path, help="DuckDB file (default: storage.db_path setting)")
     p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (default: kafka.bootstrap_servers)")
     p.add_argument("--group-id", help="consumer group (default: sink.group_id)")
-    p.add_argument("--max-records", type=int, help="stop after this many records")
-    p.add_argument("--idle-timeout", type=float, help="stop after this many seconds without records")
+    p.add_argument("--max-records", type=int, help="stop after this many records (default: run until stopped)")
+    p.add_argument("--idle-timeout", type=float, help="stop after this many seconds without records (default: wait forever)")
     p.set_defaults(func=_run_sink)
 
 

@@ -408,7 +408,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kafka-port", type=int, default=9092, help="Kafka client port (default 9092)")
     p.add_argument("--controller-port", type=int, default=9093, help="KRaft controller port (default 9093)")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until Ctrl-C)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic line and cameras (default 0)")
     p.set_defaults(func=_run)
 
 

@@ -22,11 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--products", type=_products, default=list(DEFAULT_PRODUCTS),
                    help=f"comma-separated (default {','.join(DEFAULT_PRODUCTS)})")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=120, help="normal training images per product")
-    p.add_argument("--n-test-good", type=int, default=20, help="normal test images per product")
-    p.add_argument("--n-per-category", type=int, default=12, help="defective test images per category and product")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the line's images (default 0)")
+    p.add_argument("--n-train", type=int, default=120, help="normal training images per product (default 120)")
+    p.add_argument("--n-test-good", type=int, default=20, help="normal test images per product (default 20)")
+    p.add_argument("--n-per-category", type=int, default=12, help="defective test images per category and product (default 12)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
     p.set_defaults(func=run)
 
 
