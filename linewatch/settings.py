@@ -98,7 +98,10 @@ class StorageSettings(BaseModel):
 class WorkerSettings(BaseModel):
     group_id: str = "linewatch-workers"
     max_batch: int = Field(16, ge=1, le=1024)
-    max_wait_ms: int = Field(50, ge=0)
+    max_wait_ms: int = Field(50, ge=0, description="a batch closes at most this long after its first frame")
+    quiet_ms: int = Field(5, ge=0, description=(
+        "a batch also closes once no frame arrived for this long: a slow line is served at once, a "
+        "busy one still fills its batches (docs/results/latency.md)"))
     profile_cache_size: int = Field(32, ge=1)
     engine: Literal["auto", "tensorrt", "onnxruntime", "torch"] = "auto"
     threads: int = Field(0, ge=0, description="0 = all cores")
@@ -107,6 +110,9 @@ class WorkerSettings(BaseModel):
     max_poll_interval_ms: int = Field(300_000, ge=10_000)
     session_timeout_ms: int = Field(10_000, ge=6_000, description="a dead worker's partitions move after this")
     reload_interval_s: float = Field(2.0, gt=0)
+    preload: bool = Field(True, description=(
+        "load and warm every published profile before consuming (ready on /ready), so the first "
+        "frames pay no load; False: load each product on its first frame"))
     thumbnail_size: int = Field(256, ge=32)
     max_frame_pixels: int = Field(64_000_000, ge=1, description="refuse decompression bombs")
 
@@ -114,7 +120,9 @@ class WorkerSettings(BaseModel):
 class SinkSettings(BaseModel):
     group_id: str = "linewatch-sink"
     max_batch: int = Field(500, ge=1)
-    max_wait_ms: int = Field(500, ge=0)
+    max_wait_ms: int = Field(500, ge=0, description="a batch is written at most this long after its first record")
+    quiet_ms: int = Field(20, ge=0, description=(
+        "a batch is also written once no record arrived for this long (docs/results/latency.md)"))
 
 
 class DashboardSettings(BaseModel):

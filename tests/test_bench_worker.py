@@ -65,3 +65,21 @@ def test_compare_anomalib_is_optional():
     assert res["measured"] is False and "not importable" in res["reason"]
     assert res["published_issue6"]["efficientnet_lite0"]["model_onnxruntime_batch1"] == 45.4
     assert "not measured" in format_anomalib(res)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bench_latency_smoke(kafka_broker, tmp_path):
+    """`linewatch bench latency` on a tiny profile: every frame's latency to Kafka and to DuckDB
+    is measured, under both batchings, and the sink's drain rate comes back."""
+    from workers.bench_latency import bench_latency, default_batchings, format_latency
+
+    res = bench_latency(kafka_broker, rates=[10], duration_s=2, sink_rows=100, threads=1, progress=False,
+                        frame_size=256, input_size=64, fit_images=4, options={"d": 8}, cache=tmp_path / "cache")
+    assert [c["batching"] for c in res["cells"]] == [b.name for b in default_batchings()]
+    for c in res["cells"]:
+        assert c["frames"] == 20 and c["results"] == 20 and c["rows"] == 20 and c["missing"] == 0, c
+        assert 0 < c["result_p50_ms"] <= c["result_p99_ms"] and c["result_p50_ms"] <= c["db_p50_ms"]
+        assert not c["over_capacity"]
+    assert all(s["rows"] == 100 and s["rows_per_s"] > 0 for s in res["sink"])
+    assert "capture->DuckDB" in format_latency(res)

@@ -129,3 +129,55 @@ def test_refresh_is_rate_limited(tmp_path):
     assert cache.refresh() == []   # too soon
     clock.t += 6
     assert [e.new_version for e in cache.refresh()] == [2]
+
+
+class CountingEngine:
+    """Counts engine runs; the first run of a fresh engine is what a warm-up must absorb."""
+
+    name = "counting"
+
+    def __init__(self, fail: bool = False):
+        self.runs: list[int] = []
+        self.fail = fail
+
+    def run(self, images):
+        if self.fail:
+            raise RuntimeError("kernel selection failed")
+        self.runs.append(len(images))
+        return np.zeros((len(images), 64, 64), np.float32), np.zeros(len(images), np.float32)
+
+
+def test_preload_loads_and_warms_every_published_profile_and_reports_the_broken_one(tmp_path):
+    for p in ("a", "b"):
+        publish_mean_profile(tmp_path, p)
+    prof = publish_mean_profile(tmp_path, "bad")
+    (Registry(tmp_path).version_dir("bad", prof.version) / "weights.safetensors").write_bytes(b"not safetensors")
+    engines: dict[str, CountingEngine] = {}
+
+    def build(model, onnx_path, profile):
+        engines[profile.product] = CountingEngine()
+        return engines[profile.product]
+
+    cache = ProfileCache(Registry(tmp_path), build, capacity=8, reload_interval_s=60)
+    events = cache.preload()
+    assert {(e.product, e.new_version, e.ok) for e in events} == {("a", 1, True), ("b", 1, True), ("bad", None, False)}
+    assert cache.cached() == {"a": 1, "b": 1}
+    assert all(e.runs == [1] for e in engines.values())  # warmed once at load, before any frame
+    before = len(engines["a"].runs)
+    cache.get("a")  # a hit: no load, no second warm-up
+    assert len(engines["a"].runs) == before
+
+
+def test_a_version_whose_engine_fails_its_first_run_never_replaces_the_served_one(tmp_path):
+    publish_mean_profile(tmp_path, "w")
+    state = {"fail": False}
+
+    def build(model, onnx_path, profile):
+        return CountingEngine(fail=state["fail"])
+
+    cache = ProfileCache(Registry(tmp_path), build, capacity=2, reload_interval_s=60)
+    assert cache.get("w").version == 1
+    publish_mean_profile(tmp_path, "w")
+    state["fail"] = True
+    (ev,) = cache.refresh(force=True)
+    assert not ev.ok and "failed its first run" in ev.error and cache.get("w").version == 1

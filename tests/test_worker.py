@@ -171,6 +171,10 @@ def test_frames_in_results_out_bad_frames_to_dlq(kafka_settings, registry, tmp_p
         if stats.frames >= len(mixed) and "text" not in seen_metrics:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
                 seen_metrics["text"] = r.read().decode()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as r:
+                seen_metrics["ready"] = (r.status, json.loads(r.read()))
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                seen_metrics["healthz"] = r.status
 
     stats = run_worker(settings, worker_id="w-int", max_frames=len(mixed), on_batch=on_batch)
     assert stats.frames == len(mixed) and stats.results == 24 and stats.dlq == len(bad)
@@ -209,6 +213,10 @@ def test_frames_in_results_out_bad_frames_to_dlq(kafka_settings, registry, tmp_p
     assert committed == end  # everything handled is committed
 
     text = seen_metrics["text"]
+    # the published profile was loaded and warmed before the first frame: ready, with its version
+    status, body = seen_metrics["ready"]
+    assert status == 200 and body["ready"] and body["products"] == {"widget": 1} and body["worker_id"] == "w-int"
+    assert seen_metrics["healthz"] == 200 and "linewatch_worker_ready 1.0" in text
     assert 'linewatch_worker_frames_total{outcome="defect"} 8.0' in text
     assert 'linewatch_worker_frames_total{outcome="ok"} 16.0' in text
     assert 'linewatch_worker_dlq_total{stage="decode"} 4.0' in text

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -42,8 +41,7 @@ from typing import Any
 
 import numpy as np
 
-BENCH_PRODUCT = "benchcap"
-PROFILE_VERSION_TAG = "1"  # bump when the cached profile recipe changes
+from workers.bench_profile import BENCH_PRODUCT, fitted_profile_dir, publish_bench_profile
 
 
 def load_average() -> list[float]:
@@ -51,73 +49,6 @@ def load_average() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
-
-
-def cache_dir(root: Path | None = None) -> Path:
-    """Where fitted bench profiles are kept (``~/.cache/linewatch/bench`` by default)."""
-    if root is not None:
-        return Path(root)
-    from linewatch.kafka.broker import cache_root
-
-    return cache_root() / "bench"
-
-
-# -- profile -------------------------------------------------------------------------------------
-def _profile_key(kind: str, input_size: int, product: str, fit_images: int, options: dict[str, Any]) -> str:
-    blob = json.dumps([PROFILE_VERSION_TAG, kind, input_size, product, fit_images, options], sort_keys=True)
-    return f"{kind}-{input_size}-{product}-{fit_images}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
-
-
-def fitted_profile_dir(kind: str = "padim", input_size: int = 256, product: str = "cap", fit_images: int = 60,
-                       options: dict[str, Any] | None = None, refit: bool = False,
-                       progress: bool = True, cache: Path | None = None) -> tuple[Path, bool]:
-    """A cached model folder (model.json, weights, model.onnx, bench.json with the threshold);
-    fitted on the synthetic ``product`` the first time. Returns (folder, reused)."""
-    from linewatch.models.export import export_onnx
-    from linewatch.models.registry import build_model
-    from linewatch.synth import SyntheticProduct
-
-    options = dict(options or {})
-    folder = cache_dir(cache) / _profile_key(kind, input_size, product, fit_images, options)
-    meta = folder / "bench.json"
-    if meta.is_file() and (folder / "model.onnx").is_file() and not refit:
-        return folder, True
-    synth = SyntheticProduct(product, size=input_size, seed=0)
-    train = np.stack([synth.normal(i).image for i in range(fit_images)])
-    model = build_model(kind, input_size=input_size, **options)
-    t0 = time.perf_counter()
-    model.fit(train, progress=progress)
-    fit_s = time.perf_counter() - t0
-    held_out = np.stack([synth.normal(50_000 + i).image for i in range(8)])
-    maps, scores = model.predict(held_out, batch_size=8)
-    # threshold just above every held-out normal pixel: normal frames are "ok" and cheap,
-    # defect frames go through regions + artefacts (the expensive post-processing path)
-    threshold = float(maps.max()) * 1.05
-    tmp = folder.with_name(folder.name + f".tmp-{uuid.uuid4().hex[:6]}")
-    tmp.mkdir(parents=True)
-    try:
-        model.save(tmp)
-        export_onnx(model, tmp / "model.onnx")
-        (tmp / "bench.json").write_text(json.dumps({
-            "kind": kind, "backbone": model.backbone_name, "input_size": input_size, "product": product,
-            "fit_images": fit_images, "fit_s": round(fit_s, 2), "threshold": threshold, "options": options}))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    del model
-    return folder, False
-
-
-def publish_bench_profile(folder: Path, registry_dir: Path, product: str = BENCH_PRODUCT):
-    """Publish the cached model folder as ``product``'s profile (files copied, ONNX included)."""
-    from linewatch.profiles import Profile, Registry
-
-    meta = json.loads((folder / "bench.json").read_text())
-    profile = Profile(product=product, model_kind=meta["kind"], backbone=meta["backbone"],
-                      input_size=meta["input_size"], threshold=meta["threshold"], threshold_method="manual",
-                      notes="linewatch bench worker")
-    return Registry(registry_dir).publish(profile, source_dir=folder)
 
 
 # -- frames --------------------------------------------------------------------------------------
@@ -143,18 +74,25 @@ def make_frames(n_distinct: int = 16, size: int = 1024, model_size: int = 256, p
     return jpegs, defect
 
 
-def produce_frames(settings: Any, jpegs: list[bytes], n: int, product: str = BENCH_PRODUCT) -> list[str]:
-    """Send ``n`` frames (cycling ``jpegs``) to ``settings.topics.frames``; every delivery is
-    checked. Returns the frame ids."""
+def bench_products(n: int) -> list[str]:
+    """The product ids of ``n`` published copies of the bench profile."""
+    return [BENCH_PRODUCT] + [f"{BENCH_PRODUCT}-{i}" for i in range(2, n + 1)]
+
+
+def produce_frames(settings: Any, jpegs: list[bytes], n: int, product: str | list[str] = BENCH_PRODUCT) -> list[str]:
+    """Send ``n`` frames (cycling ``jpegs``, and the products when given several) to
+    ``settings.topics.frames``; every delivery is checked. Returns the frame ids."""
     from linewatch.kafka.io import make_producer, send_nowait
     from linewatch.messages import FrameHeaders
 
     producer = make_producer(settings, client_id="linewatch-bench-worker-producer", linger_ms=20)
+    products = [product] if isinstance(product, str) else list(product)
     ids, pending = [], []
     try:
         for seq in range(n):
             fid = FrameHeaders.new_frame_id("benchcam", seq)
-            hdr = FrameHeaders(frame_id=fid, product=product, camera="benchcam", line="bench", seq=seq,
+            hdr = FrameHeaders(frame_id=fid, product=products[seq % len(products)], camera="benchcam", line="bench",
+                               seq=seq,
                                capture_ts_ms=int(time.time() * 1000), encoding="jpeg")
             pending.append(send_nowait(producer, settings.topics.frames, jpegs[seq % len(jpegs)], key=fid,
                                        headers=hdr.to_kafka()))
@@ -176,12 +114,18 @@ def read_results(settings: Any, expected: int, timeout_s: float = 60.0) -> list[
 
     consumer = make_consumer(settings, None, client_id="linewatch-bench-worker-reader")
     try:
+        deadline = time.monotonic() + timeout_s
+        # a fresh client may not know the topic's partitions yet: an empty assignment would read
+        # nothing until the deadline, so refresh the metadata until they show
         parts = consumer.partitions_for_topic(settings.topics.results) or set()
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.2)
+            consumer.topics()
+            parts = consumer.partitions_for_topic(settings.topics.results) or set()
         tps = [TopicPartition(settings.topics.results, p) for p in sorted(parts)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         out: list[tuple[dict[str, Any], int]] = []
-        deadline = time.monotonic() + timeout_s
         while len(out) < expected and time.monotonic() < deadline:
             for recs in consumer.poll(timeout_ms=500).values():
                 out.extend((json.loads(r.value), r.timestamp) for r in recs)
@@ -431,8 +375,10 @@ def bench_worker(bootstrap_servers: str | None = None, *, frames: int = 600, siz
                  refit: bool = False, split: bool = True, options: dict[str, Any] | None = None,
                  worker_env: dict[str, str] | None = None, profile_with: str | None = None,
                  profile_out: Path | None = None, progress: bool = True,
-                 cache: Path | None = None) -> dict[str, Any]:
-    """Run the benchmark (see the module docstring); returns a JSON-able dict."""
+                 cache: Path | None = None, products: int = 1) -> dict[str, Any]:
+    """Run the benchmark (see the module docstring); returns a JSON-able dict. ``products``:
+    the profile is published under that many product ids and the frames cycle over them, so
+    the worker holds that many loaded profiles (its peak RSS is then the multi-product one)."""
     from linewatch.kafka.broker import bench_topics, temporary_broker
     from linewatch.kafka.io import ensure_topics
     from linewatch.settings import Settings
@@ -440,6 +386,7 @@ def bench_worker(bootstrap_servers: str | None = None, *, frames: int = 600, siz
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     out: dict[str, Any] = {"benchmark": "worker", "frames": frames, "frame_size": f"{size}x{size}",
                            "input_size": input_size, "model": kind, "max_batch": max_batch, "threads": threads,
+                           "products": products,
                            "cpus": os.cpu_count(), "machine": f"{platform.machine()} {platform.processor()}".strip(),
                            "load_average_start": load_average()}
     t0 = time.perf_counter()
@@ -471,9 +418,11 @@ def bench_worker(bootstrap_servers: str | None = None, *, frames: int = 600, siz
                     "engine": engine},
         )
         ensure_topics(settings)
-        publish_bench_profile(folder, tmp / "registry")
+        names = bench_products(products)
+        for name in names:
+            publish_bench_profile(folder, tmp / "registry", name)
         t0 = time.perf_counter()
-        ids = produce_frames(settings, jpegs, frames)
+        ids = produce_frames(settings, jpegs, frames, names)
         out["produce_s"] = round(time.perf_counter() - t0, 2)
         out["bootstrap_servers"] = "embedded (temporary)" if broker is not None else bootstrap_servers
         out["load_average_worker_start"] = load_average()
@@ -541,7 +490,8 @@ def format_table(res: dict[str, Any]) -> str:
         f"{res['defective_distinct']}/{res['distinct_frames']} distinct frames defective), broker "
         f"{res['bootstrap_servers']}",
         f"profile: {p['kind']} {p['backbone']} @ {p['input_size']} px, {p['disk_mb']} MB, "
-        f"{'reused from' if p['reused'] else 'fitted into'} {p['cache']}",
+        f"{'reused from' if p['reused'] else 'fitted into'} {p['cache']}"
+        + (f", published as {res['products']} products" if res.get("products", 1) > 1 else ""),
         f"worker: {w['mode']}, engine {', '.join(w['engine'])}, max batch {res['max_batch']} "
         f"(mean {w['mean_batch']}), {res['threads']} threads, {res['cpus']} CPUs",
         "",
@@ -599,7 +549,7 @@ def _run(args: argparse.Namespace) -> int:
                        split=not args.no_split, options=options,
                        profile_with="pyinstrument" if args.pyinstrument else None,
                        profile_out=Path(args.pyinstrument) if args.pyinstrument else None,
-                       progress=not args.quiet)
+                       progress=not args.quiet, products=args.products)
     if args.compare_anomalib:
         from workers.bench_engines import compare_anomalib
 
@@ -629,6 +579,8 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--options", help='JSON model options, e.g. \'{"d": 64}\'')
     p.add_argument("--fit-images", type=int, default=60, help="synthetic normal images to fit on (default 60)")
     p.add_argument("--product", default="cap", help="synthetic product (default cap)")
+    p.add_argument("--products", type=int, default=1,
+                   help="publish the profile under N product ids and cycle the frames over them (default 1)")
     p.add_argument("--max-batch", type=int, default=16, help="worker.max_batch (default 16)")
     p.add_argument("--threads", type=int, default=0, help="worker.threads, 0 = all cores (default 0)")
     p.add_argument("--engine", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"],

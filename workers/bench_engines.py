@@ -229,11 +229,13 @@ def _run(args: argparse.Namespace) -> int:
                           args.fit_images, args.product, args.products, opts, progress=not args.quiet)
     text = format_table(result)
     if args.compare_anomalib:  # optional: measured only where anomalib is importable
-        result["anomalib"] = compare_anomalib(input_size=args.size, threads=args.threads)
-        ours = result["models"].get("padim", {}).get("engines", {}).get("onnxruntime-cpu")
-        theirs = result["anomalib"].get("anomalib_onnxruntime_batch1")
-        if ours and theirs:
-            result["anomalib"]["ratio_padim_ort_batch1_vs_anomalib"] = round(ours["batch1"] / theirs[0], 2)
+        from workers.bench_profile import fitted_profile_dir
+
+        # ours = the default PaDiM at this size (the bench profile `bench worker` serves), timed
+        # in the same process and run as anomalib's, so the ratio lines are printed below
+        folder, _ = fitted_profile_dir(input_size=args.size, progress=not args.quiet)
+        result["anomalib"] = compare_anomalib(input_size=args.size, threads=args.threads,
+                                              ours_onnx=folder / "model.onnx")
         text += "\n\n" + format_anomalib(result["anomalib"])
     print(text)
     if args.json:

@@ -1,17 +1,23 @@
-"""Per-worker Prometheus metrics.
+"""Per-worker Prometheus metrics and the health endpoints.
 
 Each worker owns a private CollectorRegistry, so several workers in one process (tests, the
 demo) never collide, and serves it on ``metrics_host:metrics_port`` (127.0.0.1 by default)
-only when the port is not 0. Names start with ``linewatch_worker_``.
+only when the port is not 0. Names start with ``linewatch_worker_``. The same server answers
+``/healthz`` (200 while the process serves) and ``/ready`` (200 once every published profile
+is loaded and its engine warmed, 503 before; JSON body with the products and versions), so an
+orchestrator sends frames only to a worker that will not make them wait.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +53,57 @@ class WorkerMetrics:
                                ["outcome"], registry=r)
         self.info = Info("linewatch_worker", "Worker identity", registry=r)
         self.info.info({"worker_id": worker_id})
-        self._server: Any = None
+        self.ready_gauge = Gauge("linewatch_worker_ready", "1 once the published profiles are loaded and warmed",
+                                 registry=r)
+        self._server: ThreadingHTTPServer | None = None
         self._window: list[tuple[float, int]] = []
         self._engines: dict[str, tuple[str, int]] = {}
+        self._ready: dict[str, Any] = {"ready": False, "worker_id": worker_id, "products": {}}
         if port:
             self.serve(host, port)
 
-    def serve(self, host: str, port: int) -> None:
-        from prometheus_client import start_http_server
+    # -- readiness ---------------------------------------------------------------------------
+    def set_ready(self, products: dict[str, int], failed: dict[str, str] | None = None) -> None:
+        """The worker has loaded and warmed ``products`` (product -> version); ``failed`` the
+        products whose profile could not be loaded (the worker serves the others)."""
+        self._ready = {"ready": True, "worker_id": self.worker_id, "products": dict(products),
+                       "failed": dict(failed or {})}
+        self.ready_gauge.set(1)
 
-        out = start_http_server(port, addr=host, registry=self.registry)
-        self._server = out[0] if isinstance(out, tuple) else None
-        log.info("metrics on http://%s:%d/metrics", host, port)
+    def readiness(self) -> dict[str, Any]:
+        return dict(self._ready)
+
+    # -- the HTTP endpoint ---------------------------------------------------------------------
+    def serve(self, host: str, port: int) -> None:
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
+                elif path == "/healthz":
+                    self._send(200, "text/plain; charset=utf-8", b"ok\n")
+                elif path == "/ready":
+                    body = metrics.readiness()
+                    self._send(200 if body["ready"] else 503, "application/json", json.dumps(body).encode())
+                else:
+                    self._send(404, "text/plain; charset=utf-8", b"not found: /metrics, /healthz, /ready\n")
+
+            def _send(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt: str, *args: Any) -> None:  # scrapes are not news
+                log.debug("metrics http: " + fmt, *args)
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
+        log.info("metrics on http://%s:%d/metrics (health: /healthz, /ready)", host, port)
 
     def close(self) -> None:
         if self._server is not None:

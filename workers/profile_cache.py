@@ -62,6 +62,20 @@ class LoadedProfile:
         return self.profile.version
 
 
+def _warm(engine: Any, profile: Profile, vdir: Path) -> None:
+    """One batch of one blank frame through a freshly built engine: ONNX Runtime, torch and
+    TensorRT allocate and pick their kernels on the first run (tens to hundreds of ms), which
+    the first real frame would otherwise pay. Part of the load, so a hot-reloaded version is
+    warm before it replaces the old one."""
+    import numpy as np
+
+    size = profile.input_size
+    try:
+        engine.run(np.zeros((1, size, size, 3), np.uint8))
+    except Exception as exc:
+        raise ProfileError(f"{vdir}: the engine failed its first run: {type(exc).__name__}: {exc}") from None
+
+
 @dataclass
 class _Failure:
     version: int | None
@@ -83,8 +97,9 @@ class ReloadEvent:
 class ProfileCache:
     def __init__(self, registry: Registry, engine_factory: EngineFactory, capacity: int = 32,
                  reload_interval_s: float = 2.0, clock: Callable[[], float] = time.monotonic,
-                 on_event: Callable[[ReloadEvent], None] | None = None):
+                 on_event: Callable[[ReloadEvent], None] | None = None, warm: bool = True):
         self.registry = registry
+        self.warm = warm
         self.engine_factory = engine_factory
         self.capacity = capacity
         self.reload_interval_s = reload_interval_s
@@ -126,6 +141,8 @@ class ProfileCache:
             raise ProfileError(f"{vdir}: no engine could run this profile: {type(exc).__name__}: {exc}") from None
         self.loads += 1
         keep = model.load() if str(getattr(engine, "name", "torch")).startswith("torch") else None
+        if self.warm:
+            _warm(engine, profile, vdir)
         try:
             extent = profile.extent_model()
         except Exception as exc:
@@ -154,6 +171,24 @@ class ProfileCache:
                 self.on_event(event)
             except Exception:  # metrics must never break serving
                 log.exception("profile event hook failed")
+
+    def preload(self) -> list[ReloadEvent]:
+        """Load (and warm) every product with a published profile, up to the capacity, so the
+        first frames of a product pay neither the load nor the engine's first-run cost. A
+        product that fails to load is reported and skipped (its frames go to the DLQ with the
+        reason, as they would without a preload)."""
+        events: list[ReloadEvent] = []
+        for product in self.registry.products()[: self.capacity]:
+            if product in self._entries:
+                continue
+            try:
+                entry = self.get(product)
+            except ProfileError as exc:
+                events.append(ReloadEvent(product, None, None, False, error=str(exc)))
+                continue
+            events.append(ReloadEvent(product, None, entry.version, True, load_s=entry.load_s,
+                                      engine=getattr(entry.engine, "name", None)))
+        return events
 
     # -- the hot path --------------------------------------------------------------------------
     def get(self, product: str) -> LoadedProfile:

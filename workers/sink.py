@@ -216,9 +216,13 @@ class Sink:
         self._pending_alerts = left
 
 
-def _poll_batch(consumer: Any, max_batch: int, max_wait_ms: int, stop: threading.Event) -> list[Any]:
-    """Up to ``max_batch`` records: wait up to 1 s for the first, then at most
-    ``max_wait_ms`` more to fill the batch."""
+def _poll_batch(consumer: Any, max_batch: int, max_wait_ms: int, stop: threading.Event,
+                quiet_ms: int | None = None) -> list[Any]:
+    """Up to ``max_batch`` records: wait up to 1 s for the first, then fill the batch until
+    ``max_wait_ms`` have passed or, with ``quiet_ms``, until a poll has waited that long for
+    nothing. Why the quiet gap: at 10 frames/s a fixed wait holds every row ~``max_wait_ms``
+    before DuckDB sees it, while a busy topic always has the next records fetched, so batches
+    still fill and the write rate holds (docs/results/latency.md)."""
     from linewatch.kafka.io import poll_records
 
     out: list[Any] = []
@@ -229,11 +233,17 @@ def _poll_batch(consumer: Any, max_batch: int, max_wait_ms: int, stop: threading
         end = deadline if deadline is not None else first_deadline
         if now >= end:
             break
-        polled = poll_records(consumer, max(1, int((end - now) * 1000)), max_batch - len(out))
+        wait_ms = max(1, int((end - now) * 1000))
+        if out and quiet_ms is not None:
+            wait_ms = min(wait_ms, max(1, quiet_ms))
+        polled = poll_records(consumer, wait_ms, max_batch - len(out))
+        got = sum(len(recs) for recs in polled.values())
         for recs in polled.values():
             out.extend(recs)
         if out and deadline is None:
             deadline = time.monotonic() + max_wait_ms / 1000
+        elif out and not got and quiet_ms is not None:
+            break  # the topic is drained: write now
     return out
 
 
@@ -287,7 +297,7 @@ def run_sink(
                 limit = min(limit, max_records - sink.stats.records)
                 if limit <= 0:
                     break
-            records = _poll_batch(consumer, limit, settings.sink.max_wait_ms, stop)
+            records = _poll_batch(consumer, limit, settings.sink.max_wait_ms, stop, settings.sink.quiet_ms)
             if not records:
                 if idle_timeout_s is not None:
                     if not assigned:  # the idle clock starts once the group gave us partitions

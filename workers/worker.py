@@ -159,6 +159,19 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
     uncommitted: dict[Any, int] = {}  # acknowledged but not yet committed (a commit failed)
     cleanup: list[Callable[[], Any]] = []
     try:
+        if ws.preload:
+            t_pre = time.perf_counter()
+            events = cache.preload()
+            loaded = {e.product: e.new_version for e in events if e.ok and e.new_version is not None}
+            failed = {e.product: e.error or "" for e in events if not e.ok}
+            for product, why in failed.items():
+                log.warning("worker %s: %s not preloaded (its frames go to the DLQ until it loads): %s",
+                            worker_id, product, why)
+            log.info("worker %s: preloaded and warmed %d profile(s) in %.2fs: %s", worker_id, len(loaded),
+                     time.perf_counter() - t_pre, ", ".join(f"{p} v{v}" for p, v in loaded.items()) or "none")
+            metrics.set_ready(loaded, failed)
+        else:
+            metrics.set_ready({})
         if create_topics:
             ensure_topics(settings)
         revocations = _Revocations()
@@ -255,7 +268,7 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
             if more:
                 t0 = time.perf_counter()
                 batch = _collect(consumer, revocations, room, ws.max_wait_ms, stop, stats,
-                                 first_wait_ms=0 if inflight else IDLE_POLL_MS)
+                                 first_wait_ms=0 if inflight else IDLE_POLL_MS, quiet_ms=ws.quiet_ms)
                 stats.stage_s["poll"] += time.perf_counter() - t0
             if time.monotonic() - last_lag > 1.0:
                 metrics.set_lag(_lags(consumer, next_offsets))
@@ -344,9 +357,12 @@ def _commit(consumer: Any, uncommitted: dict[Any, int], stats: WorkerStats, work
 
 
 def _collect(consumer: Any, revocations: _Revocations, max_batch: int, max_wait_ms: int,
-             stop: threading.Event, stats: WorkerStats, first_wait_ms: int = IDLE_POLL_MS) -> list[Any]:
+             stop: threading.Event, stats: WorkerStats, first_wait_ms: int = IDLE_POLL_MS,
+             quiet_ms: int | None = None) -> list[Any]:
     """Up to ``max_batch`` records, waiting at most ``first_wait_ms`` for the first one and
-    ``max_wait_ms`` after it."""
+    ``max_wait_ms`` after it; with ``quiet_ms``, the batch also closes once a poll has waited
+    that long for nothing (a frame of a slow line is not held for ``max_wait_ms``; a busy
+    topic still fills the batch, its next records being fetched already)."""
     from linewatch.kafka.io import poll_records
 
     batch: dict[tuple[str, int, int], Any] = {}
@@ -356,6 +372,9 @@ def _collect(consumer: Any, revocations: _Revocations, max_batch: int, max_wait_
             timeout_ms = first_wait_ms
         else:
             timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if quiet_ms is not None:
+                timeout_ms = min(timeout_ms, quiet_ms)
+        before = len(batch)
         polled = poll_records(consumer, timeout_ms, max_batch - len(batch))
         for recs in polled.values():
             for r in recs:
@@ -371,6 +390,8 @@ def _collect(consumer: Any, revocations: _Revocations, max_batch: int, max_wait_
             return []
         if deadline is None:
             deadline = time.monotonic() + max_wait_ms / 1000.0
+        elif quiet_ms is not None and len(batch) == before:
+            break  # nothing more arrived within quiet_ms
         if time.monotonic() >= deadline or stop.is_set():
             break
     return list(batch.values())

@@ -20,6 +20,7 @@ import producers.bench
 import producers.cli
 import workers.bench
 import workers.bench_engines
+import workers.bench_latency
 import workers.cli
 from linewatch import __version__
 from linewatch.cli import broker, demo, synth
@@ -27,7 +28,7 @@ from linewatch.cli import broker, demo, synth
 # modules whose register() adds top-level subcommands, in --help order
 COMMANDS = [broker, producers.cli, synth, calibration.cli, workers.cli, dashboard.cli, demo]
 # modules whose register_bench() adds one `linewatch bench` subcommand each
-BENCHES = [producers.bench, workers.bench_engines, workers.bench]
+BENCHES = [producers.bench, workers.bench_engines, workers.bench, workers.bench_latency]
 
 
 def _register_bench(sub: argparse._SubParsersAction) -> None:
