@@ -52,8 +52,8 @@ def _add_source(p: argparse.ArgumentParser, which: str) -> None:
                    help=f"use this whole folder as the {which} set instead (<DIR>/<defect>/*.png with "
                         "ground_truth/<defect>/*_mask.png beside it)")
     p.add_argument("--categories", type=Path, help="product-agnostic labels CSV (default <dataset>/categories.csv)")
-    p.add_argument("--val-fraction", type=float, default=1 / 3, help="share of the test images used for validation")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation/test split")
+    p.add_argument("--val-fraction", type=float, default=1 / 3, help="share of the test images used for validation (default 1/3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation/test split (default 0)")
 
 
 def _load_set(args: argparse.Namespace, which: str, size: int, progress: bool = True):
@@ -350,9 +350,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     def thresholds(p: argparse.ArgumentParser, default: str | None = "iou") -> None:
         p.add_argument("--method", choices=METHOD_CHOICES, default=default,
-                       help="threshold method to choose (all five are computed and shown)")
-        p.add_argument("--k-std", type=float, default=3.0, help="k of the normal mean + k*std method")
-        p.add_argument("--quantile", type=float, default=0.999, help="quantile of the normal-quantile method")
+                       help="threshold method to choose (all five are computed and shown; default "
+                       + (f"{default})" if default else "the profile's own method)"))
+        p.add_argument("--k-std", type=float, default=3.0, help="k of the normal mean + k*std method (default 3.0)")
+        p.add_argument("--quantile", type=float, default=0.999, help="quantile of the normal-quantile method (default 0.999)")
 
     p = sub.add_parser("fit", help="fit a model on a product's normal images")
     p.add_argument("--dataset", type=Path, required=True,
@@ -380,7 +381,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", action="append", metavar="PRODUCT[@VERSION]", help="a published profile (repeatable)")
     _add_source(p, "test")
     p.add_argument("--report", type=Path, help="report folder (default calibration-report/<product>)")
-    p.add_argument("--format", choices=("markdown", "csv"), default="markdown", help="table printed on stdout")
+    p.add_argument("--format", choices=("markdown", "csv"), default="markdown", help="table printed on stdout (default markdown)")
     common(p, registry=True)
     p.set_defaults(func=cmd_evaluate)
 
@@ -388,14 +389,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", type=Path, required=True,
                    help="dataset root: MVTec AD (<root>/<product>/train/good, test/, ground_truth/), BTAD, or folder+CSV")
     p.add_argument("--product", required=True, help="product name (a folder under --dataset)")
-    p.add_argument("--model-kind", default="padim")
+    p.add_argument("--model-kind", default="padim", help="model family: padim (default), cflow, patchcore, reconstruction, attribution, meandiff (trivial baseline)")
     p.add_argument("--input-size", type=int, default=256, help="model input side in pixels (default 256)")
-    p.add_argument("--option", action="append", metavar="KEY=VALUE")
-    p.add_argument("--val-fraction", type=float, default=1 / 3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--report", type=Path, help="write the evaluation report here")
-    p.add_argument("--no-publish", action="store_true")
-    p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="model option (JSON value), repeatable (default: the family's own defaults)")
+    p.add_argument("--val-fraction", type=float, default=1 / 3,
+                   help="share of the test images used for validation, the rest for the test figures (default 1/3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation/test split (default 0)")
+    p.add_argument("--report", type=Path, help="write the evaluation report here (default: no report)")
+    p.add_argument("--no-publish", action="store_true",
+                   help="fit, threshold and evaluate only; publish nothing (default: publish the next version)")
+    p.add_argument("--no-onnx", action="store_true",
+                   help="do not export model.onnx when publishing (default: exported, so workers run ONNX Runtime)")
     _categorizer_products_option(p)
     thresholds(p)
     common(p, registry=True)
@@ -418,7 +423,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("publish", help="publish a fitted + thresholded work folder")
     p.add_argument("--model", type=Path, required=True, help="fitted + thresholded work folder to publish")
     p.add_argument("--product", help="product name (default: the one recorded by `calibrate fit`)")
-    p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--no-onnx", action="store_true",
+                   help="do not export model.onnx (default: exported, so workers run ONNX Runtime)")
     common(p, registry=True)
     p.set_defaults(func=cmd_publish)
 
@@ -429,7 +435,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("show", help="print a profile (current version by default)")
     p.add_argument("--product", required=True, help="product name")
-    p.add_argument("--version", type=int)
+    p.add_argument("--version", type=int, help="version to print (default: the current one)")
     common(p, registry=True)
     p.set_defaults(func=cmd_show)
 
@@ -447,7 +453,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", type=Path, required=True, help="dataset root (MVTec AD layout)")
     p.add_argument("--product", action="append", required=True, help="product (repeatable)")
     p.add_argument("--family", action="append", help="model family (repeatable; default: all registered)")
-    p.add_argument("--out", type=Path, default=Path("reports/benchmark"), help="output folder")
+    p.add_argument("--out", type=Path, default=Path("reports/benchmark"), help="output folder (default reports/benchmark)")
     p.add_argument("--input-size", type=int, default=256, help="model input side in pixels (default 256)")
     common(p)
     p.set_defaults(func=cmd_benchmark)
