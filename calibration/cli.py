@@ -75,7 +75,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     out = args.out or Path("calibration-work") / f"{args.product}-{args.model_kind}"
     model, info = fit_product(args.dataset, args.product, out, args.model_kind, args.input_size,
-                              _options(args.option), progress=not args.quiet)
+                              _options(args.option), progress=not args.quiet, normal_dir=args.normal_dir)
     print(f"fitted {info.model_kind} for {info.product} on {info.n_train} normal images in "
           f"{info.fit_seconds} s -> {out}")
     return 0
@@ -242,6 +242,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{prof.product}: {prof.model_kind}, threshold {prof.threshold_method} = {prof.threshold:.6g}; "
           f"test pixel AUROC {test.get('pixel_auroc')}, AUPRO {test.get('aupro')}, IoU {test.get('iou')}, "
           f"regret {test.get('regret')}")
+    from calibration.frame_kpis import format_kpi
+
+    print(f"{prof.product}: test frames at the served verdict: {format_kpi('escape_rate', test.get('escape_rate'))}; "
+          f"{format_kpi('false_reject_rate', test.get('false_reject_rate'))}")
     if args.no_publish:
         print("not published (--no-publish)")
     else:
@@ -355,10 +359,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--k-std", type=float, default=3.0, help="k of the normal mean + k*std method (default 3.0)")
         p.add_argument("--quantile", type=float, default=0.999, help="quantile of the normal-quantile method (default 0.999)")
 
-    p = sub.add_parser("fit", help="fit a model on a product's normal images")
-    p.add_argument("--dataset", type=Path, required=True,
-                   help="dataset root: MVTec AD (<root>/<product>/train/good, test/, ground_truth/), BTAD, or folder+CSV")
-    p.add_argument("--product", required=True, help="product name (a folder under --dataset)")
+    p = sub.add_parser("fit", help="fit a model on a product's normal images",
+                       description="Fit a model on defect-free images only: a dataset's train/good (MVTec) "
+                       "or train/ok (BTAD) -- its test/ and ground_truth/ folders are not needed -- or a "
+                       "plain folder of normal images (--normal-dir; any format OpenCV reads, mixed sizes "
+                       "are resized to the model input the way the worker resizes a frame).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", type=Path,
+                     help="dataset root: MVTec AD (<root>/<product>/train/good), BTAD (train/ok), or folder+CSV")
+    src.add_argument("--normal-dir", type=Path, metavar="DIR",
+                     help="a plain folder of defect-free images of the product (instead of --dataset)")
+    p.add_argument("--product", required=True, help="product name (a folder under --dataset; the profile's name)")
     p.add_argument("--model-kind", default="padim", help="model family: padim (default), cflow, patchcore, reconstruction, attribution, meandiff (trivial baseline)")
     p.add_argument("--input-size", type=int, default=256, help="model input side in pixels (default 256)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="model option (JSON value), repeatable")

@@ -283,11 +283,13 @@ def _product_dir(root: Path, product: str) -> Path:
 
 
 def load_mvtec(root: str | Path, product: str, categories_csv: str | Path | None = None,
-               check_masks: bool = True, size: int | None = None) -> Dataset:
+               check_masks: bool = True, size: int | None = None, train_only: bool = False) -> Dataset:
     """A product in the MVTec AD layout. ``categories_csv`` defaults to ``<root>/categories.csv``.
 
     ``check_masks`` verifies every mask now (exists, binary, same size as its image) so a bad
     file is reported before any long work starts. ``size`` is accepted for symmetry and unused.
+    ``train_only``: read and check only ``train/good`` (what fitting needs: a plant's first
+    folder of defect-free images has no test/ and no ground_truth/ yet).
     """
     root = Path(root)
     pdir = _product_dir(root, product)
@@ -295,6 +297,8 @@ def load_mvtec(root: str | Path, product: str, categories_csv: str | Path | None
     labels = read_categories_csv(csv_path) if csv_path else {}
     train = [ImageItem(p, GOOD, None, _bg(labels, root, p), product, GOOD)
              for p in list_images(pdir / "train" / "good", "normal training images")]
+    if train_only:
+        return Dataset(root, product, "mvtec", train, [], _product_background(train), csv_path)
     test_dir = pdir / "test"
     if not test_dir.is_dir():
         raise UserError(f"{test_dir}: test folder does not exist")
@@ -332,14 +336,17 @@ def _btad_mask(gt: Path, img: Path) -> Path:
 
 
 def load_btad(root: str | Path, product: str, categories_csv: str | Path | None = None,
-              check_masks: bool = True) -> Dataset:
-    """A product in the BTAD layout (train/ok, test/ok, test/ko, ground_truth/ko)."""
+              check_masks: bool = True, train_only: bool = False) -> Dataset:
+    """A product in the BTAD layout (train/ok, test/ok, test/ko, ground_truth/ko); ``train_only``:
+    only train/ok is read and checked."""
     root = Path(root)
     pdir = _product_dir(root, product)
     csv_path = Path(categories_csv) if categories_csv else (root / CATEGORIES_CSV if (root / CATEGORIES_CSV).is_file() else None)
     labels = read_categories_csv(csv_path) if csv_path else {}
     train = [ImageItem(p, GOOD, None, _bg(labels, root, p), product, "ok")
              for p in list_images(pdir / "train" / "ok", "normal training images")]
+    if train_only:
+        return Dataset(root, product, "btad", train, [], _product_background(train), csv_path)
     test = [ImageItem(p, GOOD, None, _bg(labels, root, p), product, "ok")
             for p in list_images(pdir / "test" / "ok", "normal test images")]
     gt = pdir / "ground_truth" / "ko"
@@ -427,18 +434,28 @@ def detect_layout(root: str | Path, product: str | None = None) -> str:
     raise UserError(f"{pdir}: not an MVTec (train/good) or BTAD (train/ok) product folder, nor a CSV")
 
 
+def load_normal_folder(folder: str | Path, product: str) -> Dataset:
+    """A plain folder of defect-free images (every format OpenCV reads, any mix of sizes: each is
+    resized to the model input exactly as the worker resizes a frame), for fitting only."""
+    folder = Path(folder)
+    train = [ImageItem(p, GOOD, None, None, product, GOOD) for p in list_images(folder, "normal images")]
+    return Dataset(folder, product, "normal-folder", train, [])
+
+
 def open_dataset(root: str | Path, product: str | None = None, layout: str = "auto",
-                 categories_csv: str | Path | None = None, check_masks: bool = True) -> Dataset:
-    """Open a product from any supported layout (``auto`` detects it)."""
+                 categories_csv: str | Path | None = None, check_masks: bool = True,
+                 train_only: bool = False) -> Dataset:
+    """Open a product from any supported layout (``auto`` detects it); ``train_only``: only its
+    normal training images (what ``calibrate fit`` needs)."""
     layout = detect_layout(root, product) if layout == "auto" else layout
     if layout == "folder":
-        return load_folder_csv(root, product, check_masks=check_masks)
+        return load_folder_csv(root, product, check_masks=check_masks and not train_only)
     if product is None:
         raise UserError(f"{root}: a product name is needed for the {layout} layout")
     if layout == "mvtec":
-        return load_mvtec(root, product, categories_csv, check_masks=check_masks)
+        return load_mvtec(root, product, categories_csv, check_masks=check_masks, train_only=train_only)
     if layout == "btad":
-        return load_btad(root, product, categories_csv, check_masks=check_masks)
+        return load_btad(root, product, categories_csv, check_masks=check_masks, train_only=train_only)
     raise UserError(f"unknown dataset layout {layout!r} (mvtec, btad, folder, auto)")
 
 

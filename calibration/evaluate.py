@@ -53,7 +53,9 @@ class ModelEvaluation:
                 "aupro": overall["aupro"], "image_auroc": overall["image_auroc"],
                 "chosen": self.chosen, "threshold": self.thresholds.get(self.chosen),
                 "iou": overall.get(f"iou_{self.chosen}"), "iou_category_mean": avg,
-                "regret": overall.get(f"regret_{self.chosen}")}
+                "regret": overall.get(f"regret_{self.chosen}"),
+                # at the served verdict (linewatch.inspection.verdict.judge); calibration.frame_kpis
+                **{k: self.extra.get("frame_kpis", {}).get(k) for k in ("escape_rate", "false_reject_rate")}}
 
 
 def groups_of(test: LabelledSet) -> list[tuple[str, np.ndarray]]:

@@ -47,14 +47,22 @@ def recommend_from_categories(categories: list[str], label_source: str = "labels
     if total == 0:
         return Recommendation(model_kind="padim", reason="no labelled defects: the study's default for a new product",
                               proportions=props, counts=full_counts, label_source=label_source)
-    top = max(CATEGORIES, key=lambda c: (props[c], c == "surface"))
+    shares = ", ".join(f"{c} {props[c]:.0%}" for c in sorted(CATEGORIES, key=lambda c: -props[c]) if counts[c])
+    best = max(props.values())
+    leaders = [c for c in CATEGORIES if counts[c] and props[c] == best]
+    if len(leaders) > 1:  # a tie: no category may be called "most"
+        return Recommendation(model_kind="padim",
+                              reason=f"no category dominates ({shares} of {total}); PaDiM with the IoU-curve "
+                                     "threshold is the study's recommendation unless surface defects dominate",
+                              proportions=props, counts=full_counts, label_source=label_source)
+    top = leaders[0]
     if top == "surface" and props["surface"] >= SURFACE_DOMINATES:
         return Recommendation(model_kind="cflow",
-                              reason=f"surface defects dominate ({props['surface']:.0%} of {total}); the study found "
+                              reason=f"surface defects dominate ({shares} of {total}); the study found "
                                      "CFLOW better than PaDiM on surface defects",
                               proportions=props, counts=full_counts, label_source=label_source)
     return Recommendation(model_kind="padim",
-                          reason=f"most defects are {top} ({props[top]:.0%} of {total}); PaDiM with the IoU-curve "
+                          reason=f"most defects are {top} ({shares} of {total}); PaDiM with the IoU-curve "
                                  "threshold is the study's recommendation unless surface defects dominate",
                           proportions=props, counts=full_counts, label_source=label_source)
 

@@ -204,6 +204,15 @@ def write_report(evals: list[ModelEvaluation], out_dir: Path, title: str = "line
             [r for r in e.rows if r["group"] == "all"],
             ["method", "threshold", "iou", "dice", "pooled_iou", "precision", "recall", "normal_false_alarm_rate",
              "oracle_iou", "regret"])))
+        kpis = e.extra.get("frame_kpis")
+        if kpis:
+            from calibration.frame_kpis import format_kpi
+
+            parts.append("<h3>Frames at the served verdict (test)</h3><ul>"
+                         + "".join(f"<li>{html.escape(format_kpi(k, kpis.get(k)))}</li>"
+                                   for k in ("escape_rate", "false_reject_rate"))
+                         + "</ul><p>escape = a defective frame judged normal; false reject = a normal frame "
+                           "judged defective; intervals are Wilson 95 %.</p>")
         ext = e.extra.get("extent")
         if ext and ext.get("iou_served") is not None:
             parts.append(f"<p><b>Region extent</b> (learned on the validation masks, reshapes the thresholded "

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from calibration.categorizer_samples import (categorizer_evaluation, extent_iou, fit_categorizer,
                                              pooled_category_samples, read_categorizer,
                                              resolve_categorizer_products, served_mask)
-from calibration.data import LabelledSet, load_product_splits, load_train, open_product
+from calibration.data import LabelledSet, load_product_splits, load_train
 from calibration.extent_fit import ExtentFit, fit_extent
 from calibration.mask_step import calibrate_refinement, choose_variant
 from calibration.thresholds import (METHODS, ThresholdReport, estimate_image_threshold, estimate_thresholds,
@@ -91,17 +91,24 @@ def background_of(labelled: LabelledSet) -> bool | None:
     return None if not flags else bool(np.mean(flags) >= 0.5)
 
 
-def fit_product(dataset_root: Path, product: str, work_dir: Path, model_kind: str = "padim",
+def fit_product(dataset_root: Path | None, product: str, work_dir: Path, model_kind: str = "padim",
                 input_size: int = 256, options: dict[str, Any] | None = None,
-                progress: bool = True) -> tuple[AnomalyModel, FitInfo]:
-    """Fit ``product``'s normal training images and save the model to ``work_dir``."""
-    ds = open_product(Path(dataset_root), product)
+                progress: bool = True, normal_dir: Path | None = None) -> tuple[AnomalyModel, FitInfo]:
+    """Fit ``product``'s normal training images and save the model to ``work_dir``. Only the
+    normal images are read: a dataset's train/good (MVTec) or train/ok (BTAD), or a plain
+    ``normal_dir`` of defect-free images; test images and masks are not needed to fit."""
+    from calibration.datasets import load_normal_folder, open_dataset
+
+    if (dataset_root is None) == (normal_dir is None):
+        raise UserError("fit: give either a dataset (--dataset) or a folder of normal images (--normal-dir)")
+    ds = (load_normal_folder(normal_dir, product) if normal_dir is not None
+          else open_dataset(Path(dataset_root), product, train_only=True))
     train = ds.train_images(input_size, progress=progress)
     if len(train) < 2:
         raise UserError(f"{ds.train[0].path.parent}: need at least 2 normal images, found {len(train)}")
     model, secs = fit_model(train, model_kind, input_size, options, progress)
     bg = ds.background
-    info = FitInfo(product=product, model_kind=model_kind, dataset=str(dataset_root), n_train=len(train),
+    info = FitInfo(product=product, model_kind=model_kind, dataset=str(dataset_root or normal_dir), n_train=len(train),
                    fit_seconds=round(secs, 2), input_size=input_size, background=bg, options=options or {})
     work_dir = Path(work_dir)
     model.save(work_dir)
@@ -266,7 +273,22 @@ def evaluate_model(name: str, product: str, model: AnomalyModel, test: LabelledS
         ev.extra["extent"] = extent_iou(maps, ev.served_masks, test, report.threshold, report.extent)
     ev.category_eval = categorizer_evaluation(categorizer, test, maps, report.threshold, product, raw, report.extent,
                                               served=ev.served_masks)
+    ev.extra["frame_kpis"] = served_frame_kpis(product, model, report, test, raw, scores)
     return ev
+
+
+def served_frame_kpis(product: str, model: AnomalyModel, report: ThresholdReport, test: LabelledSet,
+                      raw_maps: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """Escape and false-reject rates of the verdicts the worker would serve with this report:
+    the same ``judge`` on the raw maps, through the profile the report becomes."""
+    from calibration.frame_kpis import frame_kpis
+    from linewatch.inspection.extent import ExtentModel
+    from linewatch.inspection.verdict import inspect_images
+
+    profile = make_profile(product, model, report)
+    extent = ExtentModel.from_params(report.extent) if report.extent else None
+    verdicts = inspect_images(test.images, raw_maps, scores, profile, extent)
+    return frame_kpis([v.verdict == "defect" for v in verdicts], test.anomalous)
 
 
 # -- one shot --------------------------------------------------------------------------------------

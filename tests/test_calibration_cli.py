@@ -72,6 +72,21 @@ def test_calibrate_product_one_shot(line, tmp_path):
     for png in ("pcb_meandiff_threshold_curves.png", "pcb_meandiff_pr_roc.png", "pcb_meandiff_overlays.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000 and png in html
     assert "IoU curve" in html
+    # frame KPIs at the served verdict, recomputed here with the worker's judge on the stored profile
+    from calibration.data import load_product_splits
+    from calibration.frame_kpis import frame_kpis
+    from linewatch.inspection.verdict import inspect_images
+
+    test = prof.calibration_metrics["test"]
+    _, split = load_product_splits(line, "pcb", SIZE, progress=False)
+    raw, scores = model.predict(split.images)
+    verdicts = inspect_images(split.images, raw, scores, stored)
+    expect = frame_kpis([v.verdict == "defect" for v in verdicts], split.anomalous)
+    assert test["escape_rate"] == expect["escape_rate"] and test["false_reject_rate"] == expect["false_reject_rate"]
+    assert test["escape_rate"]["n"] == int(split.anomalous.sum()) and len(test["false_reject_rate"]["ci95"]) == 2
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics[0]["headline"]["escape_rate"] == test["escape_rate"]  # metrics.json: one entry per model
+    assert "Frames at the served verdict" in html and "false reject rate" in html
 
 
 
@@ -142,7 +157,8 @@ def test_cli_run_one_shot(line, tmp_path, capsys):
     reg = tmp_path / "reg"
     assert run("run", "--dataset", line, "--product", "pcb", "--model-kind", "meandiff", "--input-size", SIZE,
                "--registry", reg, "--no-onnx", "-q") == 0
-    assert "published pcb v1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "published pcb v1" in out and "escape rate" in out and "false reject rate" in out
 
 
 def test_recommend():
@@ -318,3 +334,53 @@ def test_fit_categorizer_also_trains_on_the_unrefined_view(line):
     refined = fit_categorizer(val, raw ** 2, 0.1, "pcb", raw_maps=raw)
     assert plain is not None and refined is not None
     assert refined["trained_on"]["n_frames"] == 2 * plain["trained_on"]["n_frames"] > 0
+
+
+def test_recommend_says_no_category_dominates_on_a_tie_and_gives_the_measured_shares():
+    rec = recommend_from_categories(["structural", "surface", "contamination", "combined"] * 7)
+    assert rec.model_kind == "padim" and rec.reason.startswith("no category dominates")
+    assert "25%" in rec.reason and "of 28" in rec.reason and "most defects" not in rec.reason
+    rec = recommend_from_categories(["structural"] * 3 + ["surface"] * 2)
+    assert "most defects are structural (structural 60%, surface 40% of 5)" in rec.reason
+
+
+def test_fit_needs_only_train_good_in_the_mvtec_and_btad_layouts(data, tmp_path, capsys):
+    for sub in ("test", "ground_truth"):
+        shutil.rmtree(data / "pcb" / sub)
+    assert run("fit", "--dataset", data, "--product", "pcb", "--model-kind", "meandiff", "--input-size", SIZE,
+               "--out", tmp_path / "w", "-q") == 0
+    assert "on 8 normal images" in capsys.readouterr().out and (tmp_path / "w" / "fit.json").is_file()
+    btad = tmp_path / "btad" / "part" / "train" / "ok"
+    btad.mkdir(parents=True)
+    for f in sorted((data / "pcb" / "train" / "good").iterdir()):
+        shutil.copy(f, btad / f.name)
+    assert run("fit", "--dataset", tmp_path / "btad", "--product", "part", "--model-kind", "meandiff",
+               "--input-size", SIZE, "--out", tmp_path / "wb", "-q") == 0
+
+
+def test_fit_from_a_plain_normal_folder_of_mixed_formats_and_sizes(data, tmp_path, capsys):
+    folder = tmp_path / "normals"
+    folder.mkdir()
+    for i, f in enumerate(sorted((data / "pcb" / "train" / "good").iterdir())):
+        img = cv2.imread(str(f))
+        if i % 2:  # another size and format: resized as the worker resizes a frame
+            cv2.imwrite(str(folder / f"{i:03d}.jpg"), cv2.resize(img, (96, 80)))
+        else:
+            cv2.imwrite(str(folder / f"{i:03d}.png"), img)
+    assert run("fit", "--normal-dir", folder, "--product", "pcb", "--model-kind", "meandiff", "--input-size", SIZE,
+               "--out", tmp_path / "w", "-q") == 0
+    assert "on 8 normal images" in capsys.readouterr().out
+    info = json.loads((tmp_path / "w" / "fit.json").read_text())
+    assert info["dataset"] == str(folder) and info["n_train"] == 8
+
+
+def test_fit_refuses_an_empty_normal_folder_and_a_dataset_without_normal_images(data, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert run("fit", "--normal-dir", tmp_path / "empty", "--product", "pcb", "--model-kind", "meandiff",
+               "--out", tmp_path / "w", "-q") == 2
+    line = err_line(capsys)
+    assert str(tmp_path / "empty") in line and "is empty" in line
+    shutil.rmtree(data / "pcb" / "train")  # defect images, no normal ones
+    assert run("fit", "--dataset", data, "--product", "pcb", "--model-kind", "meandiff",
+               "--out", tmp_path / "w2", "-q") == 2
+    assert "not an MVTec (train/good)" in err_line(capsys) and not (tmp_path / "w2").exists()
