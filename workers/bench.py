@@ -79,21 +79,28 @@ def bench_products(n: int) -> list[str]:
     return [BENCH_PRODUCT] + [f"{BENCH_PRODUCT}-{i}" for i in range(2, n + 1)]
 
 
-def produce_frames(settings: Any, jpegs: list[bytes], n: int, product: str | list[str] = BENCH_PRODUCT) -> list[str]:
+def produce_frames(settings: Any, jpegs: list[bytes], n: int, product: str | list[str] = BENCH_PRODUCT,
+                   rate: float | None = None, camera: str = "benchcam") -> list[str]:
     """Send ``n`` frames (cycling ``jpegs``, and the products when given several) to
-    ``settings.topics.frames``; every delivery is checked. Returns the frame ids."""
+    ``settings.topics.frames``, as fast as possible or paced at ``rate`` frames/s (a camera:
+    each frame stamped with its send time as capture time); every delivery is checked.
+    Returns the frame ids."""
     from linewatch.kafka.io import make_producer, send_nowait
     from linewatch.messages import FrameHeaders
 
-    producer = make_producer(settings, client_id="linewatch-bench-worker-producer", linger_ms=20)
+    producer = make_producer(settings, client_id=f"linewatch-bench-{camera}", linger_ms=0 if rate else 20)
     products = [product] if isinstance(product, str) else list(product)
     ids, pending = [], []
+    t0 = time.perf_counter()
     try:
         for seq in range(n):
-            fid = FrameHeaders.new_frame_id("benchcam", seq)
-            hdr = FrameHeaders(frame_id=fid, product=products[seq % len(products)], camera="benchcam", line="bench",
-                               seq=seq,
-                               capture_ts_ms=int(time.time() * 1000), encoding="jpeg")
+            if rate:
+                wait = t0 + seq / rate - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+            fid = FrameHeaders.new_frame_id(camera, seq)
+            hdr = FrameHeaders(frame_id=fid, product=products[seq % len(products)], camera=camera, line="bench",
+                               seq=seq, capture_ts_ms=int(time.time() * 1000), encoding="jpeg")
             pending.append(send_nowait(producer, settings.topics.frames, jpegs[seq % len(jpegs)], key=fid,
                                        headers=hdr.to_kafka()))
             ids.append(fid)

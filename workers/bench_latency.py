@@ -87,34 +87,6 @@ def _wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> 
     raise RuntimeError(f"worker not ready after {timeout_s:.0f} s")
 
 
-def _send_paced(settings: Any, jpegs: list[bytes], rate: float, n: int, product: str) -> list[str]:
-    """``n`` frames at ``rate`` frames/s, each stamped with its send time as capture time."""
-    from linewatch.kafka.io import make_producer, send_nowait
-    from linewatch.messages import FrameHeaders
-
-    producer = make_producer(settings, client_id="linewatch-bench-latency-camera", linger_ms=0)
-    ids, pending = [], []
-    t0 = time.perf_counter()
-    try:
-        for seq in range(n):
-            due = t0 + seq / rate
-            now = time.perf_counter()
-            if due > now:
-                time.sleep(due - now)
-            fid = FrameHeaders.new_frame_id("latcam", seq)
-            hdr = FrameHeaders(frame_id=fid, product=product, camera="latcam", line="bench", seq=seq,
-                               capture_ts_ms=int(time.time() * 1000), encoding="jpeg")
-            pending.append(send_nowait(producer, settings.topics.frames, jpegs[seq % len(jpegs)], key=fid,
-                                       headers=hdr.to_kafka()))
-            ids.append(fid)
-        producer.flush()
-        for p in pending:
-            p.result(timeout=60)
-    finally:
-        producer.close(timeout=5)
-    return ids
-
-
 def _child(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     launcher = Path(sys.executable).with_name("linewatch")
     return subprocess.Popen([sys.executable, str(launcher), *args], env=env, stdout=subprocess.PIPE,
@@ -145,7 +117,7 @@ def measure_cell(broker: Any, registry: Path, jpegs: list[bytes], batching: Batc
     from linewatch.kafka.broker import bench_topics, free_port
     from linewatch.kafka.io import ensure_topics
     from linewatch.settings import load_settings
-    from workers.bench import read_results
+    from workers.bench import produce_frames, read_results
 
     topics = bench_topics(tag, frames_partitions=2)
     settings = load_settings(kafka={"bootstrap_servers": broker.bootstrap_servers}, topics=topics,
@@ -162,7 +134,7 @@ def measure_cell(broker: Any, registry: Path, jpegs: list[bytes], batching: Batc
         sink = _child(["sink", "--db", str(db), "--group-id", f"lat-s-{tag}", "--max-records", str(n)], env)
         try:
             _wait_ready(port, worker)
-            ids = _send_paced(settings, jpegs, rate, n, product)
+            ids = produce_frames(settings, jpegs, n, product, rate=rate, camera="latcam")
             wsum, werr = _finish(worker, 120 + n / 10)
             _finish(sink, 120)
         finally:
