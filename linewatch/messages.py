@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 RESULT_SCHEMA_VERSION = 1
+VERDICT_SCHEMA_VERSION = 1
 CATEGORIES = ("structural", "surface", "contamination", "combined")
 Category = Literal["structural", "surface", "contamination", "combined", "unknown"]
 Encoding = Literal["jpeg", "png"]
@@ -49,6 +50,21 @@ class FrameHeaders(BaseModel):
 
     def to_kafka(self) -> list[tuple[str, bytes]]:
         return [(k, str(v).encode("utf-8")) for k, v in self.model_dump().items()]
+
+    @staticmethod
+    def frame_id_of(headers: list[tuple[str, bytes]] | None) -> str | None:
+        """The ``frame_id`` header when it is well formed, even if other headers are not, so a
+        dead-lettered frame can still be traced by the id its camera gave it."""
+        import re
+
+        for key, value in headers or []:
+            if key == "frame_id":
+                try:
+                    text = (value or b"").decode("utf-8")
+                except (UnicodeDecodeError, AttributeError):
+                    return None
+                return text if re.fullmatch(_ID_PATTERN, text) else None
+        return None
 
     @classmethod
     def from_kafka(cls, headers: list[tuple[str, bytes]] | None) -> "FrameHeaders":
@@ -87,7 +103,7 @@ class Region(BaseModel):
 
 
 class InspectionResult(BaseModel):
-    """Value of a `results` record (key = frame_id)."""
+    """Value of a `results` record (key = camera, so one camera's results stay in order)."""
 
     schema_version: int = RESULT_SCHEMA_VERSION
     frame_id: str
@@ -164,6 +180,46 @@ class Alert(BaseModel):
     window_frames: int
     ts_ms: int = Field(default_factory=now_ms)
     message: str
+
+
+class Verdict(BaseModel):
+    """What a bridge (``linewatch bridge mqtt|opcua``) presents to the line controller for one
+    frame: the verdict and the timing a reject gate needs. ``late`` is set when the verdict left
+    the bridge after the configured reject window (capture -> published), or after a newer
+    verdict of the same camera had already gone out; a late verdict is never presented as on
+    time, and what the line does with it (reject the part anyway, stop, ignore) is the line's
+    decision."""
+
+    schema_version: int = VERDICT_SCHEMA_VERSION
+    frame_id: str
+    product: str
+    line: str
+    camera: str
+    seq: int = Field(ge=0)
+    verdict: Literal["ok", "defect"]
+    category: Category
+    score: float = Field(description="image anomaly score of the frame")
+    image_threshold: float = Field(description="the score above which the frame is a defect")
+    capture_ts_ms: int = Field(ge=0)
+    published_ts_ms: int = Field(ge=0, description="when the bridge handed the verdict to MQTT / OPC UA")
+    latency_ms: float = Field(ge=0, description="capture -> published")
+    reject_window_ms: int = Field(ge=0, description="the window the verdict was judged against")
+    late: bool
+    profile_version: int
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode("utf-8")
+
+
+# What ``linewatch bridge opcua`` writes under Objects/<root>/<camera>/ (variable -> OPC UA
+# type): the Verdict's fields (schema_version and reject_window_ms aside), ``defect`` as a
+# Boolean a PLC rung can use directly, and ``verdict_json``, the whole Verdict.
+OPCUA_VARIABLES: dict[str, str] = {
+    "frame_id": "String", "seq": "Int64", "verdict": "String", "defect": "Boolean", "category": "String",
+    "score": "Double", "image_threshold": "Double", "capture_ts_ms": "Int64", "published_ts_ms": "Int64",
+    "latency_ms": "Double", "late": "Boolean", "product": "String", "line": "String", "camera": "String",
+    "profile_version": "Int64", "verdict_json": "String",
+}
 
 
 def b64(data: bytes | None) -> str | None:

@@ -138,6 +138,54 @@ class AlertSettings(BaseModel):
     clear_fraction: float = Field(0.8, gt=0, le=1, description="rate alert clears below max_defect_rate x this (hysteresis)")
 
 
+class MqttSettings(BaseModel):
+    """Where ``linewatch bridge mqtt`` publishes verdicts (QoS 1, one topic per camera)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    topic_template: str = Field("linewatch/{line}/{camera}/verdict", description=(
+        "MQTT topic per verdict; {line}, {camera} and {product} are filled in"))
+    client_id: str = "linewatch-bridge-mqtt"
+    username: str | None = None
+    password: SecretStr | None = None
+    tls_cafile: Path | None = Field(None, description="CA bundle; setting it (or tls) turns TLS on")
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    tls: bool = Field(False, description="TLS with the system CAs when no tls_cafile is given")
+    retain: bool = Field(False, description="retain the last verdict per camera on the broker")
+    keepalive_s: int = Field(30, ge=5)
+    group_id: str = "linewatch-bridge-mqtt"
+
+
+class OpcuaSettings(BaseModel):
+    """The OPC UA server ``linewatch bridge opcua`` writes verdicts to (as a client)."""
+
+    endpoint: str = "opc.tcp://127.0.0.1:4840"
+    namespace_uri: str = Field("urn:linewatch:verdicts", description="namespace of the nodes the bridge creates")
+    root: str = Field("linewatch", description="object under Objects holding one object per camera")
+    username: str | None = None
+    password: SecretStr | None = None
+    security_string: str | None = Field(None, description=(
+        "asyncua security string, e.g. Basic256Sha256,SignAndEncrypt,client-cert.pem,client-key.pem"))
+    group_id: str = "linewatch-bridge-opcua"
+
+
+class BridgeSettings(BaseModel):
+    """What both bridges share: the reject window, retries, the metrics endpoint."""
+
+    reject_window_ms: int = Field(1000, ge=1, description=(
+        "a verdict published later than this after capture is marked late"))
+    publish_timeout_s: float = Field(5.0, gt=0, description="wait for one publish to be acknowledged")
+    retry_backoff_max_s: float = Field(5.0, gt=0, description="retry delay grows to this while the target is down")
+    outage_limit_s: float = Field(300.0, ge=0, description=(
+        "exit (non-zero) when the target stays unreachable this long; 0 = retry forever"))
+    max_batch: int = Field(100, ge=1)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(0, ge=0, le=65535, description="0 = no metrics endpoint")
+    mqtt: MqttSettings = MqttSettings()
+    opcua: OpcuaSettings = OpcuaSettings()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LINEWATCH_",
@@ -154,6 +202,7 @@ class Settings(BaseSettings):
     sink: SinkSettings = SinkSettings()
     dashboard: DashboardSettings = DashboardSettings()
     alerts: AlertSettings = AlertSettings()
+    bridge: BridgeSettings = BridgeSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -2,7 +2,7 @@
 
 1. The core (``linewatch/``) never imports a service; ``linewatch/cli/``, the composition root, is
    the one exception, and it wires the services with plain imports, never through ``importlib``.
-2. The services (producers, workers, calibration, dashboard) never import each other.
+2. The services (producers, workers, calibration, dashboard, bridges) never import each other.
 3. No import cycle anywhere in the five packages.
 4. The code cites no missing document (there is no ``DESIGN.md``).
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("linewatch", "producers", "workers", "calibration", "dashboard")
-SERVICES = ("producers", "workers", "calibration", "dashboard")
+PACKAGES = ("linewatch", "producers", "workers", "calibration", "dashboard", "bridges")
+SERVICES = ("producers", "workers", "calibration", "dashboard", "bridges")
 
 
 def _lint_imports_command() -> list[str]:

@@ -269,4 +269,4 @@ def test_batch_processor_accounts_for_every_record(items):
             assert o.topic == "frames.dlq" and o.value == (rec.value or b"") and o.reason
             assert any(k == "dlq" for k, _ in o.headers)
         else:
-            assert o.topic == "results" and o.key == dict(rec.headers)["frame_id"]
+            assert o.topic == "results" and o.key == dict(rec.headers)["camera"]

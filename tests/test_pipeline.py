@@ -240,7 +240,7 @@ def test_batch_results_and_dlq_reasons():
     assert ok.kafka_offset == 0 and ok.latency_ms >= 0 and out[0].topic == "results"
 
     d = InspectionResult.from_bytes(out[1].value)
-    assert out[1].key == b"cam1-1-x" and d.frame_id == "cam1-1-x"
+    assert out[1].key == b"cam1" and d.frame_id == "cam1-1-x"  # keyed by camera: in order per camera
     assert d.verdict == "defect" and len(d.regions) == 1 and d.category == "unknown"
     x, y, w, h = d.regions[0].bbox
     assert abs(x - 150) <= 5 and abs(y - 50) <= 4 and abs(w - 60) <= 10 and abs(h - 50) <= 8

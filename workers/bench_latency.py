@@ -129,7 +129,7 @@ def measure_cell(broker: Any, registry: Path, jpegs: list[bytes], batching: Batc
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="lw-latency-") as tmp:
         db = Path(tmp) / "latency.duckdb"
-        worker = _child(["work", "--registry", str(registry), "--group-id", f"lat-w-{tag}", "--threads", str(threads),
+        worker = _child(["-v", "work", "--registry", str(registry), "--group-id", f"lat-w-{tag}", "--threads", str(threads),
                          "--metrics-port", str(port), "--max-frames", str(n), "--no-create-topics", "--json"], env)
         sink = _child(["sink", "--db", str(db), "--group-id", f"lat-s-{tag}", "--max-records", str(n)], env)
         try:
@@ -159,7 +159,7 @@ def measure_cell(broker: Any, registry: Path, jpegs: list[bytes], batching: Batc
             "db_p50_ms": _pct(to_db, 50), "db_p99_ms": _pct(to_db, 99),
             "mean_batch": round(summary["frames"] / summary["batches"], 2) if summary.get("batches") else None,
             "over_capacity": growing,
-            **({"worker_error": werr.strip()[-800:]} if worker.returncode else {})}
+            **({"worker_log": werr.strip()[-1500:]} if worker.returncode or len(by_id) < n else {})}
 
 
 def measure_sink_rate(broker: Any, batching: Batching, n_rows: int, tag: str,
@@ -171,7 +171,8 @@ def measure_sink_rate(broker: Any, batching: Batching, n_rows: int, tag: str,
     from linewatch.settings import load_settings
 
     if not samples:
-        raise RuntimeError("no results to copy for the sink's write rate")
+        return {"batching": batching.name, "rows": 0, "rows_per_s": None,
+                "reason": "no results of the latency cells to copy"}
     topics = bench_topics(tag, frames_partitions=2)
     settings = load_settings(kafka={"bootstrap_servers": broker.bootstrap_servers}, topics=topics)
     ensure_topics(settings)
@@ -249,7 +250,8 @@ def format_latency(res: dict[str, Any]) -> str:
                      f"{c['db_p50_ms']} / {c['db_p99_ms']} | {c['mean_batch']} | {c['results']} / {c['frames']} |")
     if res["sink"]:
         lines += ["", "| batching | one sink, rows/s (drain of a pre-filled topic) |", "|---|---|"]
-        lines += [f"| {s['batching']} | {s['rows_per_s']:.0f} ({s['rows']} rows) |" for s in res["sink"]]
+        lines += [f"| {s['batching']} | {s['rows_per_s']:.0f} ({s['rows']} rows) |" if s["rows_per_s"]
+                  else f"| {s['batching']} | not measured: {s.get('reason')} |" for s in res["sink"]]
     lines.append(f"\n{res['duration_s']:g} s per cell, {res['cpus']} CPUs, load average {res['load_average']}")
     return "\n".join(lines)
 

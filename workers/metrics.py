@@ -10,16 +10,13 @@ orchestrator sends frames only to a worker that will not make them wait.
 
 from __future__ import annotations
 
-import json
-import logging
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
-log = logging.getLogger(__name__)
+from linewatch.metrics_http import MetricsServer
+
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -55,7 +52,7 @@ class WorkerMetrics:
         self.info.info({"worker_id": worker_id})
         self.ready_gauge = Gauge("linewatch_worker_ready", "1 once the published profiles are loaded and warmed",
                                  registry=r)
-        self._server: ThreadingHTTPServer | None = None
+        self._server: MetricsServer | None = None
         self._window: list[tuple[float, int]] = []
         self._engines: dict[str, tuple[str, int]] = {}
         self._ready: dict[str, Any] = {"ready": False, "worker_id": worker_id, "products": {}}
@@ -75,40 +72,11 @@ class WorkerMetrics:
 
     # -- the HTTP endpoint ---------------------------------------------------------------------
     def serve(self, host: str, port: int) -> None:
-        metrics = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
-                elif path == "/healthz":
-                    self._send(200, "text/plain; charset=utf-8", b"ok\n")
-                elif path == "/ready":
-                    body = metrics.readiness()
-                    self._send(200 if body["ready"] else 503, "application/json", json.dumps(body).encode())
-                else:
-                    self._send(404, "text/plain; charset=utf-8", b"not found: /metrics, /healthz, /ready\n")
-
-            def _send(self, code: int, ctype: str, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt: str, *args: Any) -> None:  # scrapes are not news
-                log.debug("metrics http: " + fmt, *args)
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
-        log.info("metrics on http://%s:%d/metrics (health: /healthz, /ready)", host, port)
+        self._server = MetricsServer(self.registry, host, port, self.readiness)
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             self._server = None
 
     def text(self) -> str:

@@ -95,17 +95,18 @@ def _dlq_event(rec: Any) -> store.DlqEvent:
 
 def _rejected_event(rec: Any, exc: Exception) -> store.DlqEvent:
     reason = f"sink: invalid result: {' '.join(str(exc).split())[:300]}"
-    key = rec.key.decode("utf-8", "replace") if isinstance(rec.key, bytes) else None
     return store.DlqEvent(
         record=DlqRecord(
-            frame_id=key[:128] if key else None,
+            frame_id=_short(_header(rec.headers, "frame_id")),
             reason=reason,
             stage="other",
             worker_id="sink",
             source_topic=rec.topic,
             source_partition=rec.partition,
             source_offset=rec.offset,
-        )
+        ),
+        product=_short(_header(rec.headers, "product")),
+        camera=_short(_header(rec.headers, "camera")),
     )
 
 

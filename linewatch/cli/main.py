@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+import bridges.cli
 import calibration.cli
 import dashboard.cli
 import producers.bench
@@ -23,10 +24,10 @@ import workers.bench_engines
 import workers.bench_latency
 import workers.cli
 from linewatch import __version__
-from linewatch.cli import broker, demo, synth
+from linewatch.cli import broker, contracts, demo, synth
 
 # modules whose register() adds top-level subcommands, in --help order
-COMMANDS = [broker, producers.cli, synth, calibration.cli, workers.cli, dashboard.cli, demo]
+COMMANDS = [broker, producers.cli, synth, calibration.cli, workers.cli, bridges.cli, dashboard.cli, demo, contracts]
 # modules whose register_bench() adds one `linewatch bench` subcommand each
 BENCHES = [producers.bench, workers.bench_engines, workers.bench, workers.bench_latency]
 
