@@ -73,12 +73,14 @@ def settings_from_args(args: argparse.Namespace):
     section = getattr(bridge, target)
     flags = {"mqtt": ("host", "port", "topic_template", "username", "tls_cafile"),
              "opcua": ("endpoint", "root", "namespace_uri", "username")}[target]
-    section = section.model_copy(update={k: getattr(args, k) for k in flags if getattr(args, k, None) is not None})
+    updates = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
     if args.group_id:
-        section = section.model_copy(update={"group_id": args.group_id})
+        updates["group_id"] = args.group_id
+    # validated like settings from env / TOML: a bad flag is the same one-line error
+    section = type(section).model_validate({**section.model_dump(), **updates})
     top = {k: getattr(args, k) for k in ("reject_window_ms", "outage_limit_s", "metrics_port")
            if getattr(args, k) is not None}
-    bridge = bridge.model_copy(update={**top, target: section})
+    bridge = type(bridge).model_validate({**bridge.model_dump(), **top, target: section})
     settings = settings.model_copy(update={"bridge": bridge})
     if args.bootstrap_servers:
         settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(

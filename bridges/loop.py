@@ -128,8 +128,9 @@ class _Delivery:
         down = time.monotonic() - started
         limit = self.bs.outage_limit_s
         if limit and down > limit:
-            raise BridgeOutage(f"{self.publisher.where} unreachable for {down:.0f} s ({err}); {waiting} verdicts "
-                               f"not delivered and not committed: a restart resumes from them")
+            held = (f"{waiting} verdicts not delivered and not committed: a restart resumes from them" if waiting
+                    else "nothing consumed yet")
+            raise BridgeOutage(f"{self.publisher.where} unreachable for {down:.0f} s ({err}); {held}")
         self._keep_membership()
         if self.stop.wait(delay):
             raise _Stopped()
@@ -148,8 +149,9 @@ class _Delivery:
     def _outage_starts(self, err: Exception, waiting: int) -> float:
         self._set_connected(False)
         self.stats.outages += 1
-        log.warning("%s: %s; %d verdicts wait, nothing committed past them; retrying (every <= %g s, "
-                    "giving up after %s)", self.publisher.where, err, waiting, self.bs.retry_backoff_max_s,
+        held = f"{waiting} verdicts wait, nothing committed past them" if waiting else "nothing consumed yet"
+        log.warning("%s: %s; %s; retrying (every <= %g s, giving up after %s)", self.publisher.where, err, held,
+                    self.bs.retry_backoff_max_s,
                     f"{self.bs.outage_limit_s:g} s" if self.bs.outage_limit_s else "never")
         return time.monotonic()
 
@@ -215,11 +217,16 @@ def _valid(rec: Any, stats: BridgeStats, metrics: BridgeMetrics | None, target: 
     try:
         return InspectionResult.from_bytes(rec.value)
     except (ValidationError, ValueError, TypeError) as exc:
+        why = " ".join(str(exc).split())[:300]
+        if isinstance(exc, ValidationError) and exc.errors():
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "record"
+            why = f"{where}: {first.get('msg')} ({exc.error_count()} errors)"
         stats.invalid += 1
         if metrics is not None:
             metrics.skipped.labels(target, "invalid").inc()
         log.warning("skipping %s[%d]@%d: not a valid result (docs/contracts/results.value.schema.json): %s",
-                    rec.topic, rec.partition, rec.offset, " ".join(str(exc).split())[:300])
+                    rec.topic, rec.partition, rec.offset, why)
         return None
 
 

@@ -65,9 +65,22 @@ class OpcuaPublisher:
             await client.set_security_string(cfg.security_string)
         await client.connect()
         self._client = client
-        self._ns = await client.register_namespace(cfg.namespace_uri)  # the index when it exists
+        self._ns = await self._namespace(client)
         self._root = await self._child_object(client.nodes.objects, cfg.root)
         self._nodes = {}
+
+    async def _namespace(self, client: Any) -> int:
+        from asyncua import ua
+
+        uris = await client.get_namespace_array()
+        if self.cfg.namespace_uri in uris:
+            return uris.index(self.cfg.namespace_uri)
+        try:  # servers that let a client register one (most PLCs do not)
+            return await client.register_namespace(self.cfg.namespace_uri)
+        except ua.UaStatusCodeError as exc:
+            raise PublishError(f"the server has no namespace {self.cfg.namespace_uri!r} and refuses to add it "
+                               f"({exc.code_as_name() if hasattr(exc, 'code_as_name') else exc}); register it on "
+                               "the server or set bridge.opcua.namespace_uri to one it has") from None
 
     async def _child_object(self, parent: Any, name: str) -> Any:
         from asyncua import ua

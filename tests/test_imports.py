@@ -95,7 +95,9 @@ def _help(command: str) -> str:
 ENTRY_POINTS = {
     "build_parser": "import linewatch.cli as c; c.build_parser()",
     "services": "import producers.producer, workers.sink, dashboard.queries",
-    **{f"{cmd} --help": _help(cmd) for cmd in ("produce", "sink", "dashboard", "broker", "calibrate", "work", "bench")},
+    "bridges": "import bridges.loop, bridges.mqtt, bridges.opcua, bridges.cli",
+    **{f"{cmd} --help": _help(cmd) for cmd in ("produce", "sink", "dashboard", "broker", "calibrate", "work", "bench",
+                                               "bridge", "contracts")},
 }
 
 
