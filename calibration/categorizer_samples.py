@@ -66,7 +66,9 @@ def _category_samples(data: LabelledSet, maps: np.ndarray, threshold: float, pro
     """Labelled anomalous images as the categorizer sees them at inference: regions from the
     (refined) thresholded map and the learned extent (``served_mask``; ``served``: those masks,
     already made by the caller), map features from the RAW map -- exactly what the worker passes
-    to categorize_frame -- and the true mask kept to tell which regions are real."""
+    to categorize_frame -- and the true mask kept to tell which regions are real. A defect known
+    by its image label only has no true mask: every region of its frame carries the frame's
+    category (the frame-level labels the categorizer can still learn from)."""
     from calibration.categorizer_fit import CategorySample
     from linewatch.messages import CATEGORIES
 
@@ -76,7 +78,7 @@ def _category_samples(data: LabelledSet, maps: np.ndarray, threshold: float, pro
                                                                                   data.images, extent),
                            amap=feats[i],
                            threshold=threshold, background=data.background[i], product=product,
-                           gt_mask=data.masks[i], normal=normal)
+                           gt_mask=data.masks[i] if data.pixel_rows[i] else None, normal=normal)
             for i, c in enumerate(data.categories) if c in CATEGORIES]
 
 
@@ -132,19 +134,24 @@ def raw_view_samples(val: LabelledSet, raw_maps: np.ndarray, served_maps: np.nda
     the view would be the same regions again)."""
     if served_maps is raw_maps or np.array_equal(served_maps, raw_maps):
         return []
-    thr = raw_view_threshold(raw_maps, val.masks)
+    k = val.pixel_rows
+    if not (val.anomalous & k).any():
+        return []
+    thr = raw_view_threshold(raw_maps[k], val.masks[k])
     return [] if thr is None else _category_samples(val, raw_maps, thr, product, raw_maps, normal)
 
 
 def fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, product: str,
                     raw_maps: np.ndarray | None = None, normal: dict[str, Any] | None = None,
-                    pooled: list | None = None, extent: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                    pooled: list | None = None, extent: dict[str, Any] | None = None,
+                    why: list[str] | None = None) -> dict[str, Any] | None:
     """Categorizer parameters trained on the validation images -- this product's weighed up,
     plus ``pooled`` samples of other products (``pooled_category_samples``) -- or None (said in
     the log) when the labels are too few. ``normal``: this product's normal appearance, stored
     with the parameters for the worker. With ``raw_maps`` that differ from ``val_maps`` (a mask
     step is on), ``raw_view_samples`` join the training. A product whose anomalous validation
-    images carry no category learns from ``pooled`` alone."""
+    images carry no category learns from ``pooled`` alone. ``why``, when given, receives the
+    reason when no categorizer comes out (the profile's notes say it)."""
     from calibration.categorizer_fit import train_categorizer
 
     samples = _category_samples(val, val_maps, threshold, product, raw_maps, normal, extent)
@@ -155,12 +162,15 @@ def fit_categorizer(val: LabelledSet, val_maps: np.ndarray, threshold: float, pr
         return train_categorizer(samples + pooled, product=product, region_source="predicted", normal=normal)
     except UserError as exc:
         log.info("categorizer on predicted regions failed for %s (%s); using the true masks", product, exc)
+    samples = [smp for smp in samples if smp.gt_mask is not None]  # image-level labels have no mask to fall back on
     for smp in samples:  # too few predicted regions: learn from the labelled masks themselves
         smp.mask = smp.gt_mask
     try:
         return train_categorizer(samples + pooled, product=product, region_source="ground_truth", normal=normal)
     except UserError as exc:
         log.warning("categorizer not trained for %s: %s", product, exc)
+        if why is not None:
+            why.append(f"no categorizer: {exc}")
         return None
 
 

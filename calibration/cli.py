@@ -51,15 +51,37 @@ def _add_source(p: argparse.ArgumentParser, which: str) -> None:
     p.add_argument(f"--{which}", dest="folder", type=Path, metavar="DIR",
                    help=f"use this whole folder as the {which} set instead (<DIR>/<defect>/*.png with "
                         "ground_truth/<defect>/*_mask.png beside it)")
+    _plain_folders(p, f"the whole {which} set")
     p.add_argument("--categories", type=Path, help="product-agnostic labels CSV (default <dataset>/categories.csv)")
     p.add_argument("--val-fraction", type=float, default=1 / 3, help="share of the test images used for validation (default 1/3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation/test split (default 0)")
 
 
+def _plain_folders(p: argparse.ArgumentParser, role: str) -> None:
+    p.add_argument("--defect-dir", type=Path, metavar="DIR",
+                   help=f"a plain folder of defective images, image-level labels only (sub-folders named structural, "
+                        f"surface, contamination or combined give the category); with --normal-test-dir it is {role} "
+                        "(default: none, the dataset's test images)")
+    p.add_argument("--normal-test-dir", type=Path, metavar="DIR",
+                   help="a plain folder of defect-free images the model is not fitted on, beside --defect-dir "
+                        "(default: none)")
+
+
+def _target_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target-escape-rate", type=float, metavar="R",
+                   help="place the image threshold at the lowest validation false-reject point whose validation "
+                        "escape rate is <= R (refused when the validation set has too few defective images to show "
+                        "R: Wilson rule, docs/calibration.md); default: the image ROC's Youden point")
+
+
 def _load_set(args: argparse.Namespace, which: str, size: int, progress: bool = True):
-    from calibration.data import load_product_splits, load_validation_folder
+    from calibration.data import load_plain_sets, load_product_splits, load_validation_folder
     from linewatch.errors import UserError
 
+    if getattr(args, "defect_dir", None) is not None or getattr(args, "normal_test_dir", None) is not None:
+        if args.defect_dir is None:
+            raise UserError(f"{args.normal_test_dir}: --normal-test-dir needs --defect-dir (the defective images)")
+        return load_plain_sets(args.product or "product", args.defect_dir, args.normal_test_dir, size, progress)
     if args.folder is not None:
         return load_validation_folder(args.folder, size, args.categories, progress)
     if args.dataset is None or not args.product:
@@ -91,16 +113,21 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     val = _load_set(args, "val", model.input_size, not args.quiet)
     pooled = _categorizer_pool(args, model.input_size)  # first: a bad pool leaves the work folder untouched
     fitted_config = json.dumps(model.config(), sort_keys=True)  # a copy: the options dict is live
-    report, val_maps = threshold_model(model, val, args.method, args.k_std, args.quantile, progress=not args.quiet)
+    report, val_maps = threshold_model(model, val, args.method, args.k_std, args.quantile, progress=not args.quiet,
+                                       target_escape_rate=args.target_escape_rate)
     if json.dumps(model.config(), sort_keys=True) != fitted_config:  # the calibration chose a model setting (PaDiM's texture term)
         model.save(args.model)
     path = save_threshold(args.model, report)
     from calibration.categorizer_samples import CATEGORIZER_FILE, fit_categorizer, save_categorizer
 
+    why: list[str] = []
     cat = fit_categorizer(val, report.mask_step.apply_all(val_maps, val.images),
                           report.threshold, args.product or "product", raw_maps=val_maps,
                           normal=_normal_appearance(info, args.product, model.input_size),
-                          pooled=pooled, extent=report.extent)
+                          pooled=pooled, extent=report.extent, why=why)
+    if why:
+        report = report.model_copy(update={"notes": [*report.notes, *why]})
+        path = save_threshold(args.model, report)
     cat_path = Path(args.model) / CATEGORIZER_FILE
     if cat is not None:
         save_categorizer(args.model, cat)
@@ -108,6 +135,8 @@ def cmd_threshold(args: argparse.Namespace) -> int:
         cat_path.unlink()  # a stale categorizer from an earlier threshold run would not match
     print(report.table())
     print(f"\nchosen: {report.chosen} = {report.threshold:.6g} -- {report.reason}")
+    if report.image_threshold is not None:
+        print(f"image threshold {report.image_threshold:.6g} -- {report.image_threshold_reason}")
     for note in report.notes:
         print(f"note: {note}")
     print(f"saved {path}")
@@ -129,7 +158,12 @@ def _normal_appearance(info: Any, product: str | None, size: int) -> dict[str, A
     if info is None or not product:
         return None
     try:
-        return normal_appearance(load_train(Path(info.dataset), product, size, False))
+        src = Path(info.dataset)
+        if src.is_dir() and not (src / product).is_dir():  # a plain --normal-dir folder
+            from calibration.datasets import load_normal_folder
+
+            return normal_appearance(load_normal_folder(src, product).train_images(size))
+        return normal_appearance(load_train(src, product, size, False))
     except (UserError, OSError) as exc:
         logging.getLogger(__name__).info("categorizer without normal appearance: %s", exc)
         return None
@@ -237,11 +271,21 @@ def cmd_run(args: argparse.Namespace) -> int:
                              input_size=args.input_size, method=args.method, options=_options(args.option),
                              val_fraction=args.val_fraction, seed=args.seed, report_dir=args.report,
                              publish=not args.no_publish, export_onnx=not args.no_onnx, progress=not args.quiet,
-                             categorizer_products=(args.categorizer_products or "").split(","))
+                             categorizer_products=(args.categorizer_products or "").split(","),
+                             normal_dir=args.normal_dir, defect_dir=args.defect_dir,
+                             normal_test_dir=args.normal_test_dir, target_escape_rate=args.target_escape_rate)
     test = prof.calibration_metrics.get("test", {})
+    labels = prof.calibration_metrics.get("labels", {})
+    if test.get("pixel_metrics") == "needs masks":
+        pixel = "pixel AUROC, AUPRO, IoU: needs masks"
+    else:
+        pixel = (f"pixel AUROC {test.get('pixel_auroc')}, AUPRO {test.get('aupro')}, IoU {test.get('iou')}, "
+                 f"regret {test.get('regret')}" + (f" ({test['pixel_metrics']})" if test.get("pixel_metrics") else ""))
     print(f"{prof.product}: {prof.model_kind}, threshold {prof.threshold_method} = {prof.threshold:.6g}; "
-          f"test pixel AUROC {test.get('pixel_auroc')}, AUPRO {test.get('aupro')}, IoU {test.get('iou')}, "
-          f"regret {test.get('regret')}")
+          f"test image AUROC {test.get('image_auroc')}, {pixel}")
+    if labels:
+        print(f"{prof.product}: labels: validation {labels.get('validation')}; test {labels.get('test')}; "
+              f"{labels.get('pixel_threshold')}")
     from calibration.frame_kpis import format_kpi
 
     print(f"{prof.product}: test frames at the served verdict: {format_kpi('escape_rate', test.get('escape_rate'))}; "
@@ -279,7 +323,8 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     reg = Registry(_registry_dir(args))
     current = reg.read_profile(args.product)
     val = _load_set(args, "val", current.input_size, not args.quiet)
-    prof, report = recalibrate(reg.root, args.product, val, args.method, args.k_std, args.quantile)
+    prof, report = recalibrate(reg.root, args.product, val, args.method, args.k_std, args.quantile,
+                               target_escape_rate=args.target_escape_rate)
     print(report.table())
     print(f"\nchosen: {report.chosen} = {report.threshold:.6g} (was {current.threshold:.6g} in v{current.version})")
     print(f"published {prof.product} v{prof.version} (model files of v{current.version}, not refitted)")
@@ -381,6 +426,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, required=True, help="work folder written by `calibrate fit`")
     _add_source(p, "val")
     thresholds(p)
+    _target_option(p)
     _categorizer_products_option(p)
     p.add_argument("--publish", action="store_true", help="publish the result as the product's next profile")
     p.add_argument("--no-onnx", action="store_true", help="do not export model.onnx when publishing")
@@ -396,10 +442,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common(p, registry=True)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("run", help="fit + threshold + evaluate + publish a product in one go")
-    p.add_argument("--dataset", type=Path, required=True,
-                   help="dataset root: MVTec AD (<root>/<product>/train/good, test/, ground_truth/), BTAD, or folder+CSV")
-    p.add_argument("--product", required=True, help="product name (a folder under --dataset)")
+    p = sub.add_parser("run", help="fit + threshold + evaluate + publish a product in one go",
+                       description="Fit, threshold, evaluate and publish a product from a dataset (MVTec AD, "
+                       "BTAD, folder+CSV; defects with or without masks) or from plain folders: --normal-dir "
+                       "(fit) + --defect-dir + --normal-test-dir (image-level labels, split into validation and "
+                       "test).")
+    p.add_argument("--dataset", type=Path,
+                   help="dataset root: MVTec AD (<root>/<product>/train/good, test/, ground_truth/), BTAD, or "
+                        "folder+CSV (default: none; then --normal-dir, --defect-dir and --normal-test-dir)")
+    p.add_argument("--product", required=True, help="product name (a folder under --dataset; the profile's name)")
+    p.add_argument("--normal-dir", type=Path, metavar="DIR",
+                   help="a plain folder of defect-free images to fit on, instead of the dataset's train/good "
+                        "(default: none)")
+    _plain_folders(p, "split into validation and test like a dataset's test images")
+    _target_option(p)
     p.add_argument("--model-kind", default="padim", help="model family: padim (default), cflow, patchcore, reconstruction, attribution, meandiff (trivial baseline)")
     p.add_argument("--input-size", type=int, default=256, help="model input side in pixels (default 256)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
@@ -428,6 +484,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recalibrate", help="new threshold for a published profile from new validation images")
     _add_source(p, "val")
     thresholds(p, default=None)
+    _target_option(p)
     common(p, registry=True)
     p.set_defaults(func=cmd_recalibrate)
 

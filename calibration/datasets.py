@@ -5,7 +5,16 @@ training images and its labelled test images (product-agnostic category, backgro
 pixel mask) -- from whichever layout a line engineer has. Everything a person can get wrong
 is checked here and reported as one line naming the file and the problem (UserError):
 missing or empty folders, files that are not images, masks of another size than their image,
-masks that are not binary, category labels outside the four.
+masks that are not binary, category labels outside the four, defect images with no normal
+images to set a threshold against.
+
+A defective image need not have a mask (what plants have is often a folder of rejects): its
+``mask_path`` is then None and it counts as an image-level label -- it sets the image threshold
+and the frame KPIs, never the pixel methods or pixel metrics. That happens for an MVTec or BTAD
+defect folder with no ``ground_truth/<defect>/`` folder beside it, a CSV row with an empty (or
+no) mask column, and the plain folders of ``load_plain_folders``. A ``ground_truth/<defect>/``
+folder that exists must hold every mask of its defect folder (a missing one is an error, not a
+silent image-level label: it is usually a typo).
 
 Layouts::
 
@@ -16,6 +25,8 @@ Layouts::
                <root>/<product>/ground_truth/ko/<stem>.png
     folder+CSV a CSV with columns path, category [, mask, background, split, product];
                paths relative to the CSV's folder; category "good" or one of the four.
+    folders    --normal-dir (fit), --defect-dir (defective, sub-folders may name the
+               category), --normal-test-dir (defect-free, not fitted on): image labels only
 
 The product-agnostic labels are a CSV ``path, category [, product, background]`` with paths
 relative to the dataset root (``<root>/categories.csv`` is picked up automatically). MVTec
@@ -54,7 +65,7 @@ class ImageItem:
 
     path: Path
     category: str  # "good", one of CATEGORIES, or "unknown" (anomalous, unlabelled)
-    mask_path: Path | None = None  # None for normal images
+    mask_path: Path | None = None  # None for normal images and for image-level labels (no mask drawn)
     background: bool | None = None
     product: str = ""
     defect_type: str = ""  # the layout's own folder name (MVTec "broken_large", BTAD "ko", ...)
@@ -315,9 +326,11 @@ def load_mvtec(root: str | Path, product: str, categories_csv: str | Path | None
                 cat = GOOD if d == GOOD else (d if d in CATEGORIES else UNKNOWN)
             if (d == GOOD) != (cat == GOOD):
                 raise UserError(f"{csv_path}: {p.relative_to(root).as_posix()} is in folder {d!r} but labelled {cat!r}")
-            mask = None if d == GOOD else pdir / "ground_truth" / d / f"{p.stem}_mask.png"
+            gt = pdir / "ground_truth" / d
+            mask = None if d == GOOD or not gt.is_dir() else gt / f"{p.stem}_mask.png"
             test.append(ImageItem(p, cat, mask, lab.background if lab else None, product, d))
     ds = Dataset(root, product, "mvtec", train, test, _product_background(train + test), csv_path)
+    check_has_normal(ds, test_dir)
     if check_masks:
         check_dataset_masks(ds)
     return ds
@@ -355,7 +368,8 @@ def load_btad(root: str | Path, product: str, categories_csv: str | Path | None 
         cat = lab.category if lab else UNKNOWN
         if cat == GOOD:
             raise UserError(f"{csv_path}: {p.relative_to(root).as_posix()} is in folder 'ko' but labelled 'good'")
-        test.append(ImageItem(p, cat, _btad_mask(gt, p), lab.background if lab else None, product, "ko"))
+        test.append(ImageItem(p, cat, _btad_mask(gt, p) if gt.is_dir() else None, lab.background if lab else None,
+                              product, "ko"))
     ds = Dataset(root, product, "btad", train, test, _product_background(train + test), csv_path)
     if check_masks:
         check_dataset_masks(ds)
@@ -366,7 +380,9 @@ def load_folder_csv(csv_path: str | Path, product: str | None = None, check_mask
     """A plain folder described by a CSV: ``path, category [, mask, background, split, product]``.
 
     Paths are relative to the CSV's folder. ``split`` is train/test (``val`` counts as test);
-    without it, normal images train the model and anomalous ones are the test set.
+    without it, normal images train the model and anomalous ones are the test set. A defective
+    row with an empty mask (or no mask column) is an image-level label; a mask that names a
+    missing file is an error naming the row.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -395,10 +411,10 @@ def load_folder_csv(csv_path: str | Path, product: str | None = None, check_mask
                 raise UserError(f"{p}: image file does not exist ({where})")
             cat = check_category(row.get("category") or "", where)
             bg = parse_background(row.get("background"), where)
-            mrel = (row.get("mask") or "").strip()
-            if cat != GOOD and not mrel:
-                raise UserError(f"{where}: anomalous image {rel} has no mask")
+            mrel = (row.get("mask") or "").strip() if cat != GOOD else ""
             mask = base / mrel if mrel else None
+            if mask is not None and not mask.is_file():
+                raise UserError(f"{mask}: ground-truth mask does not exist ({where})")
             split = (row.get("split") or "").strip().lower() or ("train" if cat == GOOD else "test")
             if split not in ("train", "test", "val", "validation"):
                 raise UserError(f"{where}: split {split!r} is not train/test/val")
@@ -415,6 +431,7 @@ def load_folder_csv(csv_path: str | Path, product: str | None = None, check_mask
         raise UserError(f"{csv_path}: no normal training images (category good, split train)")
     ds = Dataset(base, product or (train[0].product), "folder", train, test, _product_background(train + test),
                  csv_path)
+    check_has_normal(ds, csv_path)
     if check_masks:
         check_dataset_masks(ds)
     return ds
@@ -440,6 +457,55 @@ def load_normal_folder(folder: str | Path, product: str) -> Dataset:
     folder = Path(folder)
     train = [ImageItem(p, GOOD, None, None, product, GOOD) for p in list_images(folder, "normal images")]
     return Dataset(folder, product, "normal-folder", train, [])
+
+
+def load_plain_folders(product: str, normal_dir: str | Path | None = None, defect_dir: str | Path | None = None,
+                       normal_test_dir: str | Path | None = None) -> Dataset:
+    """Plain folders as a dataset with image-level labels only: ``normal_dir`` (defect-free, to
+    fit), ``defect_dir`` (defective: its images, and the images of sub-folders named for one of
+    the four categories, which label them), ``normal_test_dir`` (defect-free, not fitted on:
+    what the image threshold and the false-reject rate are measured against). Why a separate
+    normal test folder: a threshold set on the images the model was fitted on would read them
+    as more normal than the line's next frame. Any format OpenCV reads, any mix of sizes."""
+    train = ([ImageItem(p, GOOD, None, None, product, GOOD) for p in list_images(normal_dir, "normal images")]
+             if normal_dir is not None else [])
+    test: list[ImageItem] = []
+    if normal_test_dir is not None:
+        test += [ImageItem(p, GOOD, None, None, product, GOOD)
+                 for p in list_images(normal_test_dir, "normal test images")]
+    if defect_dir is not None:
+        defects = _defect_folder(Path(defect_dir), product)
+        if normal_test_dir is None:
+            raise UserError(f"{defect_dir}: defect images but no normal test images to set the image threshold "
+                            "against; pass --normal-test-dir DIR (defect-free images the model is not fitted on)")
+        test += defects
+    root = Path(defect_dir or normal_test_dir or normal_dir or ".")
+    return Dataset(root, product, "folders", train, test)
+
+
+def _defect_folder(folder: Path, product: str) -> list[ImageItem]:
+    """A folder of defective images; sub-folders must be named for one of the four categories."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: defect images folder does not exist")
+    items: list[ImageItem] = []
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if files:
+        items += [ImageItem(p, UNKNOWN, None, None, product, UNKNOWN) for p in list_images(folder, "defect images")]
+    for sub in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        cat = check_category(sub.name, f"{sub} (sub-folders of a defect folder name the category)", allow_good=False)
+        items += [ImageItem(p, cat, None, None, product, cat) for p in list_images(sub, f"defect images ({cat})")]
+    if not items:
+        raise UserError(f"{folder}: defect images folder is empty")
+    return items
+
+
+def check_has_normal(ds: Dataset, where: str | Path) -> None:
+    """Defective images without masks need normal images beside them: the image threshold and the
+    pixel threshold (normal statistics) are set against normal images, so a set of defects alone
+    can calibrate nothing (UserError naming the folder)."""
+    if any(i.anomalous and i.mask_path is None for i in ds.test) and not any(not i.anomalous for i in ds.test):
+        raise UserError(f"{where}: defect images but no normal ones (add defect-free test images, e.g. test/good, "
+                        "to set the image threshold against)")
 
 
 def open_dataset(root: str | Path, product: str | None = None, layout: str = "auto",
@@ -472,11 +538,10 @@ def list_products(root: str | Path) -> list[str]:
 
 
 def check_dataset_masks(ds: Dataset) -> None:
-    """Every anomalous test image has a binary, non-empty mask of its own size (UserError otherwise)."""
+    """Every mask given is binary, non-empty for an anomalous image and of its image's size
+    (UserError otherwise); anomalous images without a mask are image-level labels."""
     for it in ds.test:
         if it.mask_path is None:
-            if it.anomalous:
-                raise UserError(f"{it.path}: anomalous image has no mask")
             continue
         m = read_mask(it.mask_path, image_size(it.path), it.path)
         if it.anomalous and not m.any():
@@ -492,14 +557,17 @@ def split_validation_test(items: Sequence[ImageItem], val_fraction: float = 1 / 
     included) to validation, at least one per anomalous category that has more than
     MIN_VAL_ANOMALOUS images, and at least MIN_VAL_ANOMALOUS anomalous in total when there are
     twice that many. The order within a category is a seeded permutation of the sorted file
-    names, so adding images of another category does not move these. Same rule as
-    ``calibration.data.split_rows``.
+    names, so adding images of another category does not move these. Defects with a mask and
+    defects with an image-level label only are stratified apart (a partially masked product
+    gets masks into validation for the pixel methods and image labels for the image threshold).
     """
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction {val_fraction} must be within (0, 1)")
     items = list(items)
     val = np.zeros(len(items), bool)
-    cats = np.array([i.category for i in items])
+    # defects labelled by image only are their own stratum, so both kinds reach validation
+    cats = np.array([i.category + ("" if i.mask_path is not None or not i.anomalous else "/image-label")
+                     for i in items])
     names = np.array([i.path.name for i in items])
     for c in sorted(set(cats.tolist())):
         rows = np.flatnonzero(cats == c)

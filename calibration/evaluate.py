@@ -50,12 +50,17 @@ class ModelEvaluation:
         cats = [r for r in self.summary if r["group"].startswith("category=") and r.get(f"iou_{self.chosen}") is not None]
         avg = float(np.mean([r[f"iou_{self.chosen}"] for r in cats])) if cats else None
         return {"model": self.name, "product": self.product, "pixel_auroc": overall["pixel_auroc"],
+                **({"pixel_metrics": overall["pixel_metrics"], "n_masked": overall["n_masked"]}
+                   if "pixel_metrics" in overall else {}),
                 "aupro": overall["aupro"], "image_auroc": overall["image_auroc"],
                 "chosen": self.chosen, "threshold": self.thresholds.get(self.chosen),
                 "iou": overall.get(f"iou_{self.chosen}"), "iou_category_mean": avg,
                 "regret": overall.get(f"regret_{self.chosen}"),
                 # at the served verdict (linewatch.inspection.verdict.judge); calibration.frame_kpis
                 **{k: self.extra.get("frame_kpis", {}).get(k) for k in ("escape_rate", "false_reject_rate")}}
+
+
+NEEDS_MASKS = "needs masks"
 
 
 def groups_of(test: LabelledSet) -> list[tuple[str, np.ndarray]]:
@@ -86,30 +91,41 @@ def evaluate_maps(name: str, product: str, test: LabelledSet, maps: np.ndarray, 
     ``maps`` are what gets thresholded (after any region refinement); ``raw_maps``, when given,
     are the model's own maps, used for the threshold-free pixel AUROC and AUPRO (refinement
     drops pixels to the map floor, which would understate the model's ranking quality).
+
+    Pixel figures (pixel AUROC, AUPRO, IoU, regret, the pixel curves) use only the images whose
+    pixels are labelled (``LabelledSet.pixel_rows``); image AUROC uses every labelled image. A
+    group with defects but no mask says ``pixel_metrics: "needs masks"`` instead of a figure
+    computed on nothing.
     """
+    known = test.pixel_rows
     masks = test.masks
     raw = maps if raw_maps is None else raw_maps
     usable = {m: t for m, t in thresholds.items() if t is not None}
-    curves = pixel_curves(maps, masks, extra=list(usable.values()))
+    curves = pixel_curves(maps[known], masks[known], extra=list(usable.values()))
     counts = {m: image_counts(maps, masks, t) for m, t in usable.items()}
     labels = test.anomalous
     rows: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
     for group, sel in groups_of(test):
-        g_maps, g_masks = raw[sel], masks[sel]
+        psel = sel & known
+        g_maps, g_masks = raw[psel], masks[psel]
+        n_masked, n_def = int((labels & psel).sum()), int((labels & sel).sum())
         wide: dict[str, Any] = {"model": name, "product": product, "group": group,
-                                "n_images": int(sel.sum()), "n_anomalous": int((labels & sel).sum()),
-                                "pixel_auroc": _r(pixel_auroc(g_maps, g_masks)),
-                                "aupro": _r(aupro(g_maps, g_masks)),
+                                "n_images": int(sel.sum()), "n_anomalous": n_def,
+                                "pixel_auroc": _r(pixel_auroc(g_maps, g_masks)) if n_masked else None,
+                                "aupro": _r(aupro(g_maps, g_masks)) if n_masked else None,
                                 "image_auroc": _r(image_auroc(scores[sel], labels[sel]))}
-        has_anom = bool((labels & sel).any())
+        if n_masked < n_def:
+            wide["pixel_metrics"] = NEEDS_MASKS if not n_masked else f"on the {n_masked} of {n_def} masked defects"
+            wide["n_masked"] = n_masked
+        has_anom = bool(n_masked)
         for method in METHODS:
             t = usable.get(method)
             if t is None:
                 wide[f"iou_{method}"] = None
                 continue
-            s = summarize_counts(counts[method], t, sel)
-            regret = threshold_regret(threshold=t, curves=curves, rows=sel) if has_anom else None
+            s = summarize_counts(counts[method], t, psel)
+            regret = threshold_regret(threshold=t, curves=curves, rows=psel[known]) if has_anom else None
             rows.append({"model": name, "product": product, "group": group, "method": method,
                          "chosen": method == chosen, "threshold": _r(t, 6), "iou": _r(s.iou),
                          "dice": _r(s.dice), "pooled_iou": _r(s.pooled_iou), "pooled_dice": _r(s.pooled_dice),

@@ -94,6 +94,51 @@ def plot_pr_roc(e: ModelEvaluation, path: Path) -> Path:
     return path
 
 
+def plot_operating_curve(e: ModelEvaluation, path: Path) -> Path | None:
+    """Escape rate against false-reject rate over the image threshold, test (and validation)
+    curves, the served image threshold marked: what each escape rate costs in rejected good frames."""
+    oc = e.extra.get("operating_curve") or {}
+    if not oc.get("test") or oc["test"][0]["escape_rate"] is None or oc["test"][0]["false_reject_rate"] is None:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for key, style in (("validation", ":"), ("test", "-")):
+        pts = oc.get(key)
+        if not pts or pts[0]["escape_rate"] is None or pts[0]["false_reject_rate"] is None:
+            continue
+        ax.step([p["false_reject_rate"] for p in pts], [p["escape_rate"] for p in pts], style, where="post",
+                label=f"{key} ({pts[0]['n_defective']} defective, {pts[0]['n_normal']} normal)")
+    kpis = e.extra.get("frame_kpis") or {}
+    esc, fr = kpis.get("escape_rate"), kpis.get("false_reject_rate")
+    if esc and fr and esc.get("rate") is not None and fr.get("rate") is not None:
+        ax.errorbar([fr["rate"]], [esc["rate"]], xerr=[[fr["rate"] - fr["ci95"][0]], [fr["ci95"][1] - fr["rate"]]],
+                    yerr=[[esc["rate"] - esc["ci95"][0]], [esc["ci95"][1] - esc["rate"]]], fmt="o", color="tab:red",
+                    capsize=3, label="served verdict (test, Wilson intervals)")
+    if oc.get("target_escape_rate") is not None:
+        ax.axhline(oc["target_escape_rate"], color="gray", ls="--", lw=1, label="target escape rate")
+    ax.set(xlabel="false-reject rate (normal frames rejected)", ylabel="escape rate (defective frames passed)",
+           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=f"{e.name} / {e.product}: operating curve (image threshold)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def operating_table_markdown(e: ModelEvaluation) -> str | None:
+    """The test curve's Pareto points as a Markdown table (calibration.operating_curve.curve_table)."""
+    from calibration.operating_curve import curve_table
+
+    pts = (e.extra.get("operating_curve") or {}).get("test")
+    if not pts:
+        return None
+    rows = [{"image threshold": p["threshold"], "escapes": f"{p['escapes']}/{p['n_defective']}",
+             "escape rate": p["escape_rate"], "false rejects": f"{p['false_rejects']}/{p['n_normal']}",
+             "false-reject rate": p["false_reject_rate"]} for p in curve_table(pts)]
+    return markdown_table(rows, ["image threshold", "escapes", "escape rate", "false rejects", "false-reject rate"])
+
+
 def overlay(image: np.ndarray, mask: np.ndarray, amap: np.ndarray, threshold: float,
             vmin: float, vmax: float, predicted: np.ndarray | None = None) -> np.ndarray:
     """Image | heat map blend, true outline green, predicted outline red (``predicted``, else the
@@ -193,7 +238,16 @@ def write_report(evals: list[ModelEvaluation], out_dir: Path, title: str = "line
         cm = plot_confusion(e, out_dir / f"{stem}_confusion.png")
         if cm:
             figs.append(cm)
+        oc_png = plot_operating_curve(e, out_dir / f"{stem}_operating_curve.png")
+        if oc_png:
+            figs.append(oc_png)
         parts.append(f"<h2>{html.escape(e.name)} on {html.escape(e.product)}</h2>")
+        overall = next((r for r in e.summary if r["group"] == "all"), {})
+        if overall.get("pixel_metrics"):
+            parts.append(f"<p><b>Pixel metrics: {html.escape(str(overall['pixel_metrics']))}</b> "
+                         f"({overall.get('n_masked', 0)} of {overall.get('n_anomalous')} defective test images have a "
+                         "pixel mask; pixel AUROC, AUPRO and IoU are computed on the masked ones only, image AUROC "
+                         "and the frame figures on every labelled image).</p>")
         if e.val_report is not None:
             parts.append(f"<p><b>Chosen threshold:</b> {html.escape(METHOD_TITLES.get(e.chosen, e.chosen))} = "
                          f"{e.thresholds[e.chosen]:.5g}. {html.escape(e.val_report.reason)}</p>")
@@ -213,6 +267,11 @@ def write_report(evals: list[ModelEvaluation], out_dir: Path, title: str = "line
                                    for k in ("escape_rate", "false_reject_rate"))
                          + "</ul><p>escape = a defective frame judged normal; false reject = a normal frame "
                            "judged defective; intervals are Wilson 95 %.</p>")
+        table = operating_table_markdown(e)
+        if table:
+            parts.append("<h3>Operating curve (test, image threshold)</h3><p>Each escape rate at its lowest "
+                         "false-reject rate; every point is in metrics.json under operating_curve.</p>"
+                         + _md_to_html_table(table))
         ext = e.extra.get("extent")
         if ext and ext.get("iou_served") is not None:
             parts.append(f"<p><b>Region extent</b> (learned on the validation masks, reshapes the thresholded "

@@ -78,6 +78,11 @@ class ThresholdReport(BaseModel):
     extent: dict[str, Any] | None = Field(None, description=(
         "learned region extent (linewatch.inspection.extent: settings and forest); None = off"))
     extent_reason: str = ""
+    n_image_labels_only: int = Field(0, description=(
+        "defective validation images labelled by image only (no mask): in the image threshold, not the pixel methods"))
+    target_escape_rate: float | None = Field(None, description="the image threshold was placed for this escape rate")
+    val_operating_curve: list[dict[str, Any]] | None = Field(None, description=(
+        "escape / false-reject counts of the validation images at every image threshold (calibration.operating_curve)"))
 
     def method(self, name: str) -> MethodResult:
         for m in self.methods:

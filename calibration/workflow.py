@@ -28,6 +28,7 @@ from calibration.categorizer_samples import (categorizer_evaluation, extent_iou,
 from calibration.data import LabelledSet, load_product_splits, load_train
 from calibration.extent_fit import ExtentFit, fit_extent
 from calibration.mask_step import calibrate_refinement, choose_variant
+from calibration.operating_curve import check_target_supported, operating_curve, threshold_for_escape_rate
 from calibration.thresholds import (METHODS, ThresholdReport, estimate_image_threshold, estimate_thresholds,
                                    pixel_curves)
 from linewatch.inspection.categorize import normal_appearance
@@ -126,8 +127,19 @@ def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", 
                     quantile: float = 0.999, require_anomalies: bool = True,
                     batch_size: int = 16, refine: bool = True,
                     choose_setting: bool = True, extent: bool = True,
-                    progress: bool = False) -> tuple[ThresholdReport, np.ndarray]:
+                    progress: bool = False,
+                    target_escape_rate: float | None = None) -> tuple[ThresholdReport, np.ndarray]:
     """All five methods on the validation set; one chosen. Returns (report, raw validation maps).
+
+    Image-level labels: the pixel side (mask step, model setting, the five methods, the extent)
+    sees only the images whose pixels are labelled (``LabelledSet.pixel_rows``: normal images and
+    defects with a mask); the image threshold sees every labelled image. With defects but no
+    mask at all, methods iou/f1/roc are impossible, so the pixel threshold comes from the normal
+    statistics (``normal_quantile`` unless ``normal_std`` was asked for) and the report says so.
+
+    ``target_escape_rate``: place the image threshold at the lowest validation false-reject point
+    whose validation escape rate is at most this (``calibration.operating_curve``); refused
+    (UserError) when the validation set has too few defective images to show it.
 
     ``refine``: also calibrate the mask step (``calibrate_refinement``) on the validation set;
     the thresholds are then estimated on the served maps and the report carries the step (the
@@ -147,28 +159,63 @@ def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", 
     """
     if prefer not in METHODS:
         raise UserError(f"--method {prefer!r} is not one of {', '.join(METHODS)}")
+    where = val.paths[0].parent.parent if val.paths else "validation set"
     n_anom = int(val.anomalous.sum())
     if n_anom == 0 and prefer in ("iou", "f1", "roc") and require_anomalies:
-        where = val.paths[0].parent.parent if val.paths else "validation set"
         raise UserError(f"{where}: validation set has no anomalous images, so methods iou, f1 and roc are "
                         "impossible; add a few defective images with masks or pass --method normal_quantile "
                         "(or normal_std)")
+    if target_escape_rate is not None:
+        check_target_supported(target_escape_rate, n_anom, where)
+    pix_rows = val.pixel_rows
+    pix = val.pixel_set()
+    n_masked = int(pix.anomalous.sum())
+    label_notes: list[str] = []
+    asked = prefer
+    if val.n_unmasked:
+        label_notes.append(f"validation: {val.mask_coverage()}; the image threshold uses all "
+                           f"{n_anom} defective images, the pixel methods the {n_masked} with masks")
+    if n_anom and not n_masked:
+        if not (~val.anomalous).any():
+            raise UserError(f"{where}: defect images but no normal ones (the pixel threshold of image-level "
+                            "labels comes from normal images)")
+        if prefer in ("iou", "f1", "roc"):
+            label_notes.append(f"image-level labels only: the pixel threshold is set from the normal images' "
+                               f"statistics (normal_quantile) because {prefer} needs pixel masks; pixel metrics "
+                               "need masks")
+            prefer = "normal_quantile"
     maps, scores = model.predict(val.images, batch_size=batch_size)
-    ref = (calibrate_refinement(maps, val.masks, val.images, k_std=k_std, quantile=quantile) if refine
+    ref = (calibrate_refinement(maps[pix_rows], pix.masks, pix.images, k_std=k_std, quantile=quantile) if refine
            else MaskStep(reason="mask step off (not requested)"))
     variant_note = ""
     if refine and choose_setting:
-        maps, scores, ref, variant_note = choose_variant(model, val, maps, scores, ref, k_std=k_std,
-                                                         quantile=quantile, batch_size=batch_size)
-    served = ref.apply_all(maps, val.images)
-    report = estimate_thresholds(served, val.masks, prefer=prefer, k_std=k_std, quantile=quantile)
-    img_thr, img_reason = estimate_image_threshold(scores, val.anomalous)
-    ext = (fit_extent(maps, served, val.images, val.masks, report.threshold, progress=progress) if extent
+        before = json.dumps(model.config(), sort_keys=True)
+        pmaps, pscores, ref, variant_note = choose_variant(model, pix, maps[pix_rows], scores[pix_rows], ref,
+                                                           k_std=k_std, quantile=quantile, batch_size=batch_size)
+        if pix is val:
+            maps, scores = pmaps, pscores
+        elif json.dumps(model.config(), sort_keys=True) != before:  # another setting: every image's map moves
+            maps, scores = model.predict(val.images, batch_size=batch_size)
+    served = ref.apply_all(maps[pix_rows], pix.images)
+    report = estimate_thresholds(served, pix.masks, prefer=prefer, k_std=k_std, quantile=quantile)
+    if prefer != asked:
+        report = report.model_copy(update={"reason": (
+            f"{report.chosen} from the normal images' statistics: image-level labels only (no validation defect "
+            f"has a mask), so {asked} is impossible; the frame verdict comes from the image threshold")})
+    if target_escape_rate is not None:
+        img_thr, img_reason = threshold_for_escape_rate(scores, val.anomalous, target_escape_rate)
+    else:
+        img_thr, img_reason = estimate_image_threshold(scores, val.anomalous)
+    ext = (fit_extent(maps[pix_rows], served, pix.images, pix.masks, report.threshold, progress=progress) if extent
            else ExtentFit(reason="region extent off (not requested)"))
     report = report.model_copy(update={"image_threshold": img_thr, "image_threshold_reason": img_reason,
                                        "mask_step": ref, "extent": ext.params, "extent_reason": ext.reason,
-                                       "notes": [*report.notes, *([variant_note] if variant_note else []), ref.reason,
-                                                 ext.reason]})
+                                       "n_image_labels_only": val.n_unmasked,
+                                       "target_escape_rate": target_escape_rate,
+                                       "val_operating_curve": operating_curve(scores, val.anomalous)
+                                       if val.anomalous.any() and not val.anomalous.all() else None,
+                                       "notes": [*label_notes, *report.notes, *([variant_note] if variant_note else []),
+                                                 ref.reason, ext.reason]})
     return report, maps
 
 
@@ -229,7 +276,8 @@ def publish_work_dir(work_dir: Path, registry_dir: Path, product: str | None = N
 
 
 def recalibrate(registry_dir: Path, product: str, val: LabelledSet, prefer: str | None = None,
-                k_std: float = 3.0, quantile: float = 0.999) -> tuple[Profile, ThresholdReport]:
+                k_std: float = 3.0, quantile: float = 0.999,
+                target_escape_rate: float | None = None) -> tuple[Profile, ThresholdReport]:
     """New threshold for the current profile from new validation images; no refit.
 
     Publishes a new version whose model files are copied from the current one.
@@ -237,7 +285,8 @@ def recalibrate(registry_dir: Path, product: str, val: LabelledSet, prefer: str 
     reg = Registry(registry_dir)
     profile, model = reg.load(product)
     method = prefer or (profile.threshold_method if profile.threshold_method in METHODS else "iou")
-    report, _ = threshold_model(model, val, method, k_std, quantile, choose_setting=False)
+    report, _ = threshold_model(model, val, method, k_std, quantile, choose_setting=False,
+                                target_escape_rate=target_escape_rate)
     new = make_profile(product, model, report, {"recalibrated_from": profile.version},
                        profile.background, profile.categorizer,
                        notes=f"recalibrated from v{profile.version} on {len(val)} images", parent_version=profile.version)
@@ -262,7 +311,8 @@ def evaluate_model(name: str, product: str, model: AnomalyModel, test: LabelledS
     if val is not None:
         if val_maps is None:
             val_maps, _ = model.predict(val.images, batch_size=batch_size)
-        val_curves = pixel_curves(ref.apply_all(val_maps, val.images), val.masks,
+        rows = val.pixel_rows
+        val_curves = pixel_curves(ref.apply_all(val_maps[rows], val.images[rows]), val.masks[rows],
                                   extra=[t for t in report.thresholds().values() if t is not None])
     ev = evaluate_maps(name, product, test, maps, scores, report.thresholds(), report.chosen, report, val_curves,
                        raw_maps=raw)
@@ -270,10 +320,16 @@ def evaluate_model(name: str, product: str, model: AnomalyModel, test: LabelledS
     if report.extent:
         ev.served_masks = np.stack([served_mask(maps, i, report.threshold, raw, test.images, report.extent)
                                     for i in range(len(maps))])
-        ev.extra["extent"] = extent_iou(maps, ev.served_masks, test, report.threshold, report.extent)
+        k = test.pixel_rows
+        ev.extra["extent"] = extent_iou(maps[k], ev.served_masks[k], test.subset(k), report.threshold, report.extent)
     ev.category_eval = categorizer_evaluation(categorizer, test, maps, report.threshold, product, raw, report.extent,
                                               served=ev.served_masks)
     ev.extra["frame_kpis"] = served_frame_kpis(product, model, report, test, raw, scores)
+    ev.extra["operating_curve"] = {"test": operating_curve(scores, test.anomalous),
+                                   **({"validation": report.val_operating_curve}
+                                      if report.val_operating_curve else {}),
+                                   "image_threshold": report.image_threshold,
+                                   "target_escape_rate": report.target_escape_rate}
     return ev
 
 
@@ -292,33 +348,64 @@ def served_frame_kpis(product: str, model: AnomalyModel, report: ThresholdReport
 
 
 # -- one shot --------------------------------------------------------------------------------------
-def calibrate_product(dataset_root: str | Path, product: str, registry_dir: str | Path,
+def calibrate_product(dataset_root: str | Path | None, product: str, registry_dir: str | Path,
                       model_kind: str = "padim", *, input_size: int = 256, method: str = "iou",
                       options: dict[str, Any] | None = None, val_fraction: float = 1 / 3, seed: int = 0,
                       report_dir: str | Path | None = None, publish: bool = True, export_onnx: bool = True,
                       k_std: float = 3.0, quantile: float = 0.999, progress: bool = True,
-                      categorizer_products: Sequence[str] = ()) -> Profile:
+                      categorizer_products: Sequence[str] = (), normal_dir: str | Path | None = None,
+                      defect_dir: str | Path | None = None, normal_test_dir: str | Path | None = None,
+                      target_escape_rate: float | None = None) -> Profile:
     """Fit on ``<root>/<product>/train/good``, threshold on the validation split, evaluate on the
     test split (report folder when ``report_dir``), publish to ``registry_dir``; returns the
     published Profile (version 0 = not published when ``publish=False``).
 
+    Plain folders instead of a dataset: ``normal_dir`` (fit), ``defect_dir`` and
+    ``normal_test_dir`` (image-level labels, split into validation and test as a dataset's test
+    images are). ``normal_dir`` alone may also replace a dataset's train/good.
+
     ``categorizer_products``: other products under ``dataset_root`` (``["all"]``: every one)
     whose labelled validation images also train the categorizer (``pooled_category_samples``;
     regions from their profiles in ``registry_dir``), this product's own weighed up.
+    ``target_escape_rate``: the image threshold's placement (``threshold_model``); checked
+    against the validation set before anything is fitted.
     """
-    root = Path(dataset_root)
-    train = load_train(root, product, input_size, progress)
-    val, test = load_product_splits(root, product, input_size, val_fraction, seed, progress=progress)
+    from calibration.data import plain_splits
+    from calibration.datasets import load_normal_folder
+
+    root = Path(dataset_root) if dataset_root is not None else None
+    if root is None and (normal_dir is None or defect_dir is None):
+        raise UserError("run: give --dataset, or --normal-dir with --defect-dir and --normal-test-dir")
+    if root is not None and defect_dir is not None:
+        raise UserError("run: give --dataset or --defect-dir/--normal-test-dir, not both")
+    if normal_dir is not None:
+        train = load_normal_folder(Path(normal_dir), product).train_images(input_size, progress=progress)
+    else:
+        train = load_train(root, product, input_size, progress)
+    if len(train) < 2:
+        raise UserError(f"{normal_dir or root}: need at least 2 normal images, found {len(train)}")
+    if defect_dir is not None:
+        val, test = plain_splits(product, Path(defect_dir), Path(normal_test_dir) if normal_test_dir else None,
+                                 input_size, val_fraction, seed, progress=progress)
+    else:
+        val, test = load_product_splits(root, product, input_size, val_fraction, seed, progress=progress)
+    where = Path(defect_dir) if defect_dir is not None else root / product
+    if target_escape_rate is not None:
+        check_target_supported(target_escape_rate, int(val.anomalous.sum()), where)
+    pool = resolve_categorizer_products(root, product, categorizer_products) if root is not None else []
     model, secs = fit_model(train, model_kind, input_size, options, progress)
-    report, val_maps = threshold_model(model, val, method, k_std, quantile, progress=progress)
-    pool = resolve_categorizer_products(root, product, categorizer_products)
+    report, val_maps = threshold_model(model, val, method, k_std, quantile, progress=progress,
+                                       target_escape_rate=target_escape_rate)
     pooled = pooled_category_samples(root, pool, input_size, Path(registry_dir), val_fraction, seed) if pool else []
+    why: list[str] = []
     categorizer = fit_categorizer(val, report.mask_step.apply_all(val_maps, val.images),
                                   report.threshold, product, raw_maps=val_maps, normal=normal_appearance(train),
-                                  pooled=pooled, extent=report.extent)
+                                  pooled=pooled, extent=report.extent, why=why)
+    if why:
+        report = report.model_copy(update={"notes": [*report.notes, *why]})
     ev = evaluate_model(model_kind, product, model, test, report, val, val_maps, categorizer)
     metrics = {"test": ev.headline(), "fit_seconds": round(secs, 2), "n_train": int(len(train)),
-               "n_val": len(val), "n_test": len(test)}
+               "n_val": len(val), "n_test": len(test), "labels": label_summary(val, test, report)}
     if "extent" in ev.extra:
         metrics["extent"] = ev.extra["extent"]
     if ev.category_eval:
@@ -330,8 +417,23 @@ def calibrate_product(dataset_root: str | Path, product: str, registry_dir: str 
         write_tables([ev], Path(report_dir))
         write_report([ev], Path(report_dir), title=f"linewatch calibration: {product}")
     bg = background_of(val) if background_of(val) is not None else background_of(test)
+    source = f"{normal_dir}" if normal_dir is not None else str(root)
     profile = make_profile(product, model, report, metrics, bg, categorizer,
-                           notes=f"calibrate_product: {model_kind} on {len(train)} normal images of {root}")
+                           notes=f"calibrate_product: {model_kind} on {len(train)} normal images of {source}")
     if not publish:
         return profile
     return Registry(registry_dir).publish(profile, model, export_onnx=export_onnx)
+
+
+def label_summary(val: LabelledSet, test: LabelledSet, report: ThresholdReport) -> dict[str, Any]:
+    """How the defects were labelled and what that decided, in the profile (``calibrate show``):
+    a line engineer reading a profile fitted on image labels must see that its pixel threshold
+    comes from normal statistics and that its pixel metrics need masks."""
+    from calibration.thresholds import SUPERVISED
+
+    pixel = (f"pixel threshold from the normal images' statistics ({report.chosen}): no validation defect has a "
+             "mask" if report.n_anomalous == 0 and val.anomalous.any() and report.chosen not in SUPERVISED
+             else f"pixel threshold {report.chosen} on {report.n_anomalous} masked + {report.n_normal} normal "
+                  "validation images")
+    return {"validation": val.mask_coverage(), "test": test.mask_coverage(), "pixel_threshold": pixel,
+            "image_threshold": report.image_threshold_reason}
