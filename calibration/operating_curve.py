@@ -108,14 +108,19 @@ def threshold_for_escape_rate(scores: Sequence[float], anomalous: Sequence[bool]
 
 
 def curve_table(points: list[dict[str, Any]], max_rows: int = 25) -> list[dict[str, Any]]:
-    """The Pareto points of the curve (each escape rate at its lowest false-reject rate), thinned
+    """The Pareto front of the curve (each escape rate at its lowest false-reject rate, kept only
+    where it buys fewer false rejects than every lower escape rate), thinned
     evenly to ``max_rows`` for a readable table (metrics.json keeps every point)."""
     best: dict[int, dict[str, Any]] = {}
     for p in points:
         k = p["escapes"]
         if k not in best or p["false_rejects"] < best[k]["false_rejects"]:
             best[k] = p
-    rows = [best[k] for k in sorted(best)]
+    rows, lowest = [], None
+    for k in sorted(best):  # the front: more escapes only where they buy fewer false rejects
+        if lowest is None or best[k]["false_rejects"] < lowest:
+            rows.append(best[k])
+            lowest = best[k]["false_rejects"]
     if len(rows) > max_rows:
         idx = np.unique(np.linspace(0, len(rows) - 1, max_rows).round().astype(int))
         rows = [rows[i] for i in idx]

@@ -198,6 +198,10 @@ def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", 
             maps, scores = model.predict(val.images, batch_size=batch_size)
     served = ref.apply_all(maps[pix_rows], pix.images)
     report = estimate_thresholds(served, pix.masks, prefer=prefer, k_std=k_std, quantile=quantile)
+    if n_anom and not n_masked:  # "no anomalous images" of the pixel side: they have no masks, say that
+        report = report.model_copy(update={"notes": [
+            n.replace("no anomalous validation images", "no validation defect has a pixel mask")
+            .replace("0 anomalous validation image(s)", "0 masked validation defect(s)") for n in report.notes]})
     if prefer != asked:
         report = report.model_copy(update={"reason": (
             f"{report.chosen} from the normal images' statistics: image-level labels only (no validation defect "
@@ -216,6 +220,9 @@ def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", 
                                        if val.anomalous.any() and not val.anomalous.all() else None,
                                        "notes": [*label_notes, *report.notes, *([variant_note] if variant_note else []),
                                                  ref.reason, ext.reason]})
+    if n_anom and not n_masked:
+        report = report.model_copy(update={"notes": [n.replace("0 anomalous validation image(s)", "0 masked validation "
+                                                               "defect(s)") for n in report.notes]})
     return report, maps
 
 

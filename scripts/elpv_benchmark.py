@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-size", type=int, default=256, help="model input side (default 256, the CLI's default)")
     ap.add_argument("--model-kind", default="padim", help="model family (default padim, the CLI's default)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the normal fit/test shuffle and the split (default 0)")
+    ap.add_argument("--target-escape-rate", type=float,
+                    help="passed to calibrate run (default: none, the image ROC's Youden point)")
     args = ap.parse_args(argv)
     from linewatch.cli import main as linewatch
 
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
            "--defect-dir", str(folders["defects"]), "--normal-test-dir", str(folders["normal-test"]),
            "--model-kind", args.model_kind, "--input-size", str(args.input_size), "--seed", str(args.seed),
            "--registry", str(args.out / "registry"), "--report", str(args.out / "report"), "--no-onnx", "-q"]
+    if args.target_escape_rate is not None:
+        cmd += ["--target-escape-rate", str(args.target_escape_rate)]
     print("linewatch " + " ".join(cmd), flush=True)
     rc = linewatch(cmd)
     if rc:
