@@ -189,7 +189,7 @@ def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", 
            else MaskStep(reason="mask step off (not requested)"))
     variant_note = ""
     if refine and choose_setting:
-        before = json.dumps(model.config(), sort_keys=True)
+        before = None if pix is val else json.dumps(model.config(), sort_keys=True)
         pmaps, pscores, ref, variant_note = choose_variant(model, pix, maps[pix_rows], scores[pix_rows], ref,
                                                            k_std=k_std, quantile=quantile, batch_size=batch_size)
         if pix is val:
