@@ -220,3 +220,28 @@ def test_bad_csv_naming_missing_files_and_a_csv_without_masks(tmp_path, line, ca
                                    .replace("structural0.png,structural,test", "structural0.png,structural,test,gone.png"))
     _refused(run("run", "--dataset", base / "data.csv", "--product", "pcb", *_args(reg)), capsys, reg,
              "gone.png", "mask does not exist")
+
+
+def test_step_by_step_on_plain_folders_and_recalibrate_with_a_target(data, tmp_path, capsys):
+    normal, defects, normal_test = _plain(data, tmp_path)
+    reg, work = tmp_path / "reg", tmp_path / "work"
+    assert run("fit", "--normal-dir", normal, "--product", "pcb", "--model-kind", "meandiff", "--input-size", SIZE,
+               "--out", work, "-q") == 0
+    assert run("threshold", "--model", work, "--defect-dir", defects, "--normal-test-dir", normal_test,
+               "--target-escape-rate", 0.3, "--publish", "--registry", reg, "--no-onnx", "-q") == 0
+    out = capsys.readouterr().out
+    assert "chosen: normal_quantile" in out and "target escape rate 0.3" in out
+    assert run("evaluate", "--model", work, "--defect-dir", defects, "--normal-test-dir", normal_test,
+               "--report", tmp_path / "rep", "-q") == 0
+    head = json.loads((tmp_path / "rep" / "metrics.json").read_text())[0]["headline"]
+    assert head["pixel_metrics"] == "needs masks" and head["escape_rate"]["n"] == 20
+    assert (~np.isnan([head["image_auroc"]])).all()
+    # recalibrate: refused below what 20 defective images can show, nothing new published
+    assert run("recalibrate", "--product", "pcb", "--defect-dir", defects, "--normal-test-dir", normal_test,
+               "--target-escape-rate", 0.05, "--registry", reg, "-q") == 2
+    assert "cannot be shown with 20 defective" in err_line(capsys)
+    assert Registry(reg).current_version("pcb") == 1
+    assert run("recalibrate", "--product", "pcb", "--defect-dir", defects, "--normal-test-dir", normal_test,
+               "--target-escape-rate", 0.2, "--registry", reg, "-q") == 0
+    prof = Registry(reg).read_profile("pcb")
+    assert prof.version == 2 and "target escape rate 0.2" in prof.threshold_reason
