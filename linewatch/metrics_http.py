@@ -55,6 +55,11 @@ class MetricsServer:
         threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
         log.info("metrics on http://%s:%d/metrics (health: /healthz, /ready)", host, self.port)
 
+    @property
+    def server_address(self) -> tuple:
+        """(host, port) the server is bound to."""
+        return self._server.server_address
+
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()

@@ -78,6 +78,8 @@ def test_bench_latency_smoke(kafka_broker, tmp_path):
                         frame_size=256, input_size=64, fit_images=4, options={"d": 8}, cache=tmp_path / "cache")
     assert [c["batching"] for c in res["cells"]] == [b.name for b in default_batchings()]
     for c in res["cells"]:
+        if c["results"] != c["frames"]:  # the worker's log, in full, for the failure report
+            print(json.dumps({k: v for k, v in c.items() if k != "sample_results"}, indent=1))
         assert c["frames"] == 20 and c["results"] == 20 and c["rows"] == 20 and c["missing"] == 0, \
             {k: v for k, v in c.items() if k != "sample_results"}
         assert 0 < c["result_p50_ms"] <= c["result_p99_ms"] and c["result_p50_ms"] <= c["db_p50_ms"]

@@ -75,8 +75,7 @@ def _wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"worker exited {proc.returncode} before it was ready: "
-                               f"{proc.stderr.read()[-1500:] if proc.stderr else ''}")
+            raise RuntimeError(f"worker exited {proc.returncode} before it was ready: {_log_of(proc)[-1500:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
                 if r.status == 200:
@@ -88,19 +87,32 @@ def _wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> 
 
 
 def _child(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """A `linewatch` child. Its log goes to a file, not a pipe: a pipe nobody reads until the
+    child exits fills up (64 kB) and blocks a chatty child mid-run."""
     launcher = Path(sys.executable).with_name("linewatch")
-    return subprocess.Popen([sys.executable, str(launcher), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    log = tempfile.NamedTemporaryFile("w+", prefix="lw-child-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, str(launcher), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=log, text=True)
+    proc.log_path = Path(log.name)  # type: ignore[attr-defined]
+    log.close()
+    return proc
+
+
+def _log_of(proc: subprocess.Popen) -> str:
+    path = getattr(proc, "log_path", None)
+    return path.read_text(errors="replace") if path is not None and path.exists() else ""
 
 
 def _finish(proc: subprocess.Popen, timeout_s: float) -> tuple[str, str]:
-    """(stdout, stderr) of a child once it exits; SIGTERM after ``timeout_s``."""
+    """(stdout, log) of a child once it exits; SIGTERM after ``timeout_s``."""
     try:
-        out, err = proc.communicate(timeout=timeout_s)
+        out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    return out or "", err or ""
+        out, _ = proc.communicate(timeout=30)
+    log = _log_of(proc)
+    proc.log_path.unlink(missing_ok=True)  # type: ignore[attr-defined]
+    return out or "", log
 
 
 def _db_latencies(db: Path) -> list[float]:
@@ -129,7 +141,7 @@ def measure_cell(broker: Any, registry: Path, jpegs: list[bytes], batching: Batc
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="lw-latency-") as tmp:
         db = Path(tmp) / "latency.duckdb"
-        worker = _child(["-v", "work", "--registry", str(registry), "--group-id", f"lat-w-{tag}", "--threads", str(threads),
+        worker = _child(["work", "--registry", str(registry), "--group-id", f"lat-w-{tag}", "--threads", str(threads),
                          "--metrics-port", str(port), "--max-frames", str(n), "--no-create-topics", "--json"], env)
         sink = _child(["sink", "--db", str(db), "--group-id", f"lat-s-{tag}", "--max-records", str(n)], env)
         try:

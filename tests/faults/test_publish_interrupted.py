@@ -193,8 +193,17 @@ def test_calibration_with_bad_inputs_exits_2_and_publishes_nothing(profile_bank,
         for f in (d / "cap" / "train" / "good").iterdir():
             f.unlink()
 
-    def no_masks(d):
+    def defects_without_normals(d):
+        # defect images without masks are image-level labels now (issue 22), but without normal
+        # test images there is nothing to set the image threshold against
         shutil.rmtree(d / "cap" / "ground_truth")
+        shutil.rmtree(d / "cap" / "test" / "good")
+
+    def category_outside_the_four(d):
+        lines = (d / "categories.csv").read_text().splitlines()
+        path, product, _, background = lines[1].split(",")
+        lines[1] = ",".join((path, product, "cosmetic", background))
+        (d / "categories.csv").write_text("\n".join(lines) + "\n")
 
     def wrong_mask_size(d):
         import cv2
@@ -212,7 +221,8 @@ def test_calibration_with_bad_inputs_exits_2_and_publishes_nothing(profile_bank,
         "missing-dataset": (tmp_path / "nope", []),
         "corrupt-train-image": (variant("corrupt", corrupt_train), []),
         "empty-train": (variant("empty", empty_train), []),
-        "no-ground-truth": (variant("nomask", no_masks), []),
+        "defects-without-normals": (variant("nonormal", defects_without_normals), []),
+        "category-outside-the-four": (variant("category", category_outside_the_four), []),
         "wrong-mask-size": (variant("masksize", wrong_mask_size), []),
         "pickle-as-image": (variant("pickle", pickled_image), []),
         "bad-input-size": (good, ["--input-size", "7"]),
