@@ -239,7 +239,7 @@ def run_bridge(settings: Settings, publisher: Publisher, group_id: str, *,
 
     Raises BrokerUnavailable when Kafka cannot be reached, BridgeOutage when the target stays
     down past ``bridge.outage_limit_s``."""
-    from linewatch.kafka.io import make_consumer, poll_records
+    from linewatch.kafka.io import IdleClock, make_consumer, poll_records
 
     stop = stop_event or threading.Event()
     stats = BridgeStats(publisher.target)
@@ -253,8 +253,7 @@ def run_bridge(settings: Settings, publisher: Publisher, group_id: str, *,
     delivery = _Delivery(settings, publisher, consumer, stop, metrics, stats, clock_ms)
     log.info("bridge %s: %s -> %s (group %s, reject window %d ms)", publisher.target, settings.topics.results,
              publisher.where, group_id, settings.bridge.reject_window_ms)
-    last_data = time.monotonic()
-    assigned = False
+    idle = IdleClock(consumer, idle_timeout_s)
     try:
         delivery.connect()
         while not stop.is_set():
@@ -266,14 +265,10 @@ def run_bridge(settings: Settings, publisher: Publisher, group_id: str, *,
             polled = poll_records(consumer, 200, limit)
             records = [r for recs in polled.values() for r in recs]
             if not records:
-                if idle_timeout_s is not None:
-                    if not assigned:
-                        assigned = bool(consumer.assignment())
-                        last_data = time.monotonic()
-                    elif time.monotonic() - last_data > idle_timeout_s:
-                        break
+                if idle.expired():
+                    break
                 continue
-            last_data = time.monotonic()
+            idle.records()
             todo: list[InspectionResult] = []
             batch_ids: set[str] = set()
             for rec in records:

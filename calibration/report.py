@@ -30,6 +30,14 @@ def _plt():
     return plt
 
 
+def _saved(plt, fig, path: Path, dpi: int = 90) -> Path:
+    """Lay out, write and close one figure (every plot of the report ends so)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_threshold_curves(e: ModelEvaluation, path: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -60,10 +68,7 @@ def plot_threshold_curves(e: ModelEvaluation, path: Path) -> Path:
         ax.set_title(f"{e.name} / {e.product}: IoU and F1 vs threshold ({title})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path)
 
 
 def plot_pr_roc(e: ModelEvaluation, path: Path) -> Path:
@@ -88,10 +93,7 @@ def plot_pr_roc(e: ModelEvaluation, path: Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left" if ax is axes[0] else "lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path)
 
 
 def plot_operating_curve(e: ModelEvaluation, path: Path) -> Path | None:
@@ -120,10 +122,7 @@ def plot_operating_curve(e: ModelEvaluation, path: Path) -> Path | None:
            xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=f"{e.name} / {e.product}: operating curve (image threshold)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path)
 
 
 def operating_table_markdown(e: ModelEvaluation) -> str | None:
@@ -182,10 +181,7 @@ def plot_overlays(e: ModelEvaluation, path: Path, per_category: int = 2, seed: i
     what = f"predicted at {e.chosen} threshold {thr:.4g}" + (" + learned extent (as served)"
                                                              if e.served_masks is not None else "")
     fig.suptitle(f"{e.name} / {e.product}: green = true defect, red = {what}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path, dpi=80)
 
 
 def plot_confusion(e: ModelEvaluation, path: Path) -> Path | None:
@@ -206,10 +202,7 @@ def plot_confusion(e: ModelEvaluation, path: Path) -> Path | None:
     ax.set_ylabel("true")
     ax.set_title(f"{e.name} / {e.product}: categories (acc {ce['accuracy']:.3f}, macro-F1 {ce['macro_f1']:.3f})",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path)
 
 
 def _md_to_html_table(md: str) -> str:

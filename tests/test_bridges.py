@@ -230,6 +230,15 @@ def _committed_all(settings: Settings, group: str) -> bool:
         c.close()
 
 
+def _with_target(kafka_settings: Settings, target: str, **section) -> Settings:
+    """The test broker's settings with a fast retry, a 3 s reject window and ``section`` set on
+    ``bridge.<target>``."""
+    bridge = kafka_settings.bridge
+    return kafka_settings.model_copy(update={"bridge": bridge.model_copy(update={
+        "retry_backoff_max_s": 0.5, "reject_window_ms": 3_000,
+        target: getattr(bridge, target).model_copy(update=section)})})
+
+
 class _BridgeThread:
     def __init__(self, settings: Settings, publisher, group: str) -> None:
         from bridges.metrics import BridgeMetrics
@@ -299,9 +308,7 @@ class _Subscriber:
 def test_mqtt_bridge_every_verdict_once_in_order_across_a_broker_restart(kafka_settings, mosquitto):
     from bridges.mqtt import MqttPublisher
 
-    settings = kafka_settings.model_copy(update={"bridge": kafka_settings.bridge.model_copy(update={
-        "retry_backoff_max_s": 0.5, "reject_window_ms": 3_000,
-        "mqtt": kafka_settings.bridge.mqtt.model_copy(update={"port": mosquitto.port})})})
+    settings = _with_target(kafka_settings, "mqtt", port=mosquitto.port)
     sub = _Subscriber(mosquitto.port, "linewatch/#")
     group = f"bridge-{kafka_settings.topics.results}"
     bridge = _BridgeThread(settings, MqttPublisher(settings.bridge.mqtt, 5.0), group)
@@ -376,10 +383,8 @@ def test_opcua_bridge_every_verdict_once_in_order_across_a_server_restart(kafka_
 
     server = OpcuaTestServer(free_port())
     server.start()
-    settings = kafka_settings.model_copy(update={"bridge": kafka_settings.bridge.model_copy(update={
-        "retry_backoff_max_s": 0.5, "reject_window_ms": 3_000,
-        "opcua": kafka_settings.bridge.opcua.model_copy(update={
-            "endpoint": server.endpoint, "username": "linewatch", "password": SecretStr("s3cret-pw")})})})
+    settings = _with_target(kafka_settings, "opcua", endpoint=server.endpoint, username="linewatch",
+                            password=SecretStr("s3cret-pw"))
     group = f"opcua-{kafka_settings.topics.results}"
     bridge = _BridgeThread(settings, OpcuaPublisher(settings.bridge.opcua, 5.0), group)
     try:

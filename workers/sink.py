@@ -263,7 +263,7 @@ def run_sink(
     Raises UserError (NotADatabase) at start when the database path is not a DuckDB file,
     BrokerUnavailable when Kafka cannot be reached.
     """
-    from linewatch.kafka.io import ensure_topics, make_consumer, make_producer
+    from linewatch.kafka.io import IdleClock, ensure_topics, make_consumer, make_producer
 
     stop = stop_event or threading.Event()
     own_consumer = consumer is None
@@ -287,9 +287,8 @@ def run_sink(
             heartbeat_interval_ms=3_000,
         )
     log.info("sink: %s + %s -> %s", settings.topics.results, settings.topics.dlq, settings.storage.db_path)
-    last_data = time.monotonic()
-    assigned = False
-    last_log = last_data
+    idle = IdleClock(consumer, idle_timeout_s)
+    last_log = time.monotonic()
     try:
         sink.publish_alerts()  # whatever a previous run stored but could not announce
         while not stop.is_set():
@@ -300,17 +299,13 @@ def run_sink(
                     break
             records = _poll_batch(consumer, limit, settings.sink.max_wait_ms, stop, settings.sink.quiet_ms)
             if not records:
-                if idle_timeout_s is not None:
-                    if not assigned:  # the idle clock starts once the group gave us partitions
-                        assigned = bool(consumer.assignment())
-                        last_data = time.monotonic()
-                    elif time.monotonic() - last_data > idle_timeout_s:
-                        break
+                if idle.expired():
+                    break
                 continue
-            last_data = time.monotonic()
+            idle.records()
             sink.handle_batch(records)
-            if last_data - last_log >= 30:
-                last_log = last_data
+            if time.monotonic() - last_log >= 30:
+                last_log = time.monotonic()
                 st = sink.stats
                 log.info("sink: %d records, %d rows written, %d duplicates skipped, %d DLQ, %d alerts raised",
                          st.records, st.inserted, st.duplicates, st.dlq, st.alerts_raised)

@@ -104,6 +104,31 @@ def poll_records(consumer: "KafkaConsumer", timeout_ms: int, max_records: int | 
         return {}
 
 
+class IdleClock:
+    """``idle_timeout_s`` without records, counted from when the group first gave the consumer
+    partitions (joining can take seconds; that is not idleness). None: never idle. Shared by
+    the sink and the bridges, whose ``--idle-timeout`` means the same."""
+
+    def __init__(self, consumer: "KafkaConsumer", idle_timeout_s: float | None) -> None:
+        self.consumer, self.timeout_s = consumer, idle_timeout_s
+        self._assigned = False
+        self._last = time.monotonic()
+
+    def records(self) -> None:
+        """A poll returned records."""
+        self._last = time.monotonic()
+
+    def expired(self) -> bool:
+        """After an empty poll: has the consumer been idle too long?"""
+        if self.timeout_s is None:
+            return False
+        if not self._assigned:
+            self._assigned = bool(self.consumer.assignment())
+            self._last = time.monotonic()
+            return False
+        return time.monotonic() - self._last > self.timeout_s
+
+
 def quiet_kafka_logs(verbose: int = 0) -> None:
     """kafka-python logs every refused connection at ERROR; our own errors say it once.
     CLIs call this so a down broker prints one line, not a screenful (-vv shows them)."""
