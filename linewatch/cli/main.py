@@ -11,7 +11,9 @@ library (tests/test_imports.py checks it). A handler is ``func(args) -> int``. U
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 
 import bridges.cli
@@ -88,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kafka-python logs every reconnect attempt; our services report outages themselves.
     logging.getLogger("kafka").setLevel(logging.DEBUG if args.verbose >= 2 else logging.ERROR)
+    # `kill -USR1 <pid>` writes every thread's stack to stderr: how to see where a service that
+    # stopped making progress (a consumer that never finishes its group join) is waiting.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -428,7 +428,14 @@ class Pipeline:
             if not svc.alive():
                 raise RuntimeError(f"{svc.name} exited early:\n{svc.text()[-3000:]}")
             return [int(x) for x in m[-1].split(",") if x.strip()] if m else None
-        return wait_until(got, timeout, what=f"{svc.name} to join the group")
+        try:
+            return wait_until(got, timeout, what=f"{svc.name} to join the group")
+        except TimeoutError as exc:
+            # Where it waits: the CLI dumps every thread's stack to its log on SIGUSR1.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(svc.proc.pid, signal.SIGUSR1)
+            time.sleep(1.0)
+            raise TimeoutError(f"{exc}; its log ends:\n{svc.text()[-6000:]}") from None
 
     def wait_sink_ready(self, svc: Service, timeout: float = 60.0) -> None:
         def ready():
