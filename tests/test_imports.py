@@ -153,11 +153,15 @@ import psutil
 from linewatch.profiles import Registry
 from linewatch.settings import WorkerSettings
 from workers.profile_cache import ProfileCache
+from linewatch.inspection.forest import classifier_proba, load_classifier
 from workers.worker import default_engine_factory
 cache = ProfileCache(Registry(sys.argv[1]), default_engine_factory(WorkerSettings(threads=1)))
 loaded = cache.get("cap")
 maps, scores = loaded.engine.run(np.zeros((4, 64, 64, 3), np.uint8))
+# the categorizer's and the extent's forests load through the same function (skops)
+proba = classifier_proba(load_classifier(sys.argv[2]), np.zeros((2, 3)))
 print(json.dumps({"engine": loaded.engine.name, "torch": "torch" in sys.modules, "model": loaded.model is not None,
+                  "proba": list(proba.shape),
                   "rss_mb": psutil.Process().memory_info().rss / 2**20, "maps": list(maps.shape)}))
 """
 
@@ -166,8 +170,13 @@ print(json.dumps({"engine": loaded.engine.name, "torch": "torch" in sys.modules,
 def test_a_worker_on_an_onnx_profile_never_imports_torch(tmp_path):
     """A worker whose engine runs the exported graph (ONNX Runtime) needs the torch model for
     nothing: it loads the profile, its forests and the ONNX file, checks the weights' header, and
-    never imports torch (a torch engine would load the model: workers.engines.TorchEngine)."""
+    never imports torch (a torch engine would load the model: workers.engines.TorchEngine).
+    skops.io on its own would import torch (it walks every scikit-learn package): the probe
+    loads a stored forest too."""
     import numpy as np
+    from sklearn.ensemble import RandomForestClassifier
+
+    from linewatch.inspection.forest import save_classifier
 
     from linewatch.models.padim import PaDiM
     from linewatch.profiles import Profile, Registry
@@ -175,13 +184,15 @@ def test_a_worker_on_an_onnx_profile_never_imports_torch(tmp_path):
 
     sp = SyntheticProduct("cap", size=64, seed=0)
     model = PaDiM(input_size=64, d=8).fit(np.stack([sp.normal(i).image for i in range(6)]), progress=False)
-    Registry(tmp_path).publish(Profile(product="cap", model_kind="padim", backbone="efficientnet_lite0",
+    Registry(tmp_path / "registry").publish(Profile(product="cap", model_kind="padim", backbone="efficientnet_lite0",
                                        input_size=64, threshold=1.0, threshold_method="manual"), model)
-    out = subprocess.run([sys.executable, "-c", _WORKER_PROBE, str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    forest = RandomForestClassifier(n_estimators=3, random_state=0).fit(np.eye(3), [0, 1, 1])
+    forest_file = save_classifier(forest, tmp_path / "probe-forest.skops")
+    out = subprocess.run([sys.executable, "-c", _WORKER_PROBE, str(tmp_path / "registry"), str(forest_file)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"worker on an ONNX profile: {got}")
-    assert got["engine"] == "onnxruntime-cpu" and got["maps"] == [4, 64, 64]
+    assert got["engine"] == "onnxruntime-cpu" and got["maps"] == [4, 64, 64] and got["proba"] == [2, 2]
     assert not got["torch"] and not got["model"]
     assert got["rss_mb"] < 600

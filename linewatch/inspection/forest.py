@@ -8,6 +8,8 @@ calls ``predict_proba`` on a ready estimator and walks no JSON.
 
 from __future__ import annotations
 
+import importlib.abc
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,40 @@ def classifier_proba(clf: Any, x: np.ndarray) -> np.ndarray:
     return clf.predict_proba(np.asarray(x, np.float64))
 
 
+class _NoTorch(importlib.abc.MetaPathFinder):
+    """Makes ``import torch`` fail (ImportError) while it sits first on ``sys.meta_path``."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if fullname == "torch" or fullname.startswith("torch."):
+            raise ImportError(f"{fullname}: not imported while skops.io loads (linewatch.inspection.forest)")
+        return None
+
+
+def _skops_io() -> Any:
+    """``skops.io``, imported without torch.
+
+    Importing skops.io lists scikit-learn's estimators (``sklearn.utils.all_estimators``), which
+    walks every scikit-learn package, ``sklearn.externals.array_api_compat.torch`` included, and
+    that one imports torch: ~600 MB in a worker whose ONNX engine needs no torch
+    (tests/test_imports.py). Unless torch is loaded already, ``import torch`` fails while
+    skops.io is first imported; the walk skips packages that fail to import, and a torch engine
+    can still import torch afterwards."""
+    if "skops.io" in sys.modules or "torch" in sys.modules:
+        import skops.io as sio
+
+        return sio
+    blocker = _NoTorch()
+    sys.meta_path.insert(0, blocker)
+    try:
+        import skops.io as sio
+    finally:
+        sys.meta_path.remove(blocker)
+    return sio
+
+
 def save_classifier(clf: Any, path: str | Path) -> Path:
     """Write one fitted estimator (or a list of them) with skops."""
-    import skops.io as sio
+    sio = _skops_io()
 
     path = Path(path)
     sio.dump(list(clf) if isinstance(clf, tuple) else clf, path)
@@ -41,7 +74,7 @@ def load_classifier(path: str | Path) -> Any:
     """Read a stored estimator (or list of them). skops rebuilds only its safe types plus
     ``TRUSTED``; anything but the ``ESTIMATORS`` linewatch stores is refused. Prediction is made
     single-threaded (a worker runs many frames side by side, not one frame on many threads)."""
-    import skops.io as sio
+    sio = _skops_io()
 
     from linewatch.errors import ModelError
 
