@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from linewatch.errors import UserError
+from linewatch.kafka.access import AccessDenied, check_access
 from linewatch.settings import KafkaSettings, Settings
 
 if TYPE_CHECKING:  # kafka-python is imported lazily so `linewatch --help` stays fast
@@ -38,6 +39,30 @@ class BrokerUnavailable(KafkaIOError):
 
 class DeliveryError(KafkaIOError):
     """A record was not acknowledged by the broker."""
+
+
+class NotAuthorized(DeliveryError):
+    """The broker's ACLs do not let this principal use the topic (or group): never retried."""
+
+
+def _not_authorized(exc: BaseException) -> bool:
+    from kafka import errors
+
+    return isinstance(exc, errors.AuthorizationError) or type(exc).__name__.endswith("AuthorizationFailedError")
+
+
+def not_authorized_error(exc: BaseException, ks: KafkaSettings, what: str) -> NotAuthorized:
+    """One line: who was refused what (``what``: e.g. "write topic results")."""
+    who = f"user {ks.sasl_plain_username!r}" if ks.sasl_plain_username else "this client"
+    return NotAuthorized(f"not authorized: the broker's ACLs do not let {who} {what} ({type(exc).__name__}); "
+                         "see docs/security.md for each role's ACLs (linewatch broker acls)")
+
+
+def _check_access(ks: KafkaSettings, timeout_s: float) -> None:
+    """Before a client of a secured cluster is built: refuse at once, naming the cause, when
+    TLS or SASL would fail (linewatch.kafka.access); PLAINTEXT costs nothing."""
+    if ks.security_protocol != "PLAINTEXT":
+        check_access(ks, timeout_s=min(timeout_s, 10.0))
 
 
 class RecordTooLarge(DeliveryError):
@@ -144,6 +169,7 @@ def make_producer(settings: Settings | KafkaSettings, **overrides: Any) -> "Kafk
     from kafka import KafkaProducer
 
     ks = _kafka_settings(settings)
+    _check_access(ks, ks.connect_timeout_s)
     cfg: dict[str, Any] = ks.client_config()
     cfg.update(
         acks="all",
@@ -177,6 +203,7 @@ def make_consumer(
     from kafka import KafkaConsumer
 
     ks = _kafka_settings(settings)
+    _check_access(ks, ks.connect_timeout_s)
     cfg: dict[str, Any] = ks.client_config()
     cfg.update(
         group_id=group_id,
@@ -205,6 +232,7 @@ def make_admin(settings: Settings | KafkaSettings, timeout_s: float | None = Non
 
     ks = _kafka_settings(settings)
     timeout_s = ks.connect_timeout_s if timeout_s is None else timeout_s
+    _check_access(ks, timeout_s)
     cfg = ks.client_config()
     cfg["bootstrap_timeout_ms"] = max(1, int(timeout_s * 1000))
     try:
@@ -235,6 +263,8 @@ def wait_for_broker(settings: Settings | KafkaSettings, timeout_s: float | None 
                 return admin.describe_cluster()
             finally:
                 admin.close()
+        except AccessDenied:
+            raise  # the broker answered and refused: waiting will not change that
         except Exception as exc:  # keep retrying until the deadline
             last = exc
             log.debug("broker not ready yet: %s", exc)
