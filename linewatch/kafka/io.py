@@ -9,6 +9,7 @@ of a hang. Each service gets that by calling these functions instead of building
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -45,10 +46,22 @@ class NotAuthorized(DeliveryError):
     """The broker's ACLs do not let this principal use the topic (or group): never retried."""
 
 
-def _not_authorized(exc: BaseException) -> bool:
+_REFUSED = re.compile(r"\b(Topic|Group|Cluster|TransactionalId)AuthorizationFailedError\b")
+
+
+def _refusal_kind(exc: BaseException) -> str | None:
+    """``TopicAuthorizationFailedError`` and the like, also when kafka-python wraps it in a
+    plain KafkaError (an idempotent producer's InitProducerId refused); None: not an ACL refusal."""
     from kafka import errors
 
-    return isinstance(exc, errors.AuthorizationError) or type(exc).__name__.endswith("AuthorizationFailedError")
+    if isinstance(exc, errors.AuthorizationError) or _REFUSED.fullmatch(type(exc).__name__):
+        return type(exc).__name__
+    m = _REFUSED.search(str(exc)) if isinstance(exc, errors.KafkaError) else None
+    return m.group(0) if m else None
+
+
+def _not_authorized(exc: BaseException) -> bool:
+    return _refusal_kind(exc) is not None
 
 
 def refusal(exc: BaseException, client: Any, what: str = "") -> NotAuthorized:
@@ -60,11 +73,13 @@ def refusal(exc: BaseException, client: Any, what: str = "") -> NotAuthorized:
     if not isinstance(names, (str, bytes)):
         names = ", ".join(sorted(map(str, names)))
     names = str(names).split(": ")[-1].strip()
-    kind = type(exc).__name__
+    kind = _refusal_kind(exc) or type(exc).__name__
+    if kind.startswith("Cluster"):
+        what = f"{what + ': ' if what else ''}an idempotent producer needs WRITE on some topic"
     if not what:
         what = (f"join consumer group {names}" if kind.startswith("Group") else
                 f"use topic {names}" if kind.startswith("Topic") else
-                "do this on the cluster (idempotent writes need WRITE on some topic)")
+                "do this")
     return NotAuthorized(f"not authorized: the broker's ACLs do not let {who} {what} ({kind}); each role's "
                          "ACLs: docs/security.md (linewatch broker acls)")
 
