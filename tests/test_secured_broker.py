@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from linewatch.kafka.acls import READ, ROLE_GRANTS, WRITE, bindings, role_topics
+from linewatch.kafka.acls import READ, ROLE_GRANTS, WRITE, bindings, group_id, role_topics
 from linewatch.kafka.security import BROKER_ROLE, ROLES
 from linewatch.settings import Settings, TopicSettings
 
@@ -241,7 +241,7 @@ def test_acl_matrix_role_x_topic_x_read_write(secured):
     for role in ROLES:
         granted = role_topics(settings, role)
         groups = ROLE_GRANTS[role].groups
-        group = getattr(settings, groups[0].split(".")[0]).group_id if groups else None
+        group = group_id(settings, groups[0]) if groups else None
         as_role = _as(broker, role)
         cells[role] = {}
         for field in TOPIC_FIELDS:
@@ -317,6 +317,7 @@ def test_every_role_has_a_grant_and_reviews_is_one_line_away():
     got = {(b.role, b.resource_type, b.name, b.operation) for b in bindings(settings, {r: r for r in ROLES})}
     assert ("producer", "TOPIC", "frames", "WRITE") in got
     assert ("worker", "GROUP", "linewatch-workers", "READ") in got and ("sink", "GROUP", "linewatch-sink", "READ") in got
+    assert ("bridge", "GROUP", "linewatch-bridge-mqtt", "READ") in got and ("bridge", "TOPIC", "results", "READ") in got
     assert not any(r == "producer" and op == "READ" for r, _, _, op in got)
     assert not any(r == "admin" and op in ("READ", "WRITE") for r, _, _, op in got)
 

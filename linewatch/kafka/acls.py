@@ -35,12 +35,14 @@ class RoleGrant:
 
 
 # which topic (TopicSettings field) each role may read / write; the sink consumes results and the
-# DLQ and publishes alerts (workers/sink.py); "*" = every topic linewatch creates (io.topic_specs)
+# DLQ and publishes alerts (workers/sink.py); the MQTT / OPC UA bridges consume results in their
+# own groups (bridges/loop.py); "*" = every topic linewatch creates (io.topic_specs)
 ROLE_GRANTS: dict[str, RoleGrant] = {
     "producer": RoleGrant(write=("frames",)),
     "worker": RoleGrant(read=("frames",), write=("results", "dlq"), groups=("worker.group_id",)),
     "sink": RoleGrant(read=("results", "dlq"), write=("alerts",), groups=("sink.group_id",)),
     "dashboard": RoleGrant(write=("reviews",)),
+    "bridge": RoleGrant(read=("results",), groups=("bridge.mqtt.group_id", "bridge.opcua.group_id")),
     "admin": RoleGrant(create=("*",)),
 }
 
@@ -63,9 +65,12 @@ def _topic(settings: Settings, field: str) -> str | None:
     return getattr(settings.topics, field, None) if field != "*" else None
 
 
-def _setting(settings: Settings, path: str) -> str:
-    section, key = path.split(".", 1)
-    return str(getattr(getattr(settings, section), key))
+def group_id(settings: Settings, path: str) -> str:
+    """The consumer group at settings ``path`` (e.g. "bridge.mqtt.group_id")."""
+    value = settings
+    for part in path.split("."):
+        value = getattr(value, part)
+    return str(value)
 
 
 def role_topics(settings: Settings, role: str) -> dict[str, set[str]]:
@@ -100,7 +105,7 @@ def bindings(settings: Settings, users: Mapping[str, str]) -> list[Binding]:
             for name in topics[kind]:
                 out |= {Binding(role, principal, "TOPIC", name, op) for op in ops}
         if topics[READ]:
-            out |= {Binding(role, principal, "GROUP", _setting(settings, g), "READ") for g in ROLE_GRANTS[role].groups}
+            out |= {Binding(role, principal, "GROUP", group_id(settings, g), "READ") for g in ROLE_GRANTS[role].groups}
     return sorted(out)
 
 

@@ -13,7 +13,7 @@ Layout under ``<broker home>/security`` (the directory 0700, every secret 0600):
     broker.p12.password its keystore password
     users.json          {role: Kafka user} the storage was formatted with
     <role>.password     the SCRAM password of each role's user (producer, worker, sink, dashboard,
-                        admin, and ``broker``: the broker's own super user)
+                        bridge, admin, and ``broker``: the broker's own super user)
     <role>.env          LINEWATCH_KAFKA__* lines that point a service at this broker as that role
                         (the password by file, never inline)
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 from linewatch.errors import UserError
 
-ROLES = ("producer", "worker", "sink", "dashboard", "admin")
+ROLES = ("producer", "worker", "sink", "dashboard", "bridge", "admin")
 # the broker's own user: inter-broker login, the controller's mTLS principal, the only super user;
 # `linewatch broker acls` on the local broker runs as it (no linewatch service ever does)
 BROKER_ROLE = "broker"
