@@ -77,8 +77,8 @@ def refusal(exc: BaseException, client: Any, what: str = "") -> NotAuthorized:
     if kind.startswith("Cluster"):
         what = f"{what + ': ' if what else ''}an idempotent producer needs WRITE on some topic"
     if not what:
-        what = (f"join consumer group {names}" if kind.startswith("Group") else
-                f"use topic {names}" if kind.startswith("Topic") else
+        what = (f"join consumer group {names or '(unnamed)'}" if kind.startswith("Group") else
+                f"use topic {names or '(unnamed)'}" if kind.startswith("Topic") else
                 "do this")
     return NotAuthorized(f"not authorized: the broker's ACLs do not let {who} {what} ({kind}); each role's "
                          "ACLs: docs/security.md (linewatch broker acls)")
