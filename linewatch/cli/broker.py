@@ -147,7 +147,9 @@ def _apply_acls(broker, settings, users: dict[str, str] | None = None, quiet: bo
     from linewatch.kafka.io import make_admin
     from linewatch.kafka.security import default_users
 
-    local = broker.secured and broker.secrets.exists()
+    local = broker.secrets.exists()  # the home holds a secured broker's users: run as its super user
+    if local and not broker.secured:
+        broker = _broker(settings.model_copy(update={"broker": settings.broker.model_copy(update={"secured": True})}))
     ks = broker.kafka_settings() if local else settings.kafka
     users = {**(broker.secrets.users() if local else default_users()), **(users or {})}
     wanted = bindings(settings.model_copy(update={"kafka": ks}), users)
@@ -254,7 +256,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     common(q)
     q.add_argument("--secured", action="store_true",
-                   help="the local broker is a secured one (default: settings broker.secured, off)")
+                   help="the local broker is a secured one (default: settings broker.secured, off; a home "
+                        "holding a secured broker's users is recognised without it)")
     q.add_argument("--user", action="append", metavar="ROLE=USER",
                    help="Kafka user of a role, repeatable (default: linewatch-<role>, the local broker's users)")
     q.set_defaults(func=cmd_acls)

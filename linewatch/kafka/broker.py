@@ -370,20 +370,28 @@ class Broker:
         (self.home / "log4j2.xml").write_text(_package_file("log4j2.xml"), encoding="utf-8")
         return made
 
+    def _check_mode(self) -> bool:
+        """True when the storage is formatted already, in the mode the settings ask for;
+        BrokerError when it was formatted the other way (its users and listeners differ)."""
+        if not (self.data_dir / "meta.properties").is_file():
+            return False
+        mode = "secured" if self.secured else "plaintext"
+        try:
+            formatted = (self.data_dir / _MODE_FILE).read_text().strip()
+        except OSError:
+            formatted = "plaintext"  # formatted before secured mode existed
+        if formatted != mode:
+            raise BrokerError(
+                f"broker home {self.home} was formatted {formatted}, settings ask for {mode}; "
+                f"use another --home or remove {self.data_dir}")
+        return True
+
     def _format_storage(self) -> None:
         """Format the KRaft storage once; a secured broker's SCRAM users are written into its
         first metadata here (``--add-scram``, salted), so they exist before the broker starts."""
-        mode = "secured" if self.secured else "plaintext"
-        if (self.data_dir / "meta.properties").is_file():
-            try:
-                formatted = (self.data_dir / _MODE_FILE).read_text().strip()
-            except OSError:
-                formatted = "plaintext"  # formatted before secured mode existed
-            if formatted != mode:
-                raise BrokerError(
-                    f"broker home {self.home} was formatted {formatted}, settings ask for {mode}; "
-                    f"use another --home or remove {self.data_dir}")
+        if self._check_mode():
             return
+        mode = "secured" if self.secured else "plaintext"
         scram: list[str] = []
         if self.secured:
             from linewatch.kafka.security import scram_format_arg
@@ -427,6 +435,7 @@ class Broker:
                 )
         if s.port == s.controller_port:
             raise BrokerError("broker.port and broker.controller_port must differ")
+        self._check_mode()  # before anything in the home is rewritten
         self.secrets_made = self._render_config()
         self._format_storage()
         log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
