@@ -206,6 +206,8 @@ def _service(broker, tmp_path, role: str, args: list[str], **kafka) -> tuple[sub
     return proc, time.monotonic() - t0
 
 
+_PRODUCE = ["produce", "--source", "synthetic:cap", "--product", "cap", "--camera", "cam-x", "--max-frames", "3",
+            "--size", "64", "--fps", "0"]
 SERVICE_CASES = {
     "sink, wrong password": ("sink", ["sink"], {"sasl_password_file": None, "sasl_plain_password": "wrong"},
                              r"SASL SCRAM-SHA-512 login as 'linewatch-sink' refused"),
@@ -213,6 +215,13 @@ SERVICE_CASES = {
                                                             r"group linewatch-sink"),
     "worker, producer credential": ("producer", ["work", "--worker-id", "w-bad"], {},
                                     r"not authorized: .*'linewatch-producer' join consumer group linewatch-workers"),
+    "worker, wrong password": ("worker", ["work", "--worker-id", "w-bad"], {"sasl_plain_username": "linewatch-worker",
+                                                                           "sasl_password_file": None,
+                                                                           "sasl_plain_password": "wrong"},
+                               r"SASL SCRAM-SHA-512 login as 'linewatch-worker' refused"),
+    "producer, worker credential": ("worker", _PRODUCE, {}, r"not authorized: .*'linewatch-worker' write topic frames"),
+    "producer, sink credential": ("sink", _PRODUCE, {}, r"topic 'frames' does not exist .* ACLs hide it from user "
+                                                        r"'linewatch-sink'"),
 }
 
 
