@@ -284,6 +284,26 @@ def test_acls_apply_idempotently(secured):
         admin.close()
 
 
+def test_controller_listener_takes_only_the_broker_certificate(secured):
+    """The KRaft controller listener is not advertised and requires a client certificate:
+    a client with the right CA but no certificate is refused in the handshake."""
+    import socket
+    import ssl
+
+    broker, _ = secured
+    props = dict(line.split("=", 1) for line in broker.properties_file.read_text().splitlines()
+                 if "=" in line and not line.startswith("#"))
+    assert "CONTROLLER" not in props["advertised.listeners"]
+    assert props["listener.security.protocol.map"].split(",")[0] == "CONTROLLER:SSL"
+    ctx = ssl.create_default_context(cafile=str(broker.secrets.ca_cert))
+    with socket.create_connection((broker.settings.host, broker.settings.controller_port), timeout=10) as raw:
+        # TLS 1.3: the client's handshake completes, the server's "certificate required" alert
+        # arrives with the first read (a listener without client auth would just wait: timeout)
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED|HANDSHAKE_FAILURE|certificate"):
+            with ctx.wrap_socket(raw, server_hostname=broker.settings.host) as tls:
+                tls.recv(1)
+
+
 # ---------------------------------------------------------------------------------------------
 # secrets never in reprs or logs
 def test_passwords_never_in_reprs_client_logs_or_broker_log(secured, caplog):
