@@ -19,6 +19,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from linewatch.errors import UserError
+
 DEFAULT_HOME = Path(os.environ.get("LINEWATCH_HOME", Path.home() / ".linewatch"))
 MAX_MESSAGE_BYTES = 10 * 1024 * 1024
 
@@ -32,7 +34,11 @@ class KafkaSettings(BaseModel):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None
     sasl_plain_username: str | None = None
     sasl_plain_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
+    sasl_password_file: Path | None = Field(None, description=(
+        "file whose first line is the SASL password, read when sasl_plain_password is unset: the "
+        "password stays out of the environment and process listings"))
+    ssl_cafile: Path | None = Field(None, description=(
+        "CA bundle (PEM) the broker certificate must chain to; unset: the system CAs"))
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     ssl_password: SecretStr | None = None
@@ -53,8 +59,9 @@ class KafkaSettings(BaseModel):
             cfg["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
             if self.sasl_plain_username is not None:
                 cfg["sasl_plain_username"] = self.sasl_plain_username
-            if self.sasl_plain_password is not None:
-                cfg["sasl_plain_password"] = self.sasl_plain_password.get_secret_value()
+            password = self.sasl_password()
+            if password is not None:
+                cfg["sasl_plain_password"] = password.get_secret_value()
         if self.security_protocol.endswith("SSL"):
             cfg["ssl_check_hostname"] = self.ssl_check_hostname
             for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
@@ -64,6 +71,21 @@ class KafkaSettings(BaseModel):
             if self.ssl_password is not None:
                 cfg["ssl_password"] = self.ssl_password.get_secret_value()
         return cfg
+
+
+    def sasl_password(self) -> SecretStr | None:
+        """The SASL password: sasl_plain_password, else the first line of sasl_password_file
+        (UserError naming the file, never its content, when it cannot be read)."""
+        if self.sasl_plain_password is not None or self.sasl_password_file is None:
+            return self.sasl_plain_password
+        path = Path(self.sasl_password_file).expanduser()
+        try:
+            lines = path.read_text(encoding="utf-8").strip().splitlines()
+        except OSError as exc:
+            raise UserError(f"kafka.sasl_password_file {path}: cannot read it ({exc.strerror or exc})") from None
+        if not lines or not lines[0].strip():
+            raise UserError(f"kafka.sasl_password_file {path}: the file is empty")
+        return SecretStr(lines[0].strip())
 
 
 class TopicSettings(BaseModel):
@@ -88,6 +110,9 @@ class BrokerSettings(BaseModel):
     controller_port: int = Field(9093, ge=1, le=65535)
     heap_mb: int = Field(512, ge=128)
     start_timeout_s: float = Field(90.0, gt=0)
+    secured: bool = Field(False, description=(
+        "SASL_SSL listener (SCRAM-SHA-512 users, a certificate from a local CA), deny-by-default "
+        "ACLs; docs/security.md"))
 
 
 class StorageSettings(BaseModel):

@@ -149,8 +149,10 @@ class FrameProducer:
             return
         wait_for_broker(self.settings)
         if self.topic not in describe_topics(self.settings, [self.topic]):
+            user = self.settings.kafka.sasl_plain_username
+            hidden = f", or the broker's ACLs hide it from user {user!r} (docs/security.md)" if user else ""
             raise UserError(
-                f"topic {self.topic!r} does not exist on {self.settings.kafka.bootstrap_servers}; "
+                f"topic {self.topic!r} does not exist on {self.settings.kafka.bootstrap_servers}{hidden}; "
                 "create it with `linewatch broker topics`"
             )
         self._producer = make_producer(self.settings, client_id=f"{self.settings.kafka.client_id}-producer")

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 DOCKERFILES = {"Dockerfile": DOCKER / "Dockerfile", "Dockerfile.gpu": DOCKER / "Dockerfile.gpu"}
-LINEWATCH_SERVICES = {"topic-init", "producer", "worker", "worker-cpu", "sink", "dashboard"}
+LINEWATCH_SERVICES = {"acl-init", "topic-init", "producer", "worker", "worker-cpu", "sink", "dashboard"}
 
 sys.path.insert(0, str(DOCKER))
 import healthcheck  # noqa: E402  (docker/healthcheck.py, stdlib only)
@@ -214,6 +214,24 @@ def test_topic_init_is_one_shot_and_gates_the_pipeline(compose):
     assert init["depends_on"]["kafka"]["required"] is False  # an external cluster works too
     for name in ("producer", "worker", "worker-cpu", "sink"):
         assert services[name]["depends_on"]["topic-init"]["condition"] == "service_completed_successfully"
+
+
+def test_secured_profile_runs_each_service_as_its_role(compose):
+    """Profile "secured" (docs/security.md): acl-init grants the role ACLs before topic-init
+    creates the topics; every Kafka client service reads kafka.env plus its own role's file."""
+    services = compose["services"]
+    acl = services["acl-init"]
+    assert acl["profiles"] == ["secured"] and acl["command"] == ["broker", "acls"] and acl["restart"] == "no"
+    gate = services["topic-init"]["depends_on"]["acl-init"]
+    assert gate == {"condition": "service_completed_successfully", "required": False}
+    roles = {"acl-init": "acl-admin", "topic-init": "admin", "producer": "producer", "worker": "worker",
+             "worker-cpu": "worker", "sink": "sink"}
+    for name, role in roles.items():
+        files = [e["path"] for e in services[name]["env_file"]]
+        assert files == ["./kafka.env", f"./kafka-{role}.env"], name
+        assert all(e["required"] is False for e in services[name]["env_file"])
+    ignored = (DOCKER / ".gitignore").read_text().split()
+    assert {"kafka.env", "kafka-*.env", "secrets/"} <= set(ignored)
 
 
 def test_gpu_reserved_for_the_worker_only(compose):

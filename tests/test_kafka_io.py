@@ -134,7 +134,7 @@ def test_poll_rides_out_a_broker_that_went_away(caplog):
     must wait them out (empty poll, a warning), while any other error still propagates."""
     from kafka import errors
 
-    from linewatch.kafka.io import poll_records
+    from linewatch.kafka.io import NotAuthorized, poll_records
 
     class Flaky:
         def __init__(self, exc):
@@ -152,7 +152,7 @@ def test_poll_rides_out_a_broker_that_went_away(caplog):
     assert poll_records(c, 10, 5) == {"tp": ["r1"]}
     assert "KafkaConnectionError" in caplog.text
     assert poll_records(Flaky(errors.NotLeaderForPartitionError()), 10, backoff_s=0.01) == {}  # retriable
-    with pytest.raises(errors.TopicAuthorizationFailedError):  # not retriable: the user must act
-        poll_records(Flaky(errors.TopicAuthorizationFailedError()), 10)
+    with pytest.raises(NotAuthorized, match="not authorized: .* use topic results"):  # not retried: the user must act
+        poll_records(Flaky(errors.TopicAuthorizationFailedError({"results"})), 10)
     with pytest.raises(ValueError):
         poll_records(Flaky(ValueError("a bug")), 10)

@@ -121,7 +121,15 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
     from kafka import TopicPartition
     from kafka.errors import KafkaError
 
-    from linewatch.kafka.io import DeliveryError, RecordTooLarge, ensure_topics, make_consumer, make_producer, send_nowait
+    from linewatch.kafka.io import (
+        DeliveryError,
+        NotAuthorized,
+        RecordTooLarge,
+        ensure_topics,
+        make_consumer,
+        make_producer,
+        send_nowait,
+    )
 
     ws = settings.worker
     worker_id = worker_id or default_worker_id()
@@ -203,6 +211,8 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
             t1 = time.perf_counter()
             try:
                 _publish(producer, result.out, send_nowait, RecordTooLarge)
+            except NotAuthorized:
+                raise  # the ACLs refuse this user: replaying would only repeat the refusal
             except (DeliveryError, KafkaError) as exc:
                 stats.replays += 1
                 log.warning("worker %s: delivery failed (%s); replaying the batch", worker_id, exc)

@@ -1,5 +1,6 @@
-"""``linewatch broker install|start|stop|status|topics``: a thin shell over linewatch.broker
-and linewatch.kafka_io (nothing heavy is imported until a handler runs)."""
+"""``linewatch broker install|start|stop|status|topics|acls``: a thin shell over
+linewatch.kafka.broker, linewatch.kafka.io and linewatch.kafka.acls (nothing heavy is imported
+until a handler runs)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ jars, for development and the demo. Ports, data directory and heap come from the
 ([broker] in linewatch.toml or LINEWATCH_BROKER__PORT, __CONTROLLER_PORT, __HOME, ...);
 the flags below override them. Files under the broker home: server.properties,
 data/ (KRaft metadata + topic logs), logs/server.log (the broker log), broker.pid.
+With --secured (or LINEWATCH_BROKER__SECURED=true): SASL_SSL only, one SCRAM user per role,
+deny-by-default ACLs; security/ holds the CA, the keystore and one <role>.env per role
+(docs/security.md).
 """
 
 
@@ -28,6 +32,7 @@ def _settings(args: argparse.Namespace):
                 "port": getattr(args, "port", None),
                 "controller_port": getattr(args, "controller_port", None),
                 "home": getattr(args, "home", None),
+                "secured": True if getattr(args, "secured", False) else None,
             }.items()
             if v is not None
         }
@@ -69,11 +74,21 @@ def cmd_start(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     status = broker.start(timeout_s=args.timeout)
     verb = "already running" if was_running else f"started in {time.monotonic() - t0:.1f}s"
-    print(f"Kafka broker {verb}: {status.bootstrap_servers} (pid {status.pid})")
+    mode = " SASL_SSL (SCRAM-SHA-512, ACLs)" if broker.secured else ""
+    print(f"Kafka broker {verb}: {status.bootstrap_servers}{mode} (pid {status.pid})")
     print(f"  log:  {status.log_file}")
     print(f"  data: {broker.data_dir}")
+    if broker.secured:
+        if broker.secrets_made:
+            print(f"  made: {', '.join(broker.secrets_made)}")
+        print(f"  CA:   {broker.secrets.ca_cert}")
+        print(f"  env:  {broker.secrets.root}/<role>.env per role (set -a; . {broker.secrets.env_file('worker')}; set +a)")
     if not args.no_topics:
-        created = ensure_topics(settings)
+        topic_settings = settings.model_copy(update={"kafka": broker.kafka_settings("admin")}) if broker.secured \
+            else settings
+        if broker.secured:
+            _apply_acls(broker, settings, quiet=True)  # the admin role may create topics only once granted
+        created = ensure_topics(topic_settings)
         print(f"  topics: {', '.join(created) + ' created' if created else 'all present'}")
     print("stop it with: linewatch broker stop" + (f" --home {broker.home}" if args.home else ""))
     return 0
@@ -125,6 +140,49 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply_acls(broker, settings, users: dict[str, str] | None = None, quiet: bool = False) -> list:
+    """Apply the role ACLs (linewatch.kafka.acls) on the broker at settings kafka.* -- on a local
+    secured broker as its own super user -- print them unless quiet, return those created now."""
+    from linewatch.kafka.acls import apply_acls, bindings
+    from linewatch.kafka.io import make_admin
+    from linewatch.kafka.security import default_users
+
+    local = broker.secrets.exists()  # the home holds a secured broker's users: run as its super user
+    if local and not broker.secured:
+        broker = _broker(settings.model_copy(update={"broker": settings.broker.model_copy(update={"secured": True})}))
+    ks = broker.kafka_settings() if local else settings.kafka
+    users = {**(broker.secrets.users() if local else default_users()), **(users or {})}
+    wanted = bindings(settings.model_copy(update={"kafka": ks}), users)
+    admin = make_admin(ks)
+    try:
+        created = apply_acls(admin, wanted)
+    finally:
+        admin.close()
+    if not quiet:
+        for b in wanted:
+            print(b.line() + ("   (created now)" if b in created else ""))
+        print(f"{len(wanted)} ACLs for {len({b.role for b in wanted})} roles; {len(created)} created now, "
+              "everything else denied")
+    return created
+
+
+def cmd_acls(args: argparse.Namespace) -> int:
+    from linewatch.kafka.io import quiet_kafka_logs
+
+    quiet_kafka_logs(args.verbose)
+    settings = _settings(args)
+    users = {}
+    for item in args.user or []:
+        role, sep, name = item.partition("=")
+        if not sep or not name:
+            from linewatch.errors import UserError
+
+            raise UserError(f"--user {item!r}: expected ROLE=KAFKA_USER, e.g. --user worker=plant7-worker")
+        users[role] = name
+    _apply_acls(_broker(settings), settings, users)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "broker",
@@ -159,7 +217,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     common(q)
     q.add_argument("--timeout", type=float, default=None, help="seconds to wait for readiness (default: settings, 90)")
-    q.add_argument("--no-topics", action="store_true", help="do not create the linewatch topics")
+    q.add_argument("--no-topics", action="store_true", help="do not create the linewatch topics (nor apply the ACLs)")
+    q.add_argument("--secured", action="store_true",
+                   help="SASL_SSL + SCRAM-SHA-512 users + deny-by-default ACLs, a certificate from a local CA "
+                        "(default: settings broker.secured, off); a home formatted one way cannot start the other")
     q.set_defaults(func=cmd_start)
 
     q = sub.add_parser("stop", help="stop the broker (SIGTERM by pid, SIGKILL after --timeout)")
@@ -182,3 +243,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--list", dest="list_only", action="store_true", help="only list, create nothing")
     q.add_argument("--timeout", type=float, default=None, help="seconds to wait for the broker (default: settings)")
     q.set_defaults(func=cmd_topics)
+
+    q = sub.add_parser(
+        "acls",
+        help="apply each role's least-privilege ACLs (idempotent) and print them",
+        description="Create the ALLOW ACLs of linewatch.kafka.acls.ROLE_GRANTS that the cluster lacks "
+        "(producer writes frames; worker reads frames in its group, writes results and frames.dlq; sink "
+        "reads results and frames.dlq in its group, writes alerts; admin creates the topics) and print "
+        "all of them. Nothing is deleted. On the local secured broker (--home, settings broker.*) it runs "
+        "as the broker's own super user; otherwise as settings kafka.* (a plant cluster: a user allowed "
+        "to alter ACLs).",
+    )
+    common(q)
+    q.add_argument("--secured", action="store_true",
+                   help="the local broker is a secured one (default: settings broker.secured, off; a home "
+                        "holding a secured broker's users is recognised without it)")
+    q.add_argument("--user", action="append", metavar="ROLE=USER",
+                   help="Kafka user of a role, repeatable (default: linewatch-<role>, the local broker's users)")
+    q.set_defaults(func=cmd_acls)

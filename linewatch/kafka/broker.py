@@ -18,6 +18,13 @@ Layout on disk::
     <home>/logs/server.log                         the broker's log (status prints it)
     <home>/broker.out                              JVM stdout/stderr (crashes land here)
     <home>/broker.pid                              pid of the running JVM
+    <home>/security/                               secured mode only: CA, broker keystore, one
+                                                   SCRAM user per role (linewatch.kafka.security)
+
+Secured mode (``BrokerSettings.secured``, ``linewatch broker start --secured``): the client
+listener speaks SASL_SSL only (SCRAM-SHA-512 users written into the storage at format time),
+the controller listener takes only the broker's own certificate, and the StandardAuthorizer
+denies whatever no ACL grants (``linewatch.kafka.acls``). docs/security.md.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ log = logging.getLogger(__name__)
 LOG4J_VERSION = {"4.1.1": "2.24.3", "4.1.0": "2.24.3"}
 READY_LINE = "Kafka Server started"
 _MARKER = ".linewatch-complete"
+_MODE_FILE = ".linewatch-mode"  # in data/: "plaintext" or "secured", written at format time
 
 
 class BrokerError(UserError):
@@ -164,6 +172,7 @@ class Broker:
             else cache_root() / f"kafka-{settings.kafka_version}"
         )
         self._proc: subprocess.Popen | None = None  # set when this process started the JVM
+        self.secrets_made: list[str] = []  # what the last start made (secured mode: CA, certificate, users)
 
     # ---- paths ---------------------------------------------------------------------------
     @property
@@ -198,8 +207,30 @@ class Broker:
     def bootstrap_servers(self) -> str:
         return f"{self.settings.host}:{self.settings.port}"
 
-    def kafka_settings(self, **kw) -> KafkaSettings:
-        """Client settings pointing at this broker."""
+    @property
+    def secrets(self):
+        """This broker's CA, keystore and users (``linewatch.kafka.security.BrokerSecrets``)."""
+        from linewatch.kafka.security import BrokerSecrets
+
+        return BrokerSecrets(self.home / "security")
+
+    @property
+    def secured(self) -> bool:
+        return self.settings.secured
+
+    def kafka_settings(self, role: str | None = None, **kw) -> KafkaSettings:
+        """Client settings pointing at this broker; on a secured broker as ``role``'s user
+        (default: the broker's own super user), its password by file, the local CA trusted."""
+        if self.secured:
+            from linewatch.kafka.security import BROKER_ROLE, SCRAM_MECHANISM
+
+            role = role or BROKER_ROLE
+            users = self.secrets.users()
+            if role not in users:
+                raise BrokerError(f"no Kafka user for role {role!r} on this broker (roles: {', '.join(users)})")
+            kw = {"security_protocol": "SASL_SSL", "sasl_mechanism": SCRAM_MECHANISM,
+                  "sasl_plain_username": users[role], "sasl_password_file": self.secrets.password_file(role),
+                  "ssl_cafile": self.secrets.ca_cert, **kw}
         return KafkaSettings(bootstrap_servers=self.bootstrap_servers, max_message_bytes=self.max_message_bytes, **kw)
 
     # ---- install -------------------------------------------------------------------------
@@ -256,13 +287,15 @@ class Broker:
         return None
 
     def _running_listener(self) -> tuple[str, int] | None:
-        """host, port of the PLAINTEXT listener the running broker was started with."""
+        """host, port of the client listener (PLAINTEXT or SASL_SSL) the running broker was
+        started with."""
         try:
             for line in self.properties_file.read_text().splitlines():
                 if line.startswith("listeners="):
                     for item in line.split("=", 1)[1].split(","):
-                        if item.startswith("PLAINTEXT://"):
-                            host, port = item[len("PLAINTEXT://"):].rsplit(":", 1)
+                        name, _, address = item.partition("://")
+                        if name in ("PLAINTEXT", "SASL_SSL"):
+                            host, port = address.rsplit(":", 1)
                             return host, int(port)
         except (OSError, ValueError):
             pass
@@ -302,32 +335,78 @@ class Broker:
             main, *args,
         ]
 
-    def _render_config(self) -> None:
+    def _render_config(self) -> list[str]:
+        """Write server.properties and log4j2.xml; in secured mode first make whatever secrets
+        are missing (returns what was made) and keep the file to its owner (it holds the
+        keystore and broker passwords)."""
         s = self.settings
         for d in (self.home, self.data_dir, self.log_dir):
             d.mkdir(parents=True, exist_ok=True)
+        fields = {"host": s.host, "port": s.port, "controller_port": s.controller_port}
+        made: list[str] = []
+        if self.secured:
+            from linewatch.kafka.security import BROKER_ROLE, SCRAM_MECHANISM, default_users
+
+            made = self.secrets.ensure(s.host, default_users())
+            self.secrets.write_env_files(self.bootstrap_servers)
+            listeners = Template(_package_file("listeners-secured.properties")).substitute(
+                **fields, mechanism=SCRAM_MECHANISM, mechanism_lower=SCRAM_MECHANISM.lower(),
+                broker_user=self.secrets.users()[BROKER_ROLE], broker_password=self.secrets.password(BROKER_ROLE),
+                keystore=self.secrets.keystore, keystore_password=self.secrets.keystore_password(),
+                ca_file=self.secrets.ca_cert)
+        else:
+            listeners = Template(_package_file("listeners-plaintext.properties")).substitute(**fields)
         props = Template(_package_file("server.properties.template")).substitute(
-            host=s.host,
-            port=s.port,
-            controller_port=s.controller_port,
+            **fields,
+            listeners=listeners.strip(),
             data_dir=self.data_dir,
             max_message_bytes=self.max_message_bytes,
             retention_bytes=1024**3,
         )
-        self.properties_file.write_text(props, encoding="utf-8")
+        fd = os.open(self.properties_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(props)
+        os.chmod(self.properties_file, 0o600)
         (self.home / "log4j2.xml").write_text(_package_file("log4j2.xml"), encoding="utf-8")
+        return made
+
+    def _check_mode(self) -> bool:
+        """True when the storage is formatted already, in the mode the settings ask for;
+        BrokerError when it was formatted the other way (its users and listeners differ)."""
+        if not (self.data_dir / "meta.properties").is_file():
+            return False
+        mode = "secured" if self.secured else "plaintext"
+        try:
+            formatted = (self.data_dir / _MODE_FILE).read_text().strip()
+        except OSError:
+            formatted = "plaintext"  # formatted before secured mode existed
+        if formatted != mode:
+            raise BrokerError(
+                f"broker home {self.home} was formatted {formatted}, settings ask for {mode}; "
+                f"use another --home or remove {self.data_dir}")
+        return True
 
     def _format_storage(self) -> None:
-        if (self.data_dir / "meta.properties").is_file():
+        """Format the KRaft storage once; a secured broker's SCRAM users are written into its
+        first metadata here (``--add-scram``, salted), so they exist before the broker starts."""
+        if self._check_mode():
             return
+        mode = "secured" if self.secured else "plaintext"
+        scram: list[str] = []
+        if self.secured:
+            from linewatch.kafka.security import scram_format_arg
+
+            for role, user in self.secrets.users().items():
+                scram += ["--add-scram", scram_format_arg(user, self.secrets.password(role))]
         cmd = self._java_cmd(
             "kafka.tools.StorageTool", "format", "--standalone", "--ignore-formatted",
-            "-t", _kafka_cluster_id(), "-c", str(self.properties_file),
+            "-t", _kafka_cluster_id(), "-c", str(self.properties_file), *scram,
         )
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             detail = " ".join((proc.stdout + proc.stderr).split())[-400:]
             raise BrokerError(f"formatting {self.data_dir} failed (exit {proc.returncode}): {detail}")
+        (self.data_dir / _MODE_FILE).write_text(mode + "\n")
 
     def start(self, timeout_s: float | None = None, die_with_parent: bool = False) -> BrokerStatus:
         """Start the broker and wait until it is ready (log line + an admin call answers).
@@ -341,10 +420,8 @@ class Broker:
         if current.running:
             from linewatch.kafka.io import wait_for_broker
 
-            wait_for_broker(
-                KafkaSettings(bootstrap_servers=current.bootstrap_servers, max_message_bytes=self.max_message_bytes),
-                timeout_s,
-            )
+            wait_for_broker(self.kafka_settings().model_copy(update={"bootstrap_servers": current.bootstrap_servers}),
+                            timeout_s)
             return self.status()
         if s.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("broker listens on %s, not loopback: anyone on that network can reach it", s.host)
@@ -358,7 +435,8 @@ class Broker:
                 )
         if s.port == s.controller_port:
             raise BrokerError("broker.port and broker.controller_port must differ")
-        self._render_config()
+        self._check_mode()  # before anything in the home is rewritten
+        self.secrets_made = self._render_config()
         self._format_storage()
         log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         cmd = self._java_cmd("kafka.Kafka", str(self.properties_file))

@@ -9,12 +9,14 @@ of a hang. Each service gets that by calling these functions instead of building
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from linewatch.errors import UserError
+from linewatch.kafka.access import AccessDenied, check_access
 from linewatch.settings import KafkaSettings, Settings
 
 if TYPE_CHECKING:  # kafka-python is imported lazily so `linewatch --help` stays fast
@@ -38,6 +40,55 @@ class BrokerUnavailable(KafkaIOError):
 
 class DeliveryError(KafkaIOError):
     """A record was not acknowledged by the broker."""
+
+
+class NotAuthorized(DeliveryError):
+    """The broker's ACLs do not let this principal use the topic (or group): never retried."""
+
+
+_REFUSED = re.compile(r"\b(Topic|Group|Cluster|TransactionalId)AuthorizationFailedError\b")
+
+
+def _refusal_kind(exc: BaseException) -> str | None:
+    """``TopicAuthorizationFailedError`` and the like, also when kafka-python wraps it in a
+    plain KafkaError (an idempotent producer's InitProducerId refused); None: not an ACL refusal."""
+    from kafka import errors
+
+    if isinstance(exc, errors.AuthorizationError) or _REFUSED.fullmatch(type(exc).__name__):
+        return type(exc).__name__
+    m = _REFUSED.search(str(exc)) if isinstance(exc, errors.KafkaError) else None
+    return m.group(0) if m else None
+
+
+def _not_authorized(exc: BaseException) -> bool:
+    return _refusal_kind(exc) is not None
+
+
+def refusal(exc: BaseException, client: Any, what: str = "") -> NotAuthorized:
+    """One line naming who (the client's SASL user) was refused what (``what``, else the topic
+    or group the error names)."""
+    user = (getattr(client, "config", None) or {}).get("sasl_plain_username")
+    who = f"user {user!r}" if user else "this client"
+    names = exc.args[0] if exc.args else ""
+    if not isinstance(names, (str, bytes)):
+        names = ", ".join(sorted(map(str, names)))
+    names = str(names).split(": ")[-1].strip()
+    kind = _refusal_kind(exc) or type(exc).__name__
+    if kind.startswith("Cluster"):
+        what = f"{what + ': ' if what else ''}an idempotent producer needs WRITE on some topic"
+    if not what:
+        what = (f"join consumer group {names or '(unnamed)'}" if kind.startswith("Group") else
+                f"use topic {names or '(unnamed)'}" if kind.startswith("Topic") else
+                "do this")
+    return NotAuthorized(f"not authorized: the broker's ACLs do not let {who} {what} ({kind}); each role's "
+                         "ACLs: docs/security.md (linewatch broker acls)")
+
+
+def _check_access(ks: KafkaSettings, timeout_s: float) -> None:
+    """Before a client of a secured cluster is built: refuse at once, naming the cause, when
+    TLS or SASL would fail (linewatch.kafka.access); PLAINTEXT costs nothing."""
+    if ks.security_protocol != "PLAINTEXT":
+        check_access(ks, timeout_s=min(timeout_s, 10.0))
 
 
 class RecordTooLarge(DeliveryError):
@@ -90,10 +141,12 @@ def poll_records(consumer: "KafkaConsumer", timeout_ms: int, max_records: int | 
     errors out of ``poll`` while it cannot reach the coordinator (seen when the broker is
     restarted under a running sink), where a service must keep waiting, not die. Transient
     errors are logged (at most every 10 s), slept off for ``backoff_s`` and give an empty poll;
-    anything else propagates."""
+    an ACL refusal raises NotAuthorized (one line); anything else propagates."""
     try:
         return consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
     except Exception as exc:  # noqa: BLE001 - filtered right below
+        if _not_authorized(exc):
+            raise refusal(exc, consumer) from None  # retrying will not change the ACLs
         if not _is_transient(exc):
             raise
         now = time.monotonic()
@@ -144,6 +197,7 @@ def make_producer(settings: Settings | KafkaSettings, **overrides: Any) -> "Kafk
     from kafka import KafkaProducer
 
     ks = _kafka_settings(settings)
+    _check_access(ks, ks.connect_timeout_s)
     cfg: dict[str, Any] = ks.client_config()
     cfg.update(
         acks="all",
@@ -177,6 +231,7 @@ def make_consumer(
     from kafka import KafkaConsumer
 
     ks = _kafka_settings(settings)
+    _check_access(ks, ks.connect_timeout_s)
     cfg: dict[str, Any] = ks.client_config()
     cfg.update(
         group_id=group_id,
@@ -205,6 +260,7 @@ def make_admin(settings: Settings | KafkaSettings, timeout_s: float | None = Non
 
     ks = _kafka_settings(settings)
     timeout_s = ks.connect_timeout_s if timeout_s is None else timeout_s
+    _check_access(ks, timeout_s)
     cfg = ks.client_config()
     cfg["bootstrap_timeout_ms"] = max(1, int(timeout_s * 1000))
     try:
@@ -235,6 +291,8 @@ def wait_for_broker(settings: Settings | KafkaSettings, timeout_s: float | None 
                 return admin.describe_cluster()
             finally:
                 admin.close()
+        except AccessDenied:
+            raise  # the broker answered and refused: waiting will not change that
         except Exception as exc:  # keep retrying until the deadline
             last = exc
             log.debug("broker not ready yet: %s", exc)
@@ -272,7 +330,11 @@ def ensure_topics(settings: Settings, timeout_s: float | None = None) -> list[st
     """Create the missing linewatch topics explicitly (never by auto-create); idempotent and
     safe when several processes race. Returns the names it created. Existing topics get
     their max.message.bytes raised to the limit if lower (else big frames would be refused);
-    fewer partitions than configured are logged, not changed."""
+    fewer partitions than configured are logged, not changed.
+
+    On a cluster with ACLs a service's user may neither see nor create the topics of other
+    roles (linewatch.kafka.acls): what it is not allowed to create or inspect is left to the
+    admin role (logged, not an error); a topic it needs and cannot use fails where it is used."""
     from kafka.errors import TopicAlreadyExistsError, for_code
 
     specs = topic_specs(settings)
@@ -295,14 +357,19 @@ def ensure_topics(settings: Settings, timeout_s: float | None = None) -> list[st
                 for s in missing
             }
             response = admin.create_topics(request, timeout_ms=30_000, raise_errors=False)
+            refused: list[str] = []
             for topic in response.get("topics", []):
                 code = topic.get("error_code", 0)
                 if code == 0:
                     created.append(topic["name"])
+                elif _not_authorized(for_code(code)()):
+                    refused.append(topic["name"])
                 elif for_code(code) is not TopicAlreadyExistsError:
                     msg = topic.get("error_message") or for_code(code).__name__
                     raise KafkaIOError(f"could not create topic {topic['name']}: {msg}")
-            admin.wait_for_topics([s.name for s in missing], timeout_ms=30_000)
+            if refused:
+                log.info("not allowed to see or create topics %s (the admin role creates them)", ", ".join(refused))
+            admin.wait_for_topics([s.name for s in missing if s.name not in refused], timeout_ms=30_000)
         if created:
             log.info("created topics %s", ", ".join(created))
         return created
@@ -317,10 +384,19 @@ def _raise_size_limits(admin, specs: list[TopicSpec]) -> None:
     from kafka.admin import ConfigResource, ConfigResourceType
 
     key = "max.message.bytes"
-    current = admin.describe_configs(
-        [ConfigResource(ConfigResourceType.TOPIC, s.name, {key: None}) for s in specs], config_filter="all"
-    ).get("topic", {})
-    low = [s for s in specs if int(current.get(s.name, {}).get(key, {}).get("value") or 0) < int(s.configs[key])]
+    try:
+        current = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, s.name, {key: None}) for s in specs], config_filter="all"
+        ).get("topic", {})
+    except Exception as exc:  # noqa: BLE001 - only an ACL refusal is expected here
+        if not _not_authorized(exc):
+            raise
+        log.debug("not allowed to read the configs of %s; size limits left to the admin role",
+                  ", ".join(s.name for s in specs))
+        return
+    # a topic whose config this user may not read comes back without a value: not ours to raise
+    values = {s.name: (current.get(s.name) or {}).get(key, {}).get("value") for s in specs}
+    low = [s for s in specs if values[s.name] is not None and int(values[s.name]) < int(s.configs[key])]
     if low:
         log.warning("raising %s of %s to %s", key, ", ".join(s.name for s in low), low[0].configs[key])
         admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, s.name, {key: s.configs[key]}) for s in low])
@@ -360,11 +436,13 @@ def _as_bytes(key: str | bytes | None) -> bytes | None:
 class PendingDelivery:
     """A record handed to the producer; ``result()`` checks it and raises a clear error."""
 
-    def __init__(self, future: "FutureRecordMetadata", name: str, size: int, limit: int) -> None:
+    def __init__(self, future: "FutureRecordMetadata", name: str, size: int, limit: int,
+                 topic: str = "", producer: Any = None) -> None:
         self.future = future
         self.name = name
         self.size = size
         self.limit = limit
+        self.topic, self.producer = topic, producer
 
     def done(self) -> bool:
         return bool(self.future.is_done)
@@ -379,6 +457,8 @@ class PendingDelivery:
         except KafkaTimeoutError as exc:
             raise DeliveryError(f"{self.name}: not acknowledged within {timeout}s ({exc})") from None
         except KafkaError as exc:
+            if _not_authorized(exc):
+                raise refusal(exc, self.producer, f"write topic {self.topic}" if self.topic else "") from None
             raise DeliveryError(f"{self.name}: delivery failed: {type(exc).__name__}: {exc}") from None
 
 
@@ -409,7 +489,11 @@ def send_nowait(
         raise _too_large(name, len(value), limit) from None
     except KafkaTimeoutError as exc:
         raise DeliveryError(f"{name}: topic {topic!r} metadata not available ({exc}); is the broker up and the topic created?") from None
-    return PendingDelivery(future, name, len(value), limit)
+    except Exception as exc:
+        if _not_authorized(exc):
+            raise refusal(exc, producer, f"write topic {topic}") from None
+        raise
+    return PendingDelivery(future, name, len(value), limit, topic, producer)
 
 
 def send_checked(

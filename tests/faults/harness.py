@@ -105,11 +105,12 @@ def fault_broker(tmp_path_factory):
         yield broker
 
 
-def start_broker(home: Path):
-    """A broker like ``fault_broker`` that the caller stops (and restarts) itself."""
+def start_broker(home: Path, **settings):
+    """A broker like ``fault_broker`` that the caller stops (and restarts) itself; ``settings``
+    go to BrokerSettings (``secured=True``: SASL_SSL, one SCRAM user per role, ACLs)."""
     from linewatch.kafka.broker import start_on_free_ports
 
-    return start_on_free_ports(home, **_BROKER)
+    return start_on_free_ports(home, **_BROKER, **settings)
 
 
 @dataclass
@@ -329,7 +330,11 @@ class Service:
 
 class Pipeline:
     """One scenario's pipeline: topics named after the scenario, its own DuckDB file, its
-    own copy of the registry, worker and sink subprocesses it starts, kills and stops."""
+    own copy of the registry, worker and sink subprocesses it starts, kills and stops.
+
+    On a secured broker every party runs as its own role's user (``as_role``): the worker and
+    the sink subprocesses, the admin creating the topics (after the broker's super user applied
+    the role ACLs for this scenario's topic names), the load producer a test builds."""
 
     def __init__(self, name: str, broker, tmp: Path, registry_template: Path, *,
                  worker: dict | None = None, sink: dict | None = None):
@@ -355,23 +360,35 @@ class Pipeline:
             sink=SinkSettings(**s),
         )
 
+    @property
+    def secured(self) -> bool:
+        return bool(getattr(self.broker, "secured", False))
+
+    def as_role(self, role: str) -> _Settings:
+        """These settings with ``role``'s Kafka user on a secured broker; unchanged otherwise."""
+        if not self.secured:
+            return self.settings
+        ks = self.broker.kafka_settings(role, client_id=self.settings.kafka.client_id,
+                                        connect_timeout_s=self.settings.kafka.connect_timeout_s)
+        return self.settings.model_copy(update={"kafka": ks})
+
     # -- environment for the subprocesses: the same settings, as LINEWATCH_ env vars ---------
-    def env(self) -> dict[str, str]:
+    def env(self, role: str | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LINEWATCH_")}
         env["LINEWATCH_HOME"] = str(self.tmp / "home")
         if os.environ.get("LINEWATCH_CACHE"):
             env["LINEWATCH_CACHE"] = os.environ["LINEWATCH_CACHE"]
-        s = self.settings
+        s = self.as_role(role) if role else self.settings
         for section in ("kafka", "topics", "storage", "worker", "sink"):
             for key, value in getattr(s, section).model_dump(exclude_defaults=True).items():
                 env[f"LINEWATCH_{section.upper()}__{key.upper()}"] = str(value)
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         return env
 
-    def _spawn(self, name: str, args: list[str]) -> Service:
+    def _spawn(self, name: str, args: list[str], role: str | None = None) -> Service:
         log = self.tmp / f"{name}.log"
         fh = open(log, "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "linewatch.cli", "-v", *args], cwd=REPO, env=self.env(),
+        proc = subprocess.Popen([sys.executable, "-m", "linewatch.cli", "-v", *args], cwd=REPO, env=self.env(role),
                                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         fh.close()
@@ -380,10 +397,10 @@ class Pipeline:
         return svc
 
     def start_worker(self, worker_id: str, *extra: str) -> Service:
-        return self._spawn(worker_id, ["work", "--worker-id", worker_id, *extra])
+        return self._spawn(worker_id, ["work", "--worker-id", worker_id, *extra], role="worker")
 
     def start_sink(self, name: str = "sink") -> Service:
-        return self._spawn(name, ["sink"])
+        return self._spawn(name, ["sink"], role="sink")
 
     def kill(self, svc: Service, sig: int = signal.SIGKILL, what: str | None = None) -> float:
         t = time.time()
@@ -447,7 +464,16 @@ class Pipeline:
     def create_topics(self) -> None:
         from linewatch.kafka.io import ensure_topics
 
-        ensure_topics(self.settings, timeout_s=60)
+        if self.secured:
+            from linewatch.kafka.acls import apply_acls, bindings
+            from linewatch.kafka.io import make_admin
+
+            admin = make_admin(self.as_role("broker"), timeout_s=60)
+            try:
+                apply_acls(admin, bindings(self.settings, self.broker.secrets.users()))
+            finally:
+                admin.close()
+        ensure_topics(self.as_role("admin"), timeout_s=60)
 
     # -- reading the outcome ----------------------------------------------------------------
     def read_db(self) -> tuple[list[tuple], list[tuple]]:
@@ -491,7 +517,7 @@ class Pipeline:
 
         from linewatch.kafka.io import make_consumer
 
-        consumer = make_consumer(self.settings, None, None, client_id=f"faults-{self.name}-dlqread",
+        consumer = make_consumer(self.as_role("sink"), None, None, client_id=f"faults-{self.name}-dlqread",
                                  consumer_timeout_ms=3000)
         try:
             parts = consumer.partitions_for_topic(self.settings.topics.dlq) or set()

@@ -27,7 +27,9 @@ def test_broker_stop_and_restart(pipeline_factory, frame_bank, tmp_path, how):
         broker.stop(timeout_s=20)
 
 
-def _run(p, frame_bank, broker, how):
+def _run(p, frame_bank, broker, how, tag: str = ""):
+    """Scenario 3 on ``p`` (``tag`` marks the report row, e.g. "-secured"; on a secured broker
+    the load producer runs as the producer role)."""
     p.create_topics()
     sink = p.start_sink()
     w1 = p.start_worker("s3-w1")
@@ -36,8 +38,8 @@ def _run(p, frame_bank, broker, how):
     p.wait_assigned(w2)
     p.wait_sink_ready(sink)
     n = RATE * 45
-    frames = good_frames(frame_bank, n, f"s3{how[-4:]}", camera_ids())
-    prod = LoadProducer(p.settings, frames, rate_fps=RATE, retry_s=120)
+    frames = good_frames(frame_bank, n, f"s3{how[-4:]}{tag}", camera_ids())
+    prod = LoadProducer(p.as_role("producer"), frames, rate_fps=RATE, retry_s=120)
     prod.start()
     time.sleep(10)
     t_stop = time.time()
@@ -60,7 +62,8 @@ def _run(p, frame_bank, broker, how):
     rows, _ = p.read_db()
     ttr = recovery_times(p.events, prod.sent, rows)
     alive = {s.name: s.alive() for s in p.services}
-    write_report(f"3-broker-{how}", f"broker stopped ({how}) {DOWN_S} s, restarted", acc,
+    secured = " (SASL_SSL + SCRAM + ACLs, every service as its own role)" if p.secured else ""
+    write_report(f"3-broker-{how}{tag}", f"broker stopped ({how}) {DOWN_S} s, restarted{secured}", acc,
                  f"{ttr[0]:.1f} s after the stop (broker down {t_up - t_stop:.1f} s)",
                  {"faults": 1, "broker_down_s": round(t_up - t_stop, 1), "broker_start_s": round(t_up - t_up0, 1),
                   "producer_retries": prod.retries, "producer_failed": len(prod.failed),
