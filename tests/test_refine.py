@@ -68,6 +68,18 @@ def test_calibration_switches_refinement_on_from_validation_iou():
     assert estimate_thresholds(maps, masks).method("iou").val_iou <= 0.5  # best plain: the strong one only
 
 
+def test_the_mask_step_needs_a_mean_gain_and_a_default_change_needs_two_standard_errors():
+    """brick's validation images on the synthetic line, in figures: the searched mask step gained
+    +0.071 +- 0.066 per image; 2 SE refused it and cost 0.13 test IoU (docs/calibration.md, step 4)."""
+    from calibration.adoption import MIN_GAIN, clears, improves
+
+    noisy = np.array([0.30, -0.10, 0.25, -0.05, 0.20, -0.15, 0.10, 0.05])  # mean +0.075, SE ~0.057
+    assert improves(noisy)[0] and not clears(noisy)[0]
+    assert not improves(np.full(8, MIN_GAIN / 2))[0]  # a gain below MIN_GAIN is no gain
+    assert not improves(np.array([0.5]))[0]  # one image cannot be judged
+    assert clears(np.full(8, 0.05) + np.linspace(-0.001, 0.001, 8))[0]
+
+
 def test_refinement_stays_off_when_it_cannot_be_judged():
     maps, masks = _val_set(n_anom=2)
     r = calibrate_refinement(maps, masks)
