@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.DEBUG if args.verbose >= 2 else logging.ERROR)
     # `kill -USR1 <pid>` writes every thread's stack to stderr: how to see where a service that
     # stopped making progress (a consumer that never finishes its group join) is waiting.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # (to the process's own stderr: an in-process caller, pytest's capsys, may have swapped
+    # sys.stderr for an object without a file descriptor)
+    if sys.__stderr__ is not None:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()
