@@ -134,6 +134,9 @@ class WorkerSettings(BaseModel):
     metrics_port: int = Field(0, ge=0, le=65535, description="0 = no metrics endpoint")
     max_poll_interval_ms: int = Field(300_000, ge=10_000)
     session_timeout_ms: int = Field(10_000, ge=6_000, description="a dead worker's partitions move after this")
+    join_timeout_s: float = Field(45.0, ge=5, description=(
+        "a consumer whose first group join has not completed after this long is closed and a new "
+        "one joins (kafka-python 3 can stall in a join under load: docs/architecture.md)"))
     reload_interval_s: float = Field(2.0, gt=0)
     preload: bool = Field(True, description=(
         "load and warm every published profile before consuming (ready on /ready), so the first "

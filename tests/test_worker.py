@@ -470,3 +470,51 @@ def test_serial_mode_without_overlap(kafka_settings, registry):
     assert len({r.frame_id for r in results}) == len(results) == 10
     committed, end = _committed_vs_end(settings)
     assert committed == end
+
+
+def test_a_stalled_group_join_is_replaced_by_a_new_consumer(kafka_settings, registry, monkeypatch):
+    """kafka-python 3 can stall in a first group join under load (the broker drops the member,
+    the client never rejoins; tests/faults/harness.py dumps the stacks when it happens). The
+    first consumer here never completes its join; after ``join_timeout_s`` the worker closes it
+    and a new one joins and serves every frame."""
+    import linewatch.kafka.io as kio
+
+    real = kio.make_consumer
+    made: list[str] = []
+
+    class Stalled:
+        """A consumer whose join never completes: no listener call, no records."""
+
+        def __init__(self, inner):
+            self.inner, self.closed = inner, False
+
+        def subscribe(self, topics, listener=None):
+            pass  # the join never happens
+
+        def poll(self, timeout_ms=0, max_records=None):
+            time.sleep(timeout_ms / 1000)
+            return {}
+
+        def assignment(self):
+            return set()
+
+        def close(self, autocommit=False):
+            self.closed = True
+            self.inner.close(autocommit=False)
+
+    def make_consumer(*args, **kw):
+        c = real(*args, **kw)
+        made.append("stalled" if not made else "real")
+        return Stalled(c) if len(made) == 1 else c
+
+    monkeypatch.setattr(kio, "make_consumer", make_consumer)
+    settings = _settings(kafka_settings, registry, join_timeout_s=5)
+    img = plain_image(256, 128, seed=3)
+    _produce(settings, [_frame("widget", i, img) for i in range(6)])
+    t0 = time.monotonic()
+    stats = run_worker(settings, worker_id="w-rejoin", max_frames=6)
+    assert made == ["stalled", "real"] and stats.rejoins == 1
+    assert stats.frames == 6 and stats.results == 6
+    assert time.monotonic() - t0 >= 5  # not before the join timeout
+    results = _read_all(settings, settings.topics.results, 6)
+    assert len({InspectionResult.from_bytes(r.value).frame_id for r in results}) == 6

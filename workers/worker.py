@@ -51,6 +51,7 @@ class WorkerStats:
     batches: int = 0
     commits: int = 0
     commit_failures: int = 0
+    rejoins: int = 0  # consumers replaced because their group join stalled (WorkerSettings.join_timeout_s)
     replays: int = 0  # batches processed again after a failed delivery
     revoked_in_batch: int = 0  # records whose partition was revoked while their batch formed
     profile_loads: int = 0
@@ -101,10 +102,12 @@ class _Revocations:
                     log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
             def on_partitions_assigned(self, assigned):  # noqa: N805
+                outer.joined = True  # called after every completed join, with an empty assignment too
                 if assigned:
                     log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
 
         self.revoked: set[Any] = set()
+        self.joined = False
         self.listener = Listener()
 
 
@@ -182,13 +185,19 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
             metrics.set_ready({})
         if create_topics:
             ensure_topics(settings)
-        revocations = _Revocations()
         client_id = f"{settings.kafka.client_id}-worker-{worker_id}"
-        consumer = make_consumer(settings, ws.group_id, topics=None, client_id=client_id,
-                                 max_poll_records=ws.max_batch, max_poll_interval_ms=ws.max_poll_interval_ms,
-                                 session_timeout_ms=ws.session_timeout_ms,
-                                 heartbeat_interval_ms=max(1000, ws.session_timeout_ms // 3))
-        consumer.subscribe([settings.topics.frames], listener=revocations.listener)
+
+        def subscribed() -> tuple[Any, _Revocations, float]:
+            """A new consumer subscribed to ``frames``, its listener, and when it subscribed."""
+            rev = _Revocations()
+            c = make_consumer(settings, ws.group_id, topics=None, client_id=client_id,
+                              max_poll_records=ws.max_batch, max_poll_interval_ms=ws.max_poll_interval_ms,
+                              session_timeout_ms=ws.session_timeout_ms,
+                              heartbeat_interval_ms=max(1000, ws.session_timeout_ms // 3))
+            c.subscribe([settings.topics.frames], listener=rev.listener)
+            return c, rev, time.monotonic()
+
+        consumer, revocations, subscribed_at = subscribed()
         producer = make_producer(settings, client_id=client_id, linger_ms=2)
         log.info("worker %s consuming %s as group %s (batch %d, wait %d ms)", worker_id,
                  settings.topics.frames, ws.group_id, ws.max_batch, ws.max_wait_ms)
@@ -280,6 +289,16 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
                 batch = _collect(consumer, revocations, room, ws.max_wait_ms, stop, stats,
                                  first_wait_ms=0 if inflight else IDLE_POLL_MS, quiet_ms=ws.quiet_ms)
                 stats.stage_s["poll"] += time.perf_counter() - t0
+            if (not revocations.joined and inflight is None and not batch
+                    and time.monotonic() - subscribed_at > ws.join_timeout_s):
+                # kafka-python 3 can stall in a group join under load (the broker drops the member,
+                # the client never rejoins): a new consumer joins instead of idling forever
+                log.warning("worker %s: group join not completed after %.0f s; a new consumer joins",
+                            worker_id, time.monotonic() - subscribed_at)
+                stats.rejoins += 1
+                consumer.close(autocommit=False)
+                consumer = None
+                consumer, revocations, subscribed_at = subscribed()
             if time.monotonic() - last_lag > 1.0:
                 metrics.set_lag(_lags(consumer, next_offsets))
                 last_lag = time.monotonic()
