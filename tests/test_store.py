@@ -35,9 +35,9 @@ def test_init_creates_schema_and_is_idempotent(tmp_path):
     assert store.init_db(db) == store.SCHEMA_VERSION  # re-run: nothing applied twice
     with store.reading(db) as con:
         tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+        assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == len(store.MIGRATIONS)
     assert {"inspections", "defect_regions", "defect_images", "profiles", "calibration_runs", "alerts",
-            "dlq_events", "schema_version"} <= tables
+            "dlq_events", "evidence", "reviews", "latest_reviews", "schema_version"} <= tables
 
 
 def test_write_batch_is_idempotent_and_stores_images_only_for_defects(tmp_path):

@@ -24,6 +24,8 @@ _COUNT_SQL = {
     "calibration_runs": "SELECT count(*) FROM calibration_runs",
     "alerts": "SELECT count(*) FROM alerts",
     "dlq_events": "SELECT count(*) FROM dlq_events",
+    "evidence": "SELECT count(*) FROM evidence",
+    "reviews": "SELECT count(*) FROM reviews",
 }
 
 
