@@ -259,7 +259,7 @@ def record_profile(
     init_db(path, timeout_s)
     with writing(path, timeout_s) as con:
         _upsert_profile(con, data, "calibration",
-                        ("thresholds", "threshold_reason", "calibration_metrics", "background"))
+                        ("thresholds", "threshold_reason", "calibration_metrics", "background", "notes"))
 
 
 def record_calibration_run(
@@ -320,5 +320,6 @@ def sync_profiles_from_registry(path: Path | str, registry_dir: Path | str, *, t
     init_db(path, timeout_s)
     with writing(path, timeout_s) as con:
         for p in found:
-            _upsert_profile(con, p.model_dump(mode="json"), "registry", ("thresholds", "threshold_reason", "background"))
+            _upsert_profile(con, p.model_dump(mode="json"), "registry",
+                            ("thresholds", "threshold_reason", "background", "calibration_metrics", "notes"))
     return len(found)
