@@ -116,6 +116,10 @@ def _window(base: queries.Filters, span_ms: int | None) -> queries.Filters:
 
 def _alerts(snap: queries.Snapshot) -> None:
     for a in snap.alerts:
+        if a["kind"] == "drift":
+            st.warning(f"**{a['product']} · scores drifting: recalibrate?** KS distance {a['value']:.2f} (limit "
+                       f"{a['limit']:.2f}) — {a['message']} · since {fmt_ts(a['ts_ms'])}", icon=":material/trending_up:")
+            continue
         what = "Defect rate" if a["kind"] == "defect_rate" else "Consecutive defects"
         value = f"{a['value']:.1%}" if a["kind"] == "defect_rate" else f"{a['value']:.0f} in a row"
         limit = f"{a['limit']:.1%}" if a["kind"] == "defect_rate" else f"{a['limit']:.0f}"
@@ -317,16 +321,20 @@ def render(snap: queries.Snapshot, stale_since_ms: int | None = None) -> None:
 
 
 def _history(snap: queries.Snapshot) -> None:
+    """The audit trail as a plain table (text in the page, so it can be read and copied)."""
     st.subheader("Profile version history")
     if snap.history.empty:
         st.caption("No profile recorded yet.")
         return
-    st.dataframe(snap.history, hide_index=True, width="stretch", key="profile-history", column_config={
-        "product": "Product", "version": st.column_config.NumberColumn("Version", format="v%d"),
-        "created_at": st.column_config.DatetimeColumn("When", format="YYYY-MM-DD HH:mm"), "created_by": "Who",
-        "method": "Method", "threshold": st.column_config.NumberColumn("Pixel threshold", format="%.4f"),
-        "image_threshold": st.column_config.NumberColumn("Image threshold", format="%.4f"),
-        "escape": "Escape rate", "false_reject": "False-reject rate", "basis": "Calibrated from"})
+    h = snap.history.copy()
+    h["version"] = h["version"].map(lambda v: f"v{v}")
+    h["created_at"] = pd.to_datetime(h["created_at"], utc=True).dt.strftime("%Y-%m-%d %H:%M")
+    for c in ("threshold", "image_threshold"):
+        h[c] = h[c].map(lambda v: "—" if pd.isna(v) else f"{v:.4f}")
+    h = h.rename(columns={"product": "Product", "version": "Version", "created_at": "When (UTC)", "created_by": "Who",
+                          "method": "Method", "threshold": "Pixel threshold", "image_threshold": "Image threshold",
+                          "escape": "Escape rate", "false_reject": "False-reject rate", "basis": "Calibrated from"})
+    st.table(h.set_index(["Product", "Version"]))
 
 
 def _export(db: Path, filters: queries.Filters) -> None:

@@ -179,7 +179,7 @@ class Alert(BaseModel):
 
     alert_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     product: str
-    kind: Literal["defect_rate", "consecutive_defects"]
+    kind: Literal["defect_rate", "consecutive_defects", "drift"]
     state: Literal["raised", "cleared"]
     value: float
     limit: float

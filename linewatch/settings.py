@@ -156,6 +156,10 @@ class AlertSettings(BaseModel):
     max_defect_rate: float = Field(0.25, gt=0, le=1)
     max_consecutive_defects: int = Field(10, ge=2)
     clear_fraction: float = Field(0.8, gt=0, le=1, description="rate alert clears below max_defect_rate x this (hysteresis)")
+    drift_window: int = Field(200, ge=20, description=(
+        "recent frames judged normal, per product, compared with the calibration's normal validation scores"))
+    drift_raise: float = Field(0.5, gt=0, le=1, description="KS distance at or above which the drift alert is raised")
+    drift_clear: float = Field(0.3, ge=0, le=1, description="KS distance at or below which it clears (hysteresis)")
 
 
 class MqttSettings(BaseModel):

@@ -25,6 +25,7 @@ from linewatch import store
 from linewatch.messages import Alert, DlqRecord, InspectionResult, Review, now_ms
 from linewatch.settings import Settings
 from workers.alerts import AlertEvaluator
+from workers.drift import DriftEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class Sink:
         self.producer = producer
         self.stats = SinkStats()
         self.alerts = AlertEvaluator(settings.alerts)
+        self.drift = DriftEvaluator(settings.alerts, self._drift_reference)
         self._pending_alerts: list[Alert] = []  # stored, not yet acknowledged on the topic
         self._published: list[str] = []  # acknowledged, flag not yet written
         self._profiles_seen: set[tuple[str, int]] = set()
@@ -151,6 +153,7 @@ class Sink:
         with store.reading(self.db_path) as con:
             verdicts = store.recent_verdicts(con, self.settings.alerts.window_frames)
             active = store.active_alerts(con)
+            normal_scores = store.recent_normal_scores(con, self.settings.alerts.drift_window)
             self._pending_alerts = store.unpublished_alerts(con)
             self._profiles_seen = {
                 (p, v) for p, v in con.execute("SELECT product, version FROM profiles").fetchall()
@@ -160,7 +163,11 @@ class Sink:
         if orphans:
             log.info("evidence: removed %d orphan file(s) under %s", orphans, self.evidence_root)
         for product in set(verdicts) | {a.product for a in active}:
-            self.alerts.seed(product, verdicts.get(product, []), [a for a in active if a.product == product])
+            self.alerts.seed(product, verdicts.get(product, []),
+                             [a for a in active if a.product == product and a.kind != "drift"])
+        drifting = {a.product for a in active if a.kind == "drift"}
+        for product, (version, scores) in normal_scores.items():
+            self.drift.seed(product, version, scores, product in drifting)
         return version
 
     def handle_batch(self, records: list[Any]) -> store.WriteResult:
@@ -202,6 +209,8 @@ class Sink:
             fresh = sorted((by_id[f] for f in wr.inserted_ids), key=lambda r: (r.capture_ts_ms, r.seq, r.frame_id))
             for r in fresh:
                 new_alerts.extend(self.alerts.observe(r.product, r.verdict, r.capture_ts_ms))
+                new_alerts.extend(self.drift.observe(r.product, r.profile_version, r.verdict, r.image_score,
+                                                     r.capture_ts_ms))
             if new_alerts:
                 store.write_batch(con, [], alerts=new_alerts)
         self.stats.write_seconds += time.perf_counter() - t0
@@ -234,6 +243,13 @@ class Sink:
             except Exception as exc:
                 log.warning("could not read the profile registry: %s", exc)
         return wr
+
+    def _drift_reference(self, product: str, version: int) -> dict | None:
+        """The normal validation scores a profile version was calibrated on (its registry folder)."""
+        from linewatch.profiles import Registry
+
+        prof = Registry(self.settings.storage.registry_dir).read_profile(product, version)
+        return (prof.calibration_metrics or {}).get("normal_scores")
 
     def _write_evidence(self, results: list[InspectionResult]) -> list[store.EvidenceRow]:
         """Write the attached original frames as files; a frame that cannot be written (disk

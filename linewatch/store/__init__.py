@@ -9,7 +9,7 @@ from linewatch.store.connect import (DEFAULT_READ_TIMEOUT_S, DEFAULT_WRITE_TIMEO
                                      StoreBusy, reading, writing)
 from linewatch.store.evidence import (Evidence, EvidenceRow, RetentionResult, enforce_retention, evidence_root,
                                       read_evidence, sweep_orphans, write_file)
-from linewatch.store.read import active_alerts, count_rows, recent_verdicts, unpublished_alerts
+from linewatch.store.read import active_alerts, count_rows, recent_normal_scores, recent_verdicts, unpublished_alerts
 from linewatch.store.schema import MIGRATIONS, SCHEMA_VERSION, init_db, schema_version
 from linewatch.store.write import (DlqEvent, WriteResult, record_calibration_run, record_profile,
                                    sync_profiles_from_registry, write_batch)
@@ -18,6 +18,6 @@ __all__ = [
     "DEFAULT_READ_TIMEOUT_S", "DEFAULT_WRITE_TIMEOUT_S", "MIGRATIONS", "SCHEMA_VERSION", "DatabaseMissing",
     "DlqEvent", "Evidence", "EvidenceRow", "NotADatabase", "RetentionResult", "enforce_retention",
     "evidence_root", "read_evidence", "sweep_orphans", "write_file", "StoreBusy", "WriteResult", "active_alerts", "count_rows", "init_db",
-    "reading", "recent_verdicts", "record_calibration_run", "record_profile", "schema_version",
+    "reading", "recent_normal_scores", "recent_verdicts", "record_calibration_run", "record_profile", "schema_version",
     "sync_profiles_from_registry", "unpublished_alerts", "write_batch", "writing",
 ]
