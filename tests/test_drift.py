@@ -114,3 +114,23 @@ def test_exposure_drift_schedule():
     for bad in ("1:2", "a:b:c", "-1:2:1.5", "1:2:9"):
         with pytest.raises(UserError):
             ExposureDrift.parse(bad)
+
+
+def test_synthetic_source_applies_the_exposure_drift():
+    import cv2
+
+    from producers.sources import open_source
+
+    def means(src, n):
+        out = []
+        for k, f in enumerate(src):
+            out.append(float(cv2.imdecode(np.frombuffer(f.data, np.uint8), cv2.IMREAD_GRAYSCALE).mean()))
+            if k + 1 == n:
+                break
+        return out
+
+    steady = means(open_source("synthetic:cap", size=64, defect_rate=0.0, encoding="png"), 8)
+    drifted = means(open_source("synthetic:cap", size=64, defect_rate=0.0, encoding="png",
+                                exposure=ExposureDrift(4, 0, 1.5)), 8)
+    assert drifted[:4] == steady[:4]
+    assert all(d > 1.3 * s for d, s in zip(drifted[4:], steady[4:]))
