@@ -360,8 +360,8 @@ def profile_history(con: duckdb.DuckDBPyConnection, products: list[str]) -> pd.D
         [list(products), list(products)]).df()
     import json
 
-    def kpis(text: str | None) -> tuple[str, str, str]:
-        d = json.loads(text) if text else {}
+    def kpis(text: Any) -> tuple[str, str, str]:
+        d = json.loads(text) if isinstance(text, str) and text else {}  # NULL (a version seen in results only): NaN
         m = d.get("calibration_metrics") or {}
         src = m.get("from_reviews")
         basis = (f"{src['confirmed']} confirmed + {src['false_calls']} false calls + {src['sampled_normals']} "

@@ -112,10 +112,22 @@ def test_detail_page_shows_the_frame_and_refuses_or_keeps_reviews(reviewed_db, m
 
 
 def test_unknown_frame_and_overview_panels(reviewed_db, monkeypatch):
+    from linewatch.profiles import Profile
+
     db, _ = reviewed_db
+    # one version known from results only (no details), one recorded by calibration: the history mixes both
+    with store.writing(db) as con:
+        store.write_batch(con, [make_result(99, product="pcb", frame_id="p-99", capture_ts_ms=int(time.time() * 1000))])
+    store.record_profile(db, Profile(product="cap", version=2, model_kind="padim", backbone="efficientnet-lite0",
+                                     input_size=256, threshold=0.5, threshold_method="normal_quantile",
+                                     created_by="eng.kim", calibration_metrics={"from_reviews": {
+                                         "confirmed": 3, "false_calls": 1, "sampled_normals": 12,
+                                         "review_ids": ["a", "b", "c", "d"]}}))
     at = _app(db, monkeypatch, "no-such-frame")
     assert any("No frame 'no-such-frame'" in e.value for e in at.error)
     at = _app(db, monkeypatch)
     subheaders = [s.value for s in at.subheader]
     assert "Reviews of defect calls" in subheaders and "Profile version history" in subheaders
     assert any(b.label == "Details" for b in at.button)
+    history = at.table[-1].value
+    assert "eng.kim" in history.to_string() and "3 confirmed + 1 false calls + 12 sampled" in history.to_string()
