@@ -2,7 +2,7 @@
 drifting synthetic camera, the time to clear once the lighting is back, and false alerts on a
 steady camera over 10 minutes.
 
-Run: ``python -m workers.bench_drift [--fps 5] [--steady-min 10] [--gain 1.3] [--out FILE]``.
+Run: ``python -m workers.bench_drift [--fps 5] [--steady-min 10] [--gain G ...] [--out FILE]``.
 Kafka-free: frames of the synthetic line (``linewatch.synth``, JPEG q90, decoded the worker's
 way) go through the bench's PaDiM (``workers.bench_profile``, fitted once and cached) on the
 best engine present, and the verdicts and image scores feed the sink's own
@@ -75,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="drift alert figures on the synthetic line")
     p.add_argument("--fps", type=float, default=5.0, help="camera frame rate the times are given in (default 5)")
     p.add_argument("--steady-min", type=float, default=10.0, help="minutes of the steady camera (default 10)")
-    p.add_argument("--gain", type=float, default=1.3, help="exposure gain of the drift (default 1.3)")
+    p.add_argument("--gain", type=float, action="append",
+                   help="exposure gain of a drift run; repeat for several (default 1.1, 0.85 and 1.3)")
     p.add_argument("--out", type=Path, help="write the JSON here too")
     a = p.parse_args(argv)
+    gains = a.gain or [1.1, 0.85, 1.3]
     cfg = AlertSettings()
     t0 = time.perf_counter()
     scorer = _Scorer()
@@ -86,39 +88,40 @@ def main(argv: list[str] | None = None) -> int:
     fps = a.fps
     n_steady = int(a.steady_min * 60 * fps)
     steady = scorer.scores(_camera(n_steady, seed=11, drift=None))
-    # the drifting camera: 1 min steady, a 30 s ramp to the gain, 3 min there, then back (lamp replaced) for 3 min
-    start, ramp, hold = int(60 * fps), int(30 * fps), int(180 * fps)
-    drift = ExposureDrift(start, ramp, a.gain, hold)
-    n_drift = start + ramp + hold + int(180 * fps)
-    drifting = scorer.scores(_camera(n_drift, seed=12, drift=drift))
-    ev_steady = DriftEvaluator(cfg, lambda p, v: ref)
-    steady_events = _run(ev_steady, steady, scorer.threshold, fps)
-    ev_drift = DriftEvaluator(cfg, lambda p, v: ref)
-    drift_events = _run(ev_drift, drifting, scorer.threshold, fps)
-    raised = next((e for e in drift_events if e["state"] == "raised"), None)
-    cleared = next((e for e in drift_events if e["state"] == "cleared"), None)
-    back = start + ramp + hold
-    ks_steady = []
     ev = DriftEvaluator(cfg, lambda p, v: ref)
+    steady_events, ks_steady = [], []
     for i, s in enumerate(steady):
-        ev.observe("cap", 1, "defect" if s > scorer.threshold else "ok", float(s), i)
+        for al in ev.observe("cap", 1, "defect" if s > scorer.threshold else "ok", float(s), int(i * 1000 / fps)):
+            steady_events.append({"frame": i, "t_s": round(i / fps, 1), "state": al.state, "ks": round(al.value, 3)})
         if ev.distance("cap") is not None:
             ks_steady.append(ev.distance("cap"))
     report = {
         "window_normal_frames": cfg.drift_window, "raise_at_ks": cfg.drift_raise, "clear_at_ks": cfg.drift_clear,
         "fps": fps, "reference_n": ref["n"], "image_threshold": scorer.threshold, "engine": scorer.engine.name,
+        "reference_median": round(float(np.interp(0.5, ref["levels"], ref["quantiles"])), 4),
         "steady": {"frames": n_steady, "minutes": a.steady_min, "alerts": steady_events,
                    "false_alerts": sum(e["state"] == "raised" for e in steady_events),
+                   "defect_share": round(float(np.mean(steady > scorer.threshold)), 3),
                    "ks_max": round(max(ks_steady), 3) if ks_steady else None,
                    "ks_p50": round(float(np.median(ks_steady)), 3) if ks_steady else None},
-        "drift": {"gain": a.gain, "start_frame": start, "ramp_frames": ramp, "hold_frames": hold,
-                  "events": drift_events,
-                  "time_to_alert_s": round((raised["frame"] - start) / fps, 1) if raised else None,
-                  "time_to_clear_s": round((cleared["frame"] - back) / fps, 1) if cleared else None,
-                  "normal_score_median_before": round(float(np.median(drifting[:start])), 4),
-                  "normal_score_median_during": round(float(np.median(drifting[start + ramp:back])), 4)},
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+        "drift": []}
+    # each drifting camera: 1 min steady, a 30 s ramp to the gain, 2.5 min there, then back (lamp replaced) 2.5 min
+    start, ramp, hold = int(60 * fps), int(30 * fps), int(150 * fps)
+    back = start + ramp + hold
+    for gain in gains:
+        drifting = scorer.scores(_camera(back + int(150 * fps), seed=12, drift=ExposureDrift(start, ramp, gain, hold)))
+        events = _run(DriftEvaluator(cfg, lambda p, v: ref), drifting, scorer.threshold, fps)
+        raised = next((e for e in events if e["state"] == "raised"), None)
+        cleared = next((e for e in events if e["state"] == "cleared" and e["frame"] >= back), None)
+        during = drifting[start + ramp:back]
+        report["drift"].append({
+            "gain": gain, "start_frame": start, "ramp_frames": ramp, "hold_frames": hold, "events": events,
+            "time_to_alert_s": round((raised["frame"] - start) / fps, 1) if raised else None,
+            "time_to_clear_s": round((cleared["frame"] - back) / fps, 1) if cleared else None,
+            "score_median_before": round(float(np.median(drifting[:start])), 4),
+            "score_median_during": round(float(np.median(during)), 4),
+            "defect_share_during": round(float(np.mean(during > scorer.threshold)), 3)})
+    report["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(report, indent=2)
     print(text)
     if a.out:
