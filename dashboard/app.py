@@ -89,6 +89,15 @@ def annotate(thumbnail: bytes | None, mask: bytes | None, heatmap: bytes | None)
     return rgb(outlined), rgb(overlay)
 
 
+def _open_typed_frame() -> None:
+    """The sidebar's frame id opens its detail view; the box is emptied (a callback runs before
+    the page, where a widget's value may still change), so "Back" does not reopen it."""
+    wanted = (st.session_state.get("f_open_frame") or "").strip()
+    if wanted:
+        st.query_params["frame"] = wanted
+    st.session_state["f_open_frame"] = ""
+
+
 def _sidebar(options: dict[str, list[str]], refresh_s: int, db: Path) -> tuple[queries.Filters, int | None]:
     st.sidebar.title("linewatch")
     st.sidebar.caption("Visual inspection — line quality")
@@ -99,9 +108,8 @@ def _sidebar(options: dict[str, list[str]], refresh_s: int, db: Path) -> tuple[q
     cameras = st.sidebar.multiselect("Camera", options.get("camera", []), key="f_cameras",
                                      placeholder="All cameras")
     lines = st.sidebar.multiselect("Line", options.get("line", []), key="f_lines", placeholder="All lines")
-    wanted = st.sidebar.text_input("Open a frame id", key="f_open_frame", placeholder="frame id, then Enter")
-    if wanted.strip() and wanted.strip() != st.query_params.get("frame"):
-        st.query_params["frame"] = wanted.strip()
+    st.sidebar.text_input("Open a frame id", key="f_open_frame", placeholder="frame id, then Enter",
+                          on_change=_open_typed_frame)
     st.sidebar.divider()
     st.sidebar.caption(f"Auto-refresh every {refresh_s} s · times in UTC")
     st.sidebar.caption(f"Database: `{db}`")

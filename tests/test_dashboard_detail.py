@@ -109,6 +109,13 @@ def test_detail_page_shows_the_frame_and_refuses_or_keeps_reviews(reviewed_db, m
     # older -> f-6
     at.button[[b.label for b in at.button].index("Older →")].click().run()
     assert at.header[0].value == "Frame f-6"
+    # back to the overview, then a frame id typed in the sidebar, then back again
+    at.button(key="detail-back").click().run()
+    assert not at.header or not at.header[0].value.startswith("Frame")
+    at.sidebar.text_input(key="f_open_frame").input("f-3").run()
+    assert at.header[0].value == "Frame f-3" and at.sidebar.text_input(key="f_open_frame").value == ""
+    at.button(key="detail-back").click().run()
+    assert not at.header or not at.header[0].value.startswith("Frame")
 
 
 def test_unknown_frame_and_overview_panels(reviewed_db, monkeypatch):
