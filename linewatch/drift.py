@@ -44,8 +44,13 @@ def reference_cdf(ref: dict, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def ks_distance(window: Sequence[float], ref: dict) -> float:
-    """Largest gap between the window's empirical distribution and the reference's (0..1)."""
+def ks_distance(window: Sequence[float], ref: dict, upper: float | None = None) -> float:
+    """Largest gap between the window's empirical distribution and the reference's (0..1).
+
+    ``upper``: the image threshold, when the window holds only frames judged normal (scores at
+    or below it). The reference is then taken on the same condition (its distribution below
+    ``upper``, rescaled), so normal validation images the threshold would reject do not read as
+    a drift that was there from the start."""
     w = np.sort(np.asarray(window, float))
     n = w.size
     if n == 0:
@@ -54,6 +59,11 @@ def ks_distance(window: Sequence[float], ref: dict) -> float:
     if q.size == 1:  # every reference score equal (a degenerate set): the share of the window elsewhere
         return float(np.mean(w != q[0]))
     f = reference_cdf(ref, w)
+    if upper is not None:
+        top = float(reference_cdf(ref, np.asarray([upper], float))[0])
+        if top <= 0:  # the threshold is below every reference score: nothing normal to compare with
+            return 1.0
+        f = np.minimum(f, top) / top
     above = np.arange(1, n + 1) / n - f  # the empirical CDF just after each point
     below = f - np.arange(0, n) / n  # and just before it
     return float(max(above.max(), below.max(), 0.0))

@@ -84,7 +84,8 @@ def test_sink_stores_the_drift_alert_and_resumes_after_a_restart(tmp_path):
     def batch(lo: int, hi: int):
         return [SimpleNamespace(topic="results", partition=0, offset=k, key=b"c", headers=[],
                                 value=make_result(k, product="cap", capture_ts_ms=t0 + k * 100, frame_id=f"c-{k}",
-                                                  with_images=False).model_copy(update={"image_score": scores[k]}).to_bytes())
+                                                  with_images=False).model_copy(update={"image_score": scores[k],
+                                                                                     "image_threshold": 2.0}).to_bytes())
                 for k in range(lo, hi)]
 
     sink = Sink(settings)
@@ -133,3 +134,15 @@ def test_synthetic_source_applies_the_exposure_drift():
                                 exposure=ExposureDrift(4, 0, 1.5)), 8)
     assert drifted[:4] == steady[:4]
     assert all(d > 1.3 * s for d, s in zip(drifted[4:], steady[4:]))
+
+
+def test_the_reference_is_conditioned_on_the_threshold_like_the_window():
+    """A threshold that cuts into the normal scores leaves only the lower part in the window;
+    against the whole reference that looks like a drift, against the conditioned one it does not."""
+    pool = RNG.normal(1.0, 0.1, 5000)
+    thr = 1.05  # rejects ~30 % of normal frames
+    judged_normal = pool[pool <= thr][:200]
+    assert ks_distance(judged_normal, REF) > 0.25
+    assert ks_distance(judged_normal, REF, upper=thr) < 0.15
+    assert ks_distance(judged_normal + 0.03, REF, upper=thr) > ks_distance(judged_normal, REF, upper=thr)
+    assert ks_distance([0.1], REF, upper=0.0) == 1.0  # a threshold below every reference score

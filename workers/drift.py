@@ -81,7 +81,10 @@ class DriftEvaluator:
         st = self._state.get(product)
         return None if st is None else st.last
 
-    def observe(self, product: str, version: int, verdict: str, score: float, ts_ms: int) -> list[Alert]:
+    def observe(self, product: str, version: int, verdict: str, score: float, ts_ms: int,
+                image_threshold: float | None = None) -> list[Alert]:
+        """One result; ``image_threshold`` (the result's) conditions the reference the way the
+        verdict conditioned the window (``linewatch.drift.ks_distance``)."""
         if verdict != "ok":
             return []
         ref = self._ref(product, version)
@@ -93,7 +96,7 @@ class DriftEvaluator:
         if len(st.window) < self.cfg.drift_window or st.since_eval < self._every:
             return []
         st.since_eval = 0
-        d = st.last = ks_distance(st.window, ref)
+        d = st.last = ks_distance(st.window, ref, image_threshold)
         n = self.cfg.drift_window
         if not st.raised and d >= self.cfg.drift_raise:
             st.raised = True

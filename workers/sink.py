@@ -210,7 +210,7 @@ class Sink:
             for r in fresh:
                 new_alerts.extend(self.alerts.observe(r.product, r.verdict, r.capture_ts_ms))
                 new_alerts.extend(self.drift.observe(r.product, r.profile_version, r.verdict, r.image_score,
-                                                     r.capture_ts_ms))
+                                                     r.capture_ts_ms, r.image_threshold))
             if new_alerts:
                 store.write_batch(con, [], alerts=new_alerts)
         self.stats.write_seconds += time.perf_counter() - t0
