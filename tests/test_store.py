@@ -219,3 +219,23 @@ def test_reading_while_another_process_writes(tmp_path):
     assert len(counts) >= 10
     assert all(a <= b for a, b in zip(counts, counts[1:])), "counts went backwards"
     assert counts[-1] == 1000 == store.count_rows(db)
+
+
+def test_a_version_1_database_migrates_to_evidence_and_reviews(tmp_path, monkeypatch):
+    """A database the previous release made (schema 1, with rows) gains the evidence and reviews
+    tables, keeps its rows, and the sink's writes work on it."""
+    from linewatch.store import schema
+
+    db = tmp_path / "old.duckdb"
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", 1)
+    assert schema.init_db(db) == 1
+    with store.writing(db) as con:
+        store.write_batch(con, _batch(0, 5))
+    monkeypatch.undo()
+    assert store.init_db(db) == 2
+    with store.reading(db) as con:
+        assert con.execute("SELECT count(*) FROM inspections").fetchone()[0] == 5
+        assert con.execute("SELECT count(*) FROM reviews").fetchone()[0] == 0
+        assert con.execute("SELECT count(*) FROM latest_reviews").fetchone()[0] == 0
+        assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()] == [1, 2]
