@@ -138,3 +138,14 @@ def test_unknown_frame_and_overview_panels(reviewed_db, monkeypatch):
     assert any(b.label == "Details" for b in at.button)
     history = at.table[-1].value
     assert "eng.kim" in history.to_string() and "3 confirmed + 1 false calls + 12 sampled" in history.to_string()
+
+
+def test_drift_banner(reviewed_db, monkeypatch):
+    from linewatch.messages import Alert
+
+    db, now = reviewed_db
+    with store.writing(db) as con:
+        store.write_batch(con, [], alerts=[Alert(product="cap", kind="drift", state="raised", value=0.62, limit=0.5,
+                                                 window_frames=200, ts_ms=now - 1000, message="cap: scores drifting")])
+    at = _app(db, monkeypatch)
+    assert any("scores drifting: recalibrate?" in w.value and "0.62" in w.value for w in at.warning)
