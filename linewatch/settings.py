@@ -158,8 +158,10 @@ class AlertSettings(BaseModel):
     clear_fraction: float = Field(0.8, gt=0, le=1, description="rate alert clears below max_defect_rate x this (hysteresis)")
     drift_window: int = Field(200, ge=20, description=(
         "recent frames judged normal, per product, compared with the calibration's normal validation scores"))
-    drift_raise: float = Field(0.5, gt=0, le=1, description="KS distance at or above which the drift alert is raised")
-    drift_clear: float = Field(0.3, ge=0, le=1, description="KS distance at or below which it clears (hysteresis)")
+    drift_raise: float = Field(0.25, gt=0, le=1, description=(
+        "KS distance at or above which the drift alert is raised (docs/results/review-loop.md: about the "
+        "two-sample KS critical value at p = 0.005 for 200 frames against a 60-image reference)"))
+    drift_clear: float = Field(0.15, ge=0, le=1, description="KS distance at or below which it clears (hysteresis)")
 
 
 class MqttSettings(BaseModel):

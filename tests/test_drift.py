@@ -41,7 +41,7 @@ def _feed(ev: DriftEvaluator, scores, version: int = 1, t0: int = 0):
 
 
 def test_evaluator_raises_once_clears_once_and_restarts_per_version():
-    cfg = AlertSettings(drift_window=100)
+    cfg = AlertSettings(drift_window=100, drift_raise=0.5, drift_clear=0.3)
     ev = DriftEvaluator(cfg, lambda p, v: REF)
     assert _feed(ev, RNG.normal(1.0, 0.1, 1000)) == []  # steady: nothing
     up = _feed(ev, RNG.normal(1.3, 0.1, 300))
@@ -57,10 +57,16 @@ def test_evaluator_raises_once_clears_once_and_restarts_per_version():
     assert _feed(DriftEvaluator(cfg, lambda p, v: None), RNG.normal(5, 1, 300)) == []
     with pytest.raises(ValueError):
         DriftEvaluator(AlertSettings(drift_raise=0.3, drift_clear=0.3), lambda p, v: REF)
+    # the defaults (own seeded draws): raised on a 1.5-sd shift, never on 3000 steady frames
+    r = np.random.default_rng(5)
+    ref60 = reference(r.normal(1.0, 0.1, 60))
+    ev = DriftEvaluator(AlertSettings(), lambda p, v: ref60)
+    assert _feed(ev, r.normal(1.0, 0.1, 3000)) == []
+    assert [a.state for a in _feed(ev, r.normal(1.15, 0.1, 400))] == ["raised"]
 
 
 def test_seeded_evaluator_neither_reraises_nor_forgets():
-    cfg = AlertSettings(drift_window=50)
+    cfg = AlertSettings(drift_window=50, drift_raise=0.5, drift_clear=0.3)
     ev = DriftEvaluator(cfg, lambda p, v: REF)
     ev.seed("cap", 1, RNG.normal(1.3, 0.1, 50), raised=True)
     assert _feed(ev, RNG.normal(1.3, 0.1, 100)) == []
@@ -77,7 +83,7 @@ def test_sink_stores_the_drift_alert_and_resumes_after_a_restart(tmp_path):
     s = Settings()
     settings = s.model_copy(update={
         "storage": s.storage.model_copy(update={"db_path": tmp_path / "lw.duckdb", "registry_dir": reg_dir}),
-        "alerts": s.alerts.model_copy(update={"drift_window": 100})})
+        "alerts": s.alerts.model_copy(update={"drift_window": 100, "drift_raise": 0.5, "drift_clear": 0.3})})
     t0 = int(time.time() * 1000) - 10**6
     scores = [*RNG.normal(1.0, 0.1, 300), *RNG.normal(1.35, 0.1, 300)]
 
@@ -139,10 +145,12 @@ def test_synthetic_source_applies_the_exposure_drift():
 def test_the_reference_is_conditioned_on_the_threshold_like_the_window():
     """A threshold that cuts into the normal scores leaves only the lower part in the window;
     against the whole reference that looks like a drift, against the conditioned one it does not."""
-    pool = RNG.normal(1.0, 0.1, 5000)
+    rng = np.random.default_rng(11)
+    ref = reference(rng.normal(1.0, 0.1, 2000))  # a large reference: the conditioning alone is measured
+    pool = rng.normal(1.0, 0.1, 5000)
     thr = 1.05  # rejects ~30 % of normal frames
     judged_normal = pool[pool <= thr][:200]
-    assert ks_distance(judged_normal, REF) > 0.25
-    assert ks_distance(judged_normal, REF, upper=thr) < 0.15
-    assert ks_distance(judged_normal + 0.03, REF, upper=thr) > ks_distance(judged_normal, REF, upper=thr)
-    assert ks_distance([0.1], REF, upper=0.0) == 1.0  # a threshold below every reference score
+    assert ks_distance(judged_normal, ref) > 0.25
+    assert ks_distance(judged_normal, ref, upper=thr) < 0.1
+    assert ks_distance(judged_normal - 0.05, ref, upper=thr) > 0.2
+    assert ks_distance([0.1], ref, upper=0.0) == 1.0  # a threshold below every reference score
