@@ -320,6 +320,10 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
 
     if not args.product:
         raise UserError("recalibrate: --product is required (the published profile to recalibrate)")
+    if args.from_reviews:
+        return _recalibrate_from_reviews(args)
+    if args.publish or args.since or args.db:
+        raise UserError("recalibrate: --publish, --since and --db go with --from-reviews")
     reg = Registry(_registry_dir(args))
     current = reg.read_profile(args.product)
     val = _load_set(args, "val", current.input_size, not args.quiet)
@@ -328,6 +332,50 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     print(report.table())
     print(f"\nchosen: {report.chosen} = {report.threshold:.6g} (was {current.threshold:.6g} in v{current.version})")
     print(f"published {prof.product} v{prof.version} (model files of v{current.version}, not refitted)")
+    return 0
+
+
+def parse_since(text: str) -> int:
+    """``--since``: epoch milliseconds, an ISO 8601 time (UTC unless it says otherwise), or a
+    span back from now (``90m``, ``24h``, ``7d``)."""
+    import re
+    import time
+    from datetime import datetime, timezone
+
+    from linewatch.errors import UserError
+
+    t = text.strip()
+    if re.fullmatch(r"\d{12,}", t):
+        return int(t)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", t)
+    if m:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return int((time.time() - float(m.group(1)) * unit) * 1000)
+    try:
+        dt = datetime.fromisoformat(t)
+    except ValueError:
+        raise UserError(f"--since {text!r}: not epoch ms, an ISO time or a span like 24h / 7d") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp() * 1000)
+
+
+def _recalibrate_from_reviews(args: argparse.Namespace) -> int:
+    from calibration.from_reviews import recalibrate_from_reviews
+    from linewatch.settings import load_settings
+
+    settings = load_settings()
+    db = args.db or settings.storage.db_path
+    out = recalibrate_from_reviews(db, _registry_dir(args), args.product,
+                                   since_ms=parse_since(args.since) if args.since else 0, publish=args.publish,
+                                   evidence_dir=settings.evidence.dir, method=args.method,
+                                   target_escape_rate=args.target_escape_rate, created_by=args.by)
+    print(out.table())
+    if out.published is not None:
+        print(f"published {out.product} v{out.published.version} (model files of v{out.current.version}, not "
+              f"refitted; {len(out.reviewed.review_ids)} reviews recorded in it); workers hot-reload it")
+    else:
+        print("not published (add --publish to publish it)")
     return 0
 
 
@@ -481,10 +529,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common(p)
     p.set_defaults(func=cmd_recommend)
 
-    p = sub.add_parser("recalibrate", help="new threshold for a published profile from new validation images")
+    p = sub.add_parser("recalibrate", help="new threshold for a published profile from new validation images "
+                       "or from operators' reviews")
     _add_source(p, "val")
     thresholds(p, default=None)
     _target_option(p)
+    p.add_argument("--from-reviews", action="store_true",
+                   help="validation set from the reviewed frames kept as evidence: confirmed defects anomalous, "
+                        "false calls and sampled normal frames normal (docs/review-loop.md); default: off, the "
+                        "validation images given by --dataset/--val/--defect-dir")
+    p.add_argument("--since", metavar="T",
+                   help="with --from-reviews: only reviews (and sampled frames) from T on: epoch ms, an ISO time "
+                        "or a span back from now such as 7d (default: all)")
+    p.add_argument("--publish", action="store_true",
+                   help="with --from-reviews: publish the new version (default: only show old vs new)")
+    p.add_argument("--db", type=Path, help="with --from-reviews: the DuckDB file (default: storage.db_path setting)")
+    p.add_argument("--by", help="with --from-reviews: who recalibrates, recorded in the version "
+                   "(default: the login name)")
     common(p, registry=True)
     p.set_defaults(func=cmd_recalibrate)
 

@@ -81,6 +81,9 @@ class ThresholdReport(BaseModel):
     n_image_labels_only: int = Field(0, description=(
         "defective validation images labelled by image only (no mask): in the image threshold, not the pixel methods"))
     target_escape_rate: float | None = Field(None, description="the image threshold was placed for this escape rate")
+    normal_scores: dict[str, Any] | None = Field(None, description=(
+        "the normal validation image scores as quantiles (linewatch.drift.reference): the reference "
+        "the sink's drift alert compares recent normal frames with"))
     val_operating_curve: list[dict[str, Any]] | None = Field(None, description=(
         "escape / false-reject counts of the validation images at every image threshold (calibration.operating_curve)"))
 

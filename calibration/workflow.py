@@ -33,6 +33,7 @@ from calibration.thresholds import (METHODS, ThresholdReport, estimate_image_thr
                                    pixel_curves)
 from linewatch.inspection.categorize import normal_appearance
 from linewatch.inspection.forest import externalise, internalise
+from linewatch.drift import reference as drift_reference
 from linewatch.errors import UserError
 from linewatch.inspection.mask import MaskStep
 from linewatch.models.base import AnomalyModel, ModelError
@@ -216,6 +217,7 @@ def threshold_model(model: AnomalyModel, val: LabelledSet, prefer: str = "iou", 
                                        "mask_step": ref, "extent": ext.params, "extent_reason": ext.reason,
                                        "n_image_labels_only": val.n_unmasked,
                                        "target_escape_rate": target_escape_rate,
+                                       "normal_scores": drift_reference(scores[~val.anomalous]),
                                        "val_operating_curve": operating_curve(scores, val.anomalous)
                                        if val.anomalous.any() and not val.anomalous.all() else None,
                                        "notes": [*label_notes, *report.notes, *([variant_note] if variant_note else []),
@@ -256,7 +258,8 @@ def make_profile(product: str, model: AnomalyModel, report: ThresholdReport,
                    calibration_metrics={"validation": {m.method: {"threshold": m.threshold, "iou": m.val_iou,
                                                                   "f1": m.val_f1} for m in report.methods},
                                         "n_val_anomalous": report.n_anomalous, "n_val_normal": report.n_normal,
-                                        "notes": report.notes, **(metrics or {})},
+                                        "notes": report.notes, "normal_scores": report.normal_scores,
+                                        **(metrics or {})},
                    mask_step=report.mask_step, extent=report.extent, categorizer=categorizer, background=background,
                    background_source="override" if background is not None else "unknown",
                    notes=notes, parent_version=parent_version)
@@ -294,13 +297,23 @@ def recalibrate(registry_dir: Path, product: str, val: LabelledSet, prefer: str 
     method = prefer or (profile.threshold_method if profile.threshold_method in METHODS else "iou")
     report, _ = threshold_model(model, val, method, k_std, quantile, choose_setting=False,
                                 target_escape_rate=target_escape_rate)
-    new = make_profile(product, model, report, {"recalibrated_from": profile.version},
-                       profile.background, profile.categorizer,
-                       notes=f"recalibrated from v{profile.version} on {len(val)} images", parent_version=profile.version)
-    new = new.model_copy(update={"background_source": profile.background_source,
-                                 "min_region_px": profile.min_region_px})
-    stored = reg.publish(new, source_dir=reg.version_dir(product, profile.version))
-    return stored, report
+    new = recalibrated_profile(profile, model, report, {}, f"recalibrated from v{profile.version} on {len(val)} images")
+    return publish_recalibrated(reg, profile, new), report
+
+
+def recalibrated_profile(current: Profile, model: AnomalyModel, report: ThresholdReport, metrics: dict[str, Any],
+                         notes: str) -> Profile:
+    """The next version of ``current`` with ``report``'s thresholds and the same model, mask
+    settings of its own report, categorizer, background and minimum region (not yet published)."""
+    new = make_profile(current.product, model, report, {"recalibrated_from": current.version, **metrics},
+                       current.background, current.categorizer, notes=notes, parent_version=current.version)
+    return new.model_copy(update={"background_source": current.background_source,
+                                  "min_region_px": current.min_region_px})
+
+
+def publish_recalibrated(reg: Registry, current: Profile, new: Profile) -> Profile:
+    """Publish ``new`` with the model files of ``current`` (no refit); workers hot-reload it."""
+    return reg.publish(new, source_dir=reg.version_dir(current.product, current.version))
 
 
 # -- evaluation of a model on a test set -------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
@@ -22,6 +21,8 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import queries
+from dashboard.detail import render_detail, review_panel
+from dashboard.format import ago, fmt_ms, fmt_ts
 from linewatch import store
 
 TIME_RANGES: dict[str, int | None] = {
@@ -58,33 +59,6 @@ def _settings():
     return load_settings()
 
 
-def _fmt_ts(ms: int | None) -> str:
-    if ms is None:
-        return "—"
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _ago(ms: int | None, now_ms: int) -> str:
-    if ms is None:
-        return "never"
-    s = max(0, (now_ms - ms) / 1000)
-    if s < 90:
-        return f"{s:.0f} s ago"
-    if s < 5400:
-        return f"{s / 60:.0f} min ago"
-    if s < 2 * 86400:
-        return f"{s / 3600:.1f} h ago"
-    return f"{s / 86400:.0f} days ago"
-
-
-def _ms(v: float | None) -> str:
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return "—"
-    if v >= 120_000:
-        return f"{v / 60_000:.0f} min"
-    return f"{v / 1000:.1f} s" if v >= 1000 else f"{v:.0f} ms"
-
-
 def annotate(thumbnail: bytes | None, mask: bytes | None, heatmap: bytes | None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(frame with the mask outline drawn, heat map blended over the frame) as RGB arrays."""
     if not thumbnail:
@@ -115,6 +89,15 @@ def annotate(thumbnail: bytes | None, mask: bytes | None, heatmap: bytes | None)
     return rgb(outlined), rgb(overlay)
 
 
+def _open_typed_frame() -> None:
+    """The sidebar's frame id opens its detail view; the box is emptied (a callback runs before
+    the page, where a widget's value may still change), so "Back" does not reopen it."""
+    wanted = (st.session_state.get("f_open_frame") or "").strip()
+    if wanted:
+        st.query_params["frame"] = wanted
+    st.session_state["f_open_frame"] = ""
+
+
 def _sidebar(options: dict[str, list[str]], refresh_s: int, db: Path) -> tuple[queries.Filters, int | None]:
     st.sidebar.title("linewatch")
     st.sidebar.caption("Visual inspection — line quality")
@@ -125,6 +108,8 @@ def _sidebar(options: dict[str, list[str]], refresh_s: int, db: Path) -> tuple[q
     cameras = st.sidebar.multiselect("Camera", options.get("camera", []), key="f_cameras",
                                      placeholder="All cameras")
     lines = st.sidebar.multiselect("Line", options.get("line", []), key="f_lines", placeholder="All lines")
+    st.sidebar.text_input("Open a frame id", key="f_open_frame", placeholder="frame id, then Enter",
+                          on_change=_open_typed_frame)
     st.sidebar.divider()
     st.sidebar.caption(f"Auto-refresh every {refresh_s} s · times in UTC")
     st.sidebar.caption(f"Database: `{db}`")
@@ -139,11 +124,15 @@ def _window(base: queries.Filters, span_ms: int | None) -> queries.Filters:
 
 def _alerts(snap: queries.Snapshot) -> None:
     for a in snap.alerts:
+        if a["kind"] == "drift":
+            st.warning(f"**{a['product']} · scores drifting: recalibrate?** KS distance {a['value']:.2f} (limit "
+                       f"{a['limit']:.2f}) — {a['message']} · since {fmt_ts(a['ts_ms'])}", icon=":material/trending_up:")
+            continue
         what = "Defect rate" if a["kind"] == "defect_rate" else "Consecutive defects"
         value = f"{a['value']:.1%}" if a["kind"] == "defect_rate" else f"{a['value']:.0f} in a row"
         limit = f"{a['limit']:.1%}" if a["kind"] == "defect_rate" else f"{a['limit']:.0f}"
         st.error(f"**ALERT · {a['product']} · {what}: {value}** (limit {limit}) — {a['message']} "
-                 f"· since {_fmt_ts(a['ts_ms'])}", icon=":material/notifications_active:")
+                 f"· since {fmt_ts(a['ts_ms'])}", icon=":material/notifications_active:")
 
 
 def _kpis(snap: queries.Snapshot) -> None:
@@ -155,7 +144,7 @@ def _kpis(snap: queries.Snapshot) -> None:
     cols[3].metric("Throughput, last minute", f"{h['frames_per_s']:.1f} fr/s", border=True,
                    help="frames written to the database per second over the last 60 s (all products)")
     last = h["last_capture_ts_ms"]
-    cols[4].metric("Last frame", _ago(last, snap.read_ts_ms), border=True, help=_fmt_ts(last))
+    cols[4].metric("Last frame", ago(last, snap.read_ts_ms), border=True, help=fmt_ts(last))
 
 
 def _categories(snap: queries.Snapshot) -> None:
@@ -266,8 +255,11 @@ def _gallery(snap: queries.Snapshot) -> None:
                 label = queries.CATEGORY_LABELS.get(d["category"], d["category"]).split(" —")[0]
                 conf = f" ({d['confidence']:.0%})" if d["category"] != "unknown" and d["confidence"] else ""
                 st.markdown(f"**{label}**{conf} · score **{d['score']:.3f}** (thr {d['threshold']:.3f})")
-                st.caption(f"{d['product']} · {d['camera']} · {d['line']} · {_fmt_ts(d['capture_ts_ms'])} · "
+                st.caption(f"{d['product']} · {d['camera']} · {d['line']} · {fmt_ts(d['capture_ts_ms'])} · "
                            f"{d['regions']} region(s), {d['area_frac']:.1%} of frame")
+                if st.button("Details", key=f"open-{d['frame_id']}", icon=":material/zoom_in:"):
+                    st.query_params["frame"] = d["frame_id"]
+                    st.rerun(scope="app")
 
 
 def _profiles_and_health(snap: queries.Snapshot) -> None:
@@ -295,19 +287,19 @@ def _profiles_and_health(snap: queries.Snapshot) -> None:
         st.subheader("Pipeline health")
         h = snap.health
         a, b = st.columns(2)
-        a.metric("Latency p50", _ms(h["stored_p50_ms"]), border=True,
+        a.metric("Latency p50", fmt_ms(h["stored_p50_ms"]), border=True,
                  help=f"capture → row in the database, over the last {queries.HEALTH_LAST_N} frames")
-        b.metric("Latency p99", _ms(h["stored_p99_ms"]), border=True,
+        b.metric("Latency p99", fmt_ms(h["stored_p99_ms"]), border=True,
                  help=f"capture → row in the database, over the last {queries.HEALTH_LAST_N} frames")
         c, d = st.columns(2)
         c.metric("Dead-letter, all time", f"{h['dlq_total']:,}", border=True,
                  help="frames the workers could not process (topic frames.dlq, stored by the sink)")
         d.metric("Dead-letter, last hour", f"{h['dlq_last_hour']:,}", border=True)
-        st.caption(f"Worker latency (capture → result) p50 {_ms(h['result_p50_ms'])}, "
-                   f"p99 {_ms(h['result_p99_ms'])}")
+        st.caption(f"Worker latency (capture → result) p50 {fmt_ms(h['result_p50_ms'])}, "
+                   f"p99 {fmt_ms(h['result_p99_ms'])}")
         st.caption(
             f"Workers: {', '.join(h['workers']) or '—'} · engines: {', '.join(h['engines']) or '—'} · "
-            f"last frame stored {_fmt_ts(h['last_stored_ts_ms'])}"
+            f"last frame stored {fmt_ts(h['last_stored_ts_ms'])}"
             + (f" · {h['rejected_results']} unreadable result record(s)" if h["rejected_results"] else "")
         )
         if not h["dlq_reasons"].empty:
@@ -320,7 +312,7 @@ def render(snap: queries.Snapshot, stale_since_ms: int | None = None) -> None:
     """Lay out one snapshot (pure layout: every number comes from ``snap``)."""
     _alerts(snap)
     if stale_since_ms is not None:
-        st.caption(f"Database busy — showing data read at {_fmt_ts(stale_since_ms)}; retrying.")
+        st.caption(f"Database busy — showing data read at {fmt_ts(stale_since_ms)}; retrying.")
     if snap.kpis["frames"] == 0 and not snap.options.get("product"):
         st.info("The database is ready but no frame has been inspected yet. Start cameras and workers "
                 "(`linewatch demo` does it all) and this page fills in by itself.")
@@ -331,7 +323,32 @@ def render(snap: queries.Snapshot, stale_since_ms: int | None = None) -> None:
     _trend(snap)
     _breakdowns(snap)
     _gallery(snap)
+    review_panel(snap.reviews)
     _profiles_and_health(snap)
+    _history(snap)
+
+
+def _history(snap: queries.Snapshot) -> None:
+    """The audit trail as a plain table (text in the page, so it can be read and copied)."""
+    st.subheader("Profile version history")
+    if snap.history.empty:
+        st.caption("No profile recorded yet.")
+        return
+    h = snap.history.copy()
+    h["version"] = h["version"].map(lambda v: f"v{v}")
+    h["created_at"] = pd.to_datetime(h["created_at"], utc=True).dt.strftime("%Y-%m-%d %H:%M")
+    for c in ("threshold", "image_threshold"):
+        h[c] = h[c].map(lambda v: "—" if pd.isna(v) else f"{v:.4f}")
+    h = h.rename(columns={"product": "Product", "version": "Version", "created_at": "When (UTC)", "created_by": "Who",
+                          "method": "Method", "threshold": "Pixel threshold", "image_threshold": "Image threshold",
+                          "escape": "Escape rate", "false_reject": "False-reject rate", "basis": "Calibrated from"})
+    st.table(h.set_index(["Product", "Version"]))
+
+
+def _export(db: Path, filters: queries.Filters) -> None:
+    st.download_button("Export the filtered inspections (CSV)", data=lambda: queries.inspections_csv(db, filters),
+                       file_name="linewatch-inspections.csv", mime="text/csv", key="export-csv",
+                       icon=":material/download:", on_click="ignore")
 
 
 def _options(db: Path) -> tuple[dict[str, list[str]], str | None]:
@@ -358,6 +375,11 @@ def main() -> None:
     if bad:
         st.error(f"Cannot read the database: {bad}", icon=":material/error:")
         return
+    frame = st.query_params.get("frame")
+    if frame:
+        render_detail(db, settings, _window(filters, span_ms), frame)
+        return
+    _export(db, _window(filters, span_ms))
 
     @st.fragment(run_every=refresh_s)
     def live() -> None:

@@ -91,6 +91,8 @@ class Snapshot:
     health: dict[str, Any]
     alerts: list[dict[str, Any]]
     options: dict[str, list[str]] = field(default_factory=dict)
+    reviews: pd.DataFrame = field(default_factory=pd.DataFrame)  # review_stats
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)  # profile_history
 
 
 def pick_bucket_s(span_ms: int, max_buckets: int = 30) -> int:
@@ -233,7 +235,7 @@ def health(con: duckdb.DuckDBPyConnection, now_ms: int) -> dict[str, Any]:
     dlq_total, dlq_hour, rejected = con.execute(
         "SELECT count(*) FILTER (WHERE worker_id IS DISTINCT FROM 'sink'), "
         "       count(*) FILTER (WHERE worker_id IS DISTINCT FROM 'sink' AND stored_ts_ms >= ?), "
-        "       count(*) FILTER (WHERE worker_id = 'sink') FROM dlq_events",
+        "       count(*) FILTER (WHERE worker_id = 'sink' AND reason LIKE 'sink: invalid result%') FROM dlq_events",
         [now_ms - 3600_000],
     ).fetchone()
     reasons = con.execute(
@@ -272,6 +274,111 @@ def alerts(con: duckdb.DuckDBPyConnection, f: Filters) -> list[dict[str, Any]]:
     return [dict(zip(keys, r)) for r in rows]
 
 
+# -- one frame, reviews, exports, profile history ---------------------------------------------------
+_INSPECTION_COLUMNS = (
+    "frame_id, product, camera, line, seq, capture_ts_ms, processed_ts_ms, stored_ts_ms, image_score, threshold, "
+    "image_threshold, verdict, defect_area_frac, region_count, category, category_confidence, profile_version, "
+    "model_kind, engine, worker_id, latency_ms, inference_ms, width, height")
+
+
+def frame_detail(con: duckdb.DuckDBPyConnection, frame_id: str) -> dict[str, Any] | None:
+    """Everything the detail view shows of one frame, or None when the database has no such
+    frame: the inspection, its images, regions, evidence row and reviews (newest first)."""
+    cur = con.execute(f"SELECT {_INSPECTION_COLUMNS} FROM inspections WHERE frame_id = ?", [frame_id])
+    row = cur.fetchone()
+    if row is None:
+        return None
+    out = dict(zip([d[0] for d in cur.description], row))
+    img = con.execute("SELECT thumbnail_jpeg, mask_png, heatmap_png FROM defect_images WHERE frame_id = ?",
+                      [frame_id]).fetchone()
+    out["thumbnail"], out["mask"], out["heatmap"] = img if img else (None, None, None)
+    out["regions"] = con.execute(
+        "SELECT region_idx AS region, coalesce(category, 'unknown') AS category, confidence, area_px, area_frac, "
+        "bbox_x, bbox_y, bbox_w, bbox_h, peak_score, mean_score FROM defect_regions WHERE frame_id = ? "
+        "ORDER BY region_idx", [frame_id]).df()
+    ev = con.execute("SELECT file, sha256, encoding, reason, capture_ts_ms FROM evidence WHERE frame_id = ?",
+                     [frame_id]).fetchone()
+    out["evidence"] = ev
+    out["reviews"] = con.execute(
+        "SELECT epoch_ms(reviewed_ts_ms) AS reviewed, reviewer, verdict, category, note, review_id FROM reviews "
+        "WHERE frame_id = ? ORDER BY reviewed_ts_ms DESC, stored_ts_ms DESC, review_id DESC", [frame_id]).df()
+    return out
+
+
+def neighbours(con: duckdb.DuckDBPyConnection, f: Filters, frame_id: str) -> tuple[str | None, str | None, int, int]:
+    """(newer, older, position from 1, count) of ``frame_id`` among the defect frames of the
+    filters, in the gallery's order (newest first); position 0 when it is not among them."""
+    row = con.execute(
+        "WITH d AS (SELECT frame_id, row_number() OVER (ORDER BY capture_ts_ms DESC, frame_id DESC) AS k "
+        f"           FROM inspections WHERE verdict = 'defect' AND {_WHERE}) "
+        "SELECT (SELECT frame_id FROM d WHERE k = me.k - 1), (SELECT frame_id FROM d WHERE k = me.k + 1), me.k, "
+        "       (SELECT count(*) FROM d) "
+        "FROM (SELECT k FROM d WHERE frame_id = ? UNION ALL SELECT 0 LIMIT 1) AS me",
+        [*_params(f), frame_id]).fetchone()
+    newer, older, k, n = row
+    return newer, older, int(k), int(n)
+
+
+def review_stats(con: duckdb.DuckDBPyConnection, f: Filters) -> pd.DataFrame:
+    """Per product, over the defect calls in the filters (the latest review of each frame
+    counts): how many were reviewed, the confirmed precision of the defect calls
+    (confirmed / (confirmed + false calls)) and category agreement (confirmed with the
+    category the worker named / confirmed)."""
+    return con.execute(
+        "SELECT i.product, count(*) AS defect_calls, count(r.frame_id) AS reviewed, "
+        "       count(r.frame_id) / count(*) AS reviewed_share, "
+        "       count(*) FILTER (WHERE r.verdict = 'confirm') AS confirmed, "
+        "       count(*) FILTER (WHERE r.verdict = 'false_call') AS false_calls, "
+        "       count(*) FILTER (WHERE r.verdict = 'unsure') AS unsure, "
+        "       count(*) FILTER (WHERE r.verdict = 'confirm') / nullif(count(*) FILTER (WHERE r.verdict IN "
+        "           ('confirm', 'false_call')), 0) AS confirmed_precision, "
+        "       count(*) FILTER (WHERE r.verdict = 'confirm' AND r.category = i.category) / "
+        "           nullif(count(*) FILTER (WHERE r.verdict = 'confirm'), 0) AS category_agreement "
+        "FROM inspections i LEFT JOIN latest_reviews r USING (frame_id) "
+        f"WHERE i.verdict = 'defect' AND {_where('i')} GROUP BY i.product ORDER BY i.product",
+        _params(f)).df()
+
+
+def inspections_csv(db: Path | str, f: Filters, timeout_s: float = store.DEFAULT_READ_TIMEOUT_S) -> bytes:
+    """The filtered inspections (with each frame's latest review) as CSV, for the export button."""
+    with store.reading(db, timeout_s=timeout_s) as con:
+        df = con.execute(
+            f"SELECT {', '.join('i.' + c.strip() for c in _INSPECTION_COLUMNS.split(','))}, "
+            "r.verdict AS review, r.category AS review_category, r.reviewer "
+            "FROM inspections i LEFT JOIN latest_reviews r USING (frame_id) "
+            f"WHERE {_where('i')} ORDER BY i.capture_ts_ms, i.frame_id", _params(f)).df()
+    return df.to_csv(index=False).encode("utf-8")
+
+
+def profile_history(con: duckdb.DuckDBPyConnection, products: list[str]) -> pd.DataFrame:
+    """Every recorded version per product, newest first: when, who, how the threshold was set,
+    the thresholds, the frame KPIs and what it was calibrated from (the audit trail)."""
+    df = con.execute(
+        "SELECT product, version, created_at, created_by, threshold_method AS method, threshold, image_threshold, "
+        "       details_json FROM profiles "
+        "WHERE len(?::VARCHAR[]) = 0 OR list_contains(?::VARCHAR[], product) ORDER BY product, version DESC",
+        [list(products), list(products)]).df()
+    import json
+
+    def kpis(text: Any) -> tuple[str, str, str]:
+        d = json.loads(text) if isinstance(text, str) and text else {}  # NULL (a version seen in results only): NaN
+        m = d.get("calibration_metrics") or {}
+        src = m.get("from_reviews")
+        basis = (f"{src['confirmed']} confirmed + {src['false_calls']} false calls + {src['sampled_normals']} "
+                 f"sampled normal frames ({len(src.get('review_ids', []))} reviews)") if src else (d.get("notes") or "")
+        fk = m.get("frame_kpis") or m.get("test") or {}
+        def rate(k: str) -> str:
+            v = fk.get(k) or {}
+            return f"{100 * v['rate']:.1f} %" if isinstance(v, dict) and v.get("rate") is not None else "—"
+        return rate("escape_rate"), rate("false_reject_rate"), basis
+
+    cols = [kpis(t) for t in df["details_json"]] if len(df) else []
+    df["escape"] = [c[0] for c in cols]
+    df["false_reject"] = [c[1] for c in cols]
+    df["basis"] = [c[2] for c in cols]
+    return df.drop(columns=["details_json"])
+
+
 def load_snapshot(
     db: Path | str,
     filters: Filters,
@@ -307,4 +414,6 @@ def load_snapshot(
             health=health(con, now),
             alerts=alerts(con, filters),
             options=filter_options(con),
+            reviews=review_stats(con, filters),
+            history=profile_history(con, filters.products),
         )

@@ -31,11 +31,13 @@ from linewatch.errors import UserError
 from linewatch.messages import (
     OPCUA_VARIABLES,
     RESULT_SCHEMA_VERSION,
+    REVIEW_SCHEMA_VERSION,
     VERDICT_SCHEMA_VERSION,
     Alert,
     DlqRecord,
     FrameHeaders,
     InspectionResult,
+    Review,
     Verdict,
 )
 from linewatch.settings import BridgeSettings, TopicSettings
@@ -92,6 +94,10 @@ def topics() -> list[Topic]:
               value="one Alert as UTF-8 JSON",
               headers="none",
               parts=(Part("alerts.value.schema.json", Alert, "value", True),)),
+        Topic("reviews", key="frame id (UTF-8)",
+              value="one Review as UTF-8 JSON (an operator's confirm / false_call / unsure of one frame)",
+              headers="none",
+              parts=(Part("reviews.value.schema.json", Review, "value", True),)),
     ]
 
 
@@ -120,7 +126,7 @@ def _document(part: Part) -> dict[str, Any]:
         schema["required"] = list(schema["properties"])
     version = schema["properties"].get("schema_version")
     if version is not None:
-        top = VERDICT_SCHEMA_VERSION if part.model is Verdict else RESULT_SCHEMA_VERSION
+        top = {Verdict: VERDICT_SCHEMA_VERSION, Review: REVIEW_SCHEMA_VERSION}.get(part.model, RESULT_SCHEMA_VERSION)
         version.update(minimum=1, maximum=top)
     if part.what == "headers":
         schema = _as_headers(schema, part.fields)

@@ -13,10 +13,11 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 RESULT_SCHEMA_VERSION = 1
 VERDICT_SCHEMA_VERSION = 1
+REVIEW_SCHEMA_VERSION = 1
 CATEGORIES = ("structural", "surface", "contamination", "combined")
 Category = Literal["structural", "surface", "contamination", "combined", "unknown"]
 Encoding = Literal["jpeg", "png"]
@@ -135,6 +136,11 @@ class InspectionResult(BaseModel):
     mask_png_b64: str | None = None
     thumbnail_jpeg_b64: str | None = None
     heatmap_png_b64: str | None = None
+    frame_b64: str | None = Field(None, description=(
+        "the original frame bytes (as received on `frames`), only for frames kept as evidence: every "
+        "defect frame and a hashed sample of normal ones (docs/review-loop.md)"))
+    frame_encoding: Encoding | None = Field(None, description="encoding of frame_b64 (the frame's `encoding` header)")
+    evidence: Literal["defect", "sample"] | None = Field(None, description="why frame_b64 is attached")
 
     @field_validator("schema_version")
     @classmethod
@@ -173,13 +179,70 @@ class Alert(BaseModel):
 
     alert_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     product: str
-    kind: Literal["defect_rate", "consecutive_defects"]
+    kind: Literal["defect_rate", "consecutive_defects", "drift"]
     state: Literal["raised", "cleared"]
     value: float
     limit: float
     window_frames: int
     ts_ms: int = Field(default_factory=now_ms)
     message: str
+
+
+ReviewVerdict = Literal["confirm", "false_call", "unsure"]
+
+
+class Review(BaseModel):
+    """Value of a `reviews` record (key = frame id): one operator's judgement of one frame.
+
+    Published by the dashboard, written by the sink into the append-only ``reviews`` table;
+    ``review_id`` is made once per submission, so a replay or a retried send is the same
+    review and adds no row, while a later review of the same frame is a new one (the latest
+    counts). ``confirm`` needs the category the operator sees (one of the four); ``false_call``
+    and ``unsure`` carry none. A review never changes the inspection it judges."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = REVIEW_SCHEMA_VERSION
+    review_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=_ID_PATTERN)
+    frame_id: str = Field(pattern=_ID_PATTERN)
+    product: str = Field(pattern=_ID_PATTERN)
+    verdict: ReviewVerdict
+    category: Literal["structural", "surface", "contamination", "combined"] | None = Field(
+        None, description="required with confirm, absent otherwise")
+    reviewer: str = Field(min_length=1, max_length=128, description="who judged (required, not blank)")
+    note: str | None = Field(None, max_length=1000)
+    reviewed_ts_ms: int = Field(default_factory=now_ms, ge=0)
+
+    @field_validator("reviewer")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("a review needs the reviewer's name")
+        return v
+
+    @field_validator("note")
+    @classmethod
+    def _note(cls, v: str | None) -> str | None:
+        return (v.strip() or None) if v is not None else None
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v > REVIEW_SCHEMA_VERSION:
+            raise ValueError(f"review schema {v} is newer than this reader ({REVIEW_SCHEMA_VERSION})")
+        return v
+
+    @model_validator(mode="after")
+    def _category_with_confirm(self) -> "Review":
+        if self.verdict == "confirm" and self.category is None:
+            raise ValueError("a confirmed defect needs its category (structural, surface, contamination, combined)")
+        if self.verdict != "confirm" and self.category is not None:
+            raise ValueError(f"a {self.verdict} review takes no category")
+        return self
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode("utf-8")
 
 
 class Verdict(BaseModel):

@@ -94,6 +94,7 @@ class TopicSettings(BaseModel):
     dlq: str = "frames.dlq"
     alerts: str = "alerts"
     profiles: str = "profiles"
+    reviews: str = "reviews"
     frames_partitions: int = Field(8, ge=1)
     results_partitions: int = Field(4, ge=1)
     retention_ms: int = Field(24 * 3600 * 1000, ge=60_000)
@@ -153,10 +154,29 @@ class SinkSettings(BaseModel):
         "a batch is also written once no record arrived for this long (docs/results/latency.md)"))
 
 
+class EvidenceSettings(BaseModel):
+    """The original frames the sink keeps (docs/review-loop.md): every defect frame and a
+    sample of normal ones, as files beside the database, under a retention policy."""
+
+    normal_sample_rate: float = Field(0.01, ge=0, le=1, description=(
+        "share of normal frames whose original bytes the worker attaches and the sink keeps "
+        "(chosen by a hash of the frame id, so a replay keeps the same frames)"))
+    dir: Path | None = Field(None, description="where the files live; None = '<db_path>.evidence' beside the database")
+    max_age_days: float = Field(30.0, gt=0, description="frames older than this are deleted (pending reviews excepted)")
+    max_bytes: int = Field(2 * 1024**3, ge=1024, description=(
+        "total size cap; over it the oldest frames go first (pending reviews excepted)"))
+    sweep_interval_s: float = Field(60.0, gt=0, description="age sweep at most this often (the size cap is checked every batch)")
+
+
 class DashboardSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8501, ge=1, le=65535)
     refresh_s: int = Field(5, ge=1)
+    review_timeout_s: float = Field(8.0, gt=0, description=(
+        "how long the page waits for the broker to acknowledge a review before saying it was not sent"))
+    reviewer_header: str | None = Field(None, description=(
+        "HTTP header an authenticating reverse proxy sets to the signed-in user (e.g. X-Forwarded-User); "
+        "when set and present, it is the reviewer's name (docs/review-loop.md)"))
 
 
 class AlertSettings(BaseModel):
@@ -164,6 +184,12 @@ class AlertSettings(BaseModel):
     max_defect_rate: float = Field(0.25, gt=0, le=1)
     max_consecutive_defects: int = Field(10, ge=2)
     clear_fraction: float = Field(0.8, gt=0, le=1, description="rate alert clears below max_defect_rate x this (hysteresis)")
+    drift_window: int = Field(200, ge=20, description=(
+        "recent frames judged normal, per product, compared with the calibration's normal validation scores"))
+    drift_raise: float = Field(0.25, gt=0, le=1, description=(
+        "KS distance at or above which the drift alert is raised (docs/results/review-loop.md: about the "
+        "two-sample KS critical value at p = 0.005 for 200 frames against a 60-image reference)"))
+    drift_clear: float = Field(0.15, ge=0, le=1, description="KS distance at or below which it clears (hysteresis)")
 
 
 class MqttSettings(BaseModel):
@@ -230,6 +256,7 @@ class Settings(BaseSettings):
     sink: SinkSettings = SinkSettings()
     dashboard: DashboardSettings = DashboardSettings()
     alerts: AlertSettings = AlertSettings()
+    evidence: EvidenceSettings = EvidenceSettings()
     bridge: BridgeSettings = BridgeSettings()
 
     @classmethod

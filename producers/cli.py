@@ -37,6 +37,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from linewatch.kafka.io import quiet_kafka_logs
     from linewatch.settings import load_settings
     from producers.producer import FrameProducer, camera_configs
+    from linewatch.synth.exposure import ExposureDrift
     from producers.sources import open_source, source_kind
 
     quiet_kafka_logs(args.verbose)
@@ -66,6 +67,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
                 specs[src_index], loop=args.loop, encoding=args.encoding, quality=args.quality,
                 reencode=args.reencode, seed=args.seed + i, size=args.size, defect_rate=args.defect_rate,
                 open_timeout_s=args.open_timeout,
+                exposure=ExposureDrift.parse(args.exposure_drift) if args.exposure_drift else None,
             )
             opened.append((cfg, source))
     except BaseException:
@@ -117,6 +119,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--size", type=int, default=256, help="synthetic frame size in pixels (default 256)")
     g.add_argument("--defect-rate", type=float, default=0.2, help="share of defective synthetic frames (default 0.2)")
     g.add_argument("--seed", type=int, default=0, help="synthetic seed; camera i uses seed+i (default 0)")
+    g.add_argument("--exposure-drift", metavar="START:RAMP:GAIN[:HOLD]",
+                   help="lighting drift of the synthetic camera: from frame START the gain moves from 1 to GAIN over "
+                        "RAMP frames, stays HOLD frames (0 = for good) and returns to 1 (default: none, steady)")
 
     g = p.add_argument_group("Kafka")
     g.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")

@@ -30,7 +30,8 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # our own error says it o
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from linewatch.errors import UserError
+from linewatch.errors import UserError  # noqa: E402
+from linewatch.synth.exposure import ExposureDrift  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,8 @@ class SyntheticSource(FrameSource):
     kind = "synthetic"
 
     def __init__(self, product: str, seed: int = 0, size: int = 256, defect_rate: float = 0.2,
-                 encoding: Encoding = "jpeg", quality: int = 90) -> None:
+                 encoding: Encoding = "jpeg", quality: int = 90, exposure: ExposureDrift | None = None) -> None:
+        self.exposure = exposure
         cls = _synthetic_camera_class()
         try:
             self.camera = cls(product, seed=seed, size=size, defect_rate=defect_rate)
@@ -312,7 +314,8 @@ class SyntheticSource(FrameSource):
 
     def __iter__(self) -> Iterator[SourceFrame]:
         for index, sample in enumerate(self.camera):
-            bgr = cv2.cvtColor(np.ascontiguousarray(sample.image), cv2.COLOR_RGB2BGR)
+            rgb = sample.image if self.exposure is None else self.exposure.apply(sample.image, index)
+            bgr = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
             yield SourceFrame(encode_image(bgr, self.encoding, self.quality), self.encoding,
                               f"{self.name}#{index}", _now_ms())
 
@@ -336,7 +339,7 @@ def source_kind(spec: str) -> str:
 
 def open_source(spec: str, *, loop: bool = False, encoding: Encoding = "jpeg", quality: int = 90,
                 reencode: bool = False, seed: int = 0, size: int = 256, defect_rate: float = 0.2,
-                open_timeout_s: float = 10.0) -> FrameSource:
+                open_timeout_s: float = 10.0, exposure: ExposureDrift | None = None) -> FrameSource:
     """Open a SOURCE spec (forms: producers.cli.SPEC_HELP)."""
     if not 1 <= quality <= 100:
         raise UserError(f"quality {quality}: must be within 1..100")
@@ -345,7 +348,8 @@ def open_source(spec: str, *, loop: bool = False, encoding: Encoding = "jpeg", q
         product = spec.split(":", 1)[1]
         if not product:
             raise UserError(f"source {spec}: name a product, e.g. synthetic:cap")
-        return SyntheticSource(product, seed=seed, size=size, defect_rate=defect_rate, encoding=encoding, quality=quality)
+        return SyntheticSource(product, seed=seed, size=size, defect_rate=defect_rate, encoding=encoding, quality=quality,
+                               exposure=exposure)
     if kind == "camera":
         index = spec.split(":", 1)[1] if spec.startswith("camera:") else spec
         if not index.isdigit():

@@ -73,7 +73,7 @@ def kafka_settings(kafka_broker, request):
     from linewatch.settings import Settings
 
     tag = uuid.uuid4().hex[:8]
-    topics = {name: f"{name}-{tag}" for name in ("frames", "results", "alerts", "profiles")}
+    topics = {name: f"{name}-{tag}" for name in ("frames", "results", "alerts", "profiles", "reviews")}
     topics["dlq"] = f"frames.dlq-{tag}"
     settings = Settings(
         kafka={"bootstrap_servers": kafka_broker, "connect_timeout_s": 20},

@@ -109,7 +109,7 @@ def test_cli_start_status_topics_stop(tmp_path):
         r = lw("broker", "start")
         assert r.returncode == 0, r.stderr
         assert f"127.0.0.1:{port}" in r.stdout and str(home / "logs" / "server.log") in r.stdout
-        assert "frames, results, frames.dlq, alerts, profiles created" in r.stdout
+        assert "frames, results, frames.dlq, alerts, reviews, profiles created" in r.stdout
         r = lw("broker", "status")
         assert r.returncode == 0 and "running" in r.stdout
         r = lw("broker", "topics", "--list")

@@ -36,7 +36,7 @@ def test_make_producer_and_consumer_fail_clearly_without_broker():
 def test_topic_specs_follow_settings():
     s = Settings(topics={"frames": "f1", "frames_partitions": 12})
     specs = {t.name: t for t in kafka_io.topic_specs(s)}
-    assert set(specs) == {"f1", "results", "frames.dlq", "alerts", "profiles"}
+    assert set(specs) == {"f1", "results", "frames.dlq", "alerts", "profiles", "reviews"}
     assert specs["f1"].partitions == 12
     assert all(t.configs["max.message.bytes"] == str(10 * 1024 * 1024) for t in specs.values())
     assert specs["profiles"].configs["cleanup.policy"] == "compact"
@@ -47,7 +47,7 @@ def test_ensure_topics_creates_all_idempotently_and_concurrently(kafka_broker):
     s = Settings(
         kafka={"bootstrap_servers": kafka_broker},
         topics={"frames": "t-frames", "results": "t-results", "dlq": "t-dlq", "alerts": "t-alerts",
-                "profiles": "t-profiles", "frames_partitions": 6, "results_partitions": 3},
+                "profiles": "t-profiles", "reviews": "t-reviews", "frames_partitions": 6, "results_partitions": 3},
     )
     errors: list[BaseException] = []
 
@@ -64,8 +64,8 @@ def test_ensure_topics_creates_all_idempotently_and_concurrently(kafka_broker):
         t.join()
     assert errors == []
     assert kafka_io.ensure_topics(s) == []  # nothing left to create
-    present = kafka_io.describe_topics(s, ["t-frames", "t-results", "t-dlq", "t-alerts", "t-profiles"])
-    assert present == {"t-frames": 6, "t-results": 3, "t-dlq": 3, "t-alerts": 1, "t-profiles": 1}
+    present = kafka_io.describe_topics(s, ["t-frames", "t-results", "t-dlq", "t-alerts", "t-profiles", "t-reviews"])
+    assert present == {"t-frames": 6, "t-results": 3, "t-dlq": 3, "t-alerts": 1, "t-profiles": 1, "t-reviews": 1}
 
     from kafka.admin import ConfigResource, ConfigResourceType
 
@@ -116,7 +116,7 @@ def test_ensure_topics_raises_a_small_size_limit_of_an_existing_topic(kafka_brok
 
     s = Settings(kafka={"bootstrap_servers": kafka_broker},
                  topics={"frames": "small-frames", "results": "small-results", "dlq": "small-dlq",
-                         "alerts": "small-alerts", "profiles": "small-profiles"})
+                         "alerts": "small-alerts", "profiles": "small-profiles", "reviews": "small-reviews"})
     admin = kafka_io.make_admin(s)
     try:
         admin.create_topics({"small-frames": {"num_partitions": 2, "replication_factor": -1,

@@ -334,3 +334,41 @@ def test_non_finite_scores_and_post_processing_bugs_go_to_the_dlq():
     assert [o.kind for o in out] == ["dlq", "dlq", "ok"]
     assert out[0].stage == "inference" and "non-finite" in out[0].reason
     assert out[1].stage == "other" and "post-processing" in out[1].reason
+
+
+def test_evidence_frames_ride_on_defects_and_a_hashed_sample():
+    """Every defect result carries the original bytes; normal ones only when the frame-id hash
+    falls in the sample, and a replay of the same frame decides the same way."""
+    from linewatch.evidence import sampled
+
+    prof = _profile(threshold=0.5)
+    good = np.zeros((64, 64, 3), np.uint8)
+    bad = good.copy()
+    bad[10:30, 10:30, 0] = 255
+    ids = [f"cam1-{i}-evid" for i in range(200)]
+    records = [FakeRecord(encode(bad if i == 0 else good, "png"),
+                          frame_headers("widget", i, encoding="png", frame_id=fid).to_kafka(), offset=i)
+               for i, fid in enumerate(ids)]
+    proc = BatchProcessor(Profiles(widget=_loaded(profile=prof, engine=RedEngine())), worker_id="w-test",
+                          results_topic="results", dlq_topic="frames.dlq", max_frame_pixels=MAX_PX,
+                          thumbnail_size=48, decode_threads=1, evidence_rate=0.05)
+    try:
+        out = [InspectionResult.from_bytes(o.value) for o in proc.process(records).out]
+        again = [InspectionResult.from_bytes(o.value) for o in proc.process(records[:50]).out]
+    finally:
+        proc.close()
+    assert out[0].verdict == "defect" and out[0].evidence == "defect"
+    assert base64.b64decode(out[0].frame_b64) == records[0].value and out[0].frame_encoding == "png"
+    kept = [r.frame_id for r in out[1:] if r.evidence == "sample"]
+    assert kept == [fid for fid in ids[1:] if sampled(fid, 0.05)] and 0 < len(kept) < 30
+    assert all(r.frame_b64 is None and r.frame_encoding is None for r in out[1:] if r.evidence is None)
+    assert [r.evidence for r in again] == [r.evidence for r in out[:50]]
+    # over the size limit: the result goes out without the bytes
+    proc = BatchProcessor(Profiles(widget=_loaded(profile=prof, engine=RedEngine())), worker_id="w-test",
+                          results_topic="results", dlq_topic="frames.dlq", max_frame_pixels=MAX_PX,
+                          thumbnail_size=48, decode_threads=1, evidence_max_bytes=10)
+    try:
+        big = InspectionResult.from_bytes(proc.process(records[:1]).out[0].value)
+    finally:
+        proc.close()
+    assert big.verdict == "defect" and big.frame_b64 is None and big.evidence is None

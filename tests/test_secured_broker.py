@@ -31,7 +31,7 @@ from linewatch.settings import Settings, TopicSettings
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts" / "security"
-TOPIC_FIELDS = ("frames", "results", "dlq", "alerts", "profiles")
+TOPIC_FIELDS = ("frames", "results", "dlq", "alerts", "profiles", "reviews")
 BOUND_S = 10.0  # a refusal must be reported well within the 15 s connect timeout
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -333,16 +333,17 @@ def test_passwords_never_in_reprs_client_logs_or_broker_log(secured, caplog):
 
 # ---------------------------------------------------------------------------------------------
 # no broker needed
-def test_every_role_has_a_grant_and_reviews_is_one_line_away():
+def test_every_role_has_a_grant_and_a_topic_settings_lack_is_skipped():
     settings = Settings()
     assert set(ROLE_GRANTS) == set(ROLES)
-    assert role_topics(settings, "dashboard")[WRITE] == set()  # no reviews topic in these settings yet
+    assert role_topics(settings, "dashboard")[WRITE] == {"reviews"}
+    assert role_topics(settings, "sink")[READ] == {"results", "frames.dlq", "reviews"}
 
-    class WithReviews(TopicSettings):
-        reviews: str = "reviews"
+    class WithoutReviews(TopicSettings):  # an older settings file: the grant is skipped, not an error
+        reviews: str | None = None
 
-    later = settings.model_copy(update={"topics": WithReviews()})
-    assert role_topics(later, "dashboard")[WRITE] == {"reviews"}
+    older = settings.model_copy(update={"topics": WithoutReviews()})
+    assert role_topics(older, "dashboard")[WRITE] == set()
     got = {(b.role, b.resource_type, b.name, b.operation) for b in bindings(settings, {r: r for r in ROLES})}
     assert ("producer", "TOPIC", "frames", "WRITE") in got
     assert ("worker", "GROUP", "linewatch-workers", "READ") in got and ("sink", "GROUP", "linewatch-sink", "READ") in got

@@ -35,9 +35,9 @@ def test_init_creates_schema_and_is_idempotent(tmp_path):
     assert store.init_db(db) == store.SCHEMA_VERSION  # re-run: nothing applied twice
     with store.reading(db) as con:
         tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+        assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == len(store.MIGRATIONS)
     assert {"inspections", "defect_regions", "defect_images", "profiles", "calibration_runs", "alerts",
-            "dlq_events", "schema_version"} <= tables
+            "dlq_events", "evidence", "reviews", "latest_reviews", "schema_version"} <= tables
 
 
 def test_write_batch_is_idempotent_and_stores_images_only_for_defects(tmp_path):
@@ -219,3 +219,23 @@ def test_reading_while_another_process_writes(tmp_path):
     assert len(counts) >= 10
     assert all(a <= b for a, b in zip(counts, counts[1:])), "counts went backwards"
     assert counts[-1] == 1000 == store.count_rows(db)
+
+
+def test_a_version_1_database_migrates_to_evidence_and_reviews(tmp_path, monkeypatch):
+    """A database the previous release made (schema 1, with rows) gains the evidence and reviews
+    tables, keeps its rows, and the sink's writes work on it."""
+    from linewatch.store import schema
+
+    db = tmp_path / "old.duckdb"
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", 1)
+    assert schema.init_db(db) == 1
+    with store.writing(db) as con:
+        store.write_batch(con, _batch(0, 5))
+    monkeypatch.undo()
+    assert store.init_db(db) == 2
+    with store.reading(db) as con:
+        assert con.execute("SELECT count(*) FROM inspections").fetchone()[0] == 5
+        assert con.execute("SELECT count(*) FROM reviews").fetchone()[0] == 0
+        assert con.execute("SELECT count(*) FROM latest_reviews").fetchone()[0] == 0
+        assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()] == [1, 2]

@@ -26,7 +26,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from linewatch.inspection.frames import FrameError, Stage, decode_frame
-from linewatch.inspection.verdict import judge
+from linewatch.evidence import keep_reason
+from linewatch.inspection.verdict import _warn_once, judge
 from linewatch.messages import DlqRecord, FrameHeaders, HeaderError, InspectionResult, b64, now_ms
 from linewatch.profiles import Profile, ProfileError
 from workers.results import categorize, render_artifacts
@@ -124,7 +125,8 @@ class BatchProcessor:
 
     def __init__(self, profiles: ProfileSource, *, worker_id: str, results_topic: str, dlq_topic: str,
                  max_frame_pixels: int, thumbnail_size: int = 256, decode_threads: int = 2,
-                 clock_ms: Callable[[], int] = now_ms):
+                 clock_ms: Callable[[], int] = now_ms, evidence_rate: float = 0.0,
+                 evidence_max_bytes: int = 0):
         self.profiles = profiles
         self.worker_id = worker_id
         self.results_topic = results_topic
@@ -132,6 +134,11 @@ class BatchProcessor:
         self.max_frame_pixels = max_frame_pixels
         self.thumbnail_size = thumbnail_size
         self.clock_ms = clock_ms
+        # original frame bytes ride on the result of every defect frame and of a hashed sample of
+        # normal ones (linewatch.evidence); ``evidence_max_bytes`` (0 = no limit) keeps base64
+        # growth from pushing a result over the Kafka message limit: such a frame goes without
+        self.evidence_rate = evidence_rate
+        self.evidence_max_bytes = evidence_max_bytes
         self._pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="decode") \
             if decode_threads > 1 else None
         self._buffers: dict[tuple[int, int], np.ndarray] = {}
@@ -297,6 +304,12 @@ class BatchProcessor:
             category, confidence = categorize(profile, image, amap, fv)
             mask_b, thumb_b, heat_b = render_artifacts(image, amap, fv.mask, profile.threshold,
                                                        self.thumbnail_size)
+        reason = keep_reason(hdr.frame_id, fv.verdict, self.evidence_rate)
+        raw = rec.value or b""
+        if reason is not None and self.evidence_max_bytes and len(raw) > self.evidence_max_bytes:
+            _warn_once(f"evidence-size:{hdr.camera}", "frames of %s are too large to keep as evidence (%d bytes > %d)",
+                       hdr.camera, len(raw), self.evidence_max_bytes)
+            reason = None
         processed = self.clock_ms()
         result = InspectionResult(
             frame_id=hdr.frame_id, product=hdr.product, camera=hdr.camera, line=hdr.line, seq=hdr.seq,
@@ -310,6 +323,8 @@ class BatchProcessor:
             latency_ms=max(0.0, float(processed - hdr.capture_ts_ms)), inference_ms=infer_ms,
             kafka_partition=rec.partition, kafka_offset=rec.offset, width=w, height=h,
             mask_png_b64=b64(mask_b), thumbnail_jpeg_b64=b64(thumb_b), heatmap_png_b64=b64(heat_b),
+            frame_b64=b64(raw) if reason else None, frame_encoding=hdr.encoding if reason else None,
+            evidence=reason,  # type: ignore[arg-type]
         )
         # keyed by camera, like `frames`: one camera's results stay in order on one partition,
         # which a bridge presenting verdicts to the line relies on (docs/contracts.md)

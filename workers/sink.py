@@ -1,4 +1,4 @@
-"""The sink: `results` (and `frames.dlq`) -> DuckDB, the only writer of the database.
+"""The sink: `results` (and `frames.dlq`, `reviews`) -> DuckDB, the only writer of the database.
 
 Loop: poll a batch (up to ``sink.max_batch`` records or ``sink.max_wait_ms``), write it in one
 DuckDB transaction (open, write, COMMIT, CHECKPOINT, close -- so the dashboard can open the
@@ -12,6 +12,7 @@ Library first: ``run_sink(settings)`` is what `linewatch sink`, the demo and the
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
@@ -21,9 +22,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from linewatch import store
-from linewatch.messages import Alert, DlqRecord, InspectionResult, now_ms
+from linewatch.messages import Alert, DlqRecord, InspectionResult, Review, now_ms
 from linewatch.settings import Settings
 from workers.alerts import AlertEvaluator
+from workers.drift import DriftEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,11 @@ class SinkStats:
     alerts_raised: int = 0
     alerts_cleared: int = 0
     alerts_published: int = 0
+    reviews: int = 0  # new review rows
+    reviews_rejected: int = 0  # unreadable, or of a frame the database does not hold (to dlq_events)
+    evidence_kept: int = 0  # new evidence rows (original frames kept)
+    evidence_bytes: int = 0
+    evidence_deleted: int = 0  # removed by retention
     batches: int = 0
     commit_failures: int = 0
     write_seconds: float = 0.0  # time inside DuckDB transactions (incl. waiting for the lock)
@@ -93,8 +100,15 @@ def _dlq_event(rec: Any) -> store.DlqEvent:
                           camera=_short(_header(rec.headers, "camera")))
 
 
-def _rejected_event(rec: Any, exc: Exception) -> store.DlqEvent:
-    reason = f"sink: invalid result: {' '.join(str(exc).split())[:300]}"
+def _review_rejected(review: Review, partition: int, offset: int, why: str, topic: str) -> store.DlqEvent:
+    return store.DlqEvent(
+        record=DlqRecord(frame_id=review.frame_id, reason=f"sink: {why}", stage="other", worker_id="sink",
+                         source_topic=topic, source_partition=partition, source_offset=offset),
+        product=review.product)
+
+
+def _rejected_event(rec: Any, exc: Exception, what: str = "result") -> store.DlqEvent:
+    reason = f"sink: invalid {what}: {' '.join(str(exc).split())[:300]}"
     return store.DlqEvent(
         record=DlqRecord(
             frame_id=_short(_header(rec.headers, "frame_id")),
@@ -120,9 +134,13 @@ class Sink:
         self.producer = producer
         self.stats = SinkStats()
         self.alerts = AlertEvaluator(settings.alerts)
+        self.drift = DriftEvaluator(settings.alerts, self._drift_reference)
         self._pending_alerts: list[Alert] = []  # stored, not yet acknowledged on the topic
         self._published: list[str] = []  # acknowledged, flag not yet written
         self._profiles_seen: set[tuple[str, int]] = set()
+        self.evidence_root = store.evidence_root(self.db_path, settings.evidence.dir)
+        self._evidence_total = 0  # bytes indexed, kept current between retention passes
+        self._last_sweep = float("-inf")
 
     def start(self) -> int:
         """Create/migrate the schema (UserError if the file is not DuckDB), seed the alert
@@ -135,12 +153,21 @@ class Sink:
         with store.reading(self.db_path) as con:
             verdicts = store.recent_verdicts(con, self.settings.alerts.window_frames)
             active = store.active_alerts(con)
+            normal_scores = store.recent_normal_scores(con, self.settings.alerts.drift_window)
             self._pending_alerts = store.unpublished_alerts(con)
             self._profiles_seen = {
                 (p, v) for p, v in con.execute("SELECT product, version FROM profiles").fetchall()
             }
+            self._evidence_total = int(con.execute("SELECT coalesce(sum(bytes), 0) FROM evidence").fetchone()[0])
+        orphans = store.sweep_orphans(self.db_path, self.evidence_root)
+        if orphans:
+            log.info("evidence: removed %d orphan file(s) under %s", orphans, self.evidence_root)
         for product in set(verdicts) | {a.product for a in active}:
-            self.alerts.seed(product, verdicts.get(product, []), [a for a in active if a.product == product])
+            self.alerts.seed(product, verdicts.get(product, []),
+                             [a for a in active if a.product == product and a.kind != "drift"])
+        drifting = {a.product for a in active if a.kind == "drift"}
+        for product, (version, scores) in normal_scores.items():
+            self.drift.seed(product, version, scores, product in drifting)
         return version
 
     def handle_batch(self, records: list[Any]) -> store.WriteResult:
@@ -148,10 +175,19 @@ class Sink:
         topics = self.settings.topics
         results: list[InspectionResult] = []
         dlq: list[store.DlqEvent] = []
+        reviews: list[tuple[Review, int, int]] = []
         for rec in records:
             self.stats.records += 1
             if rec.topic == topics.dlq:
                 dlq.append(_dlq_event(rec))
+                continue
+            if rec.topic == topics.reviews:
+                try:
+                    reviews.append((Review.model_validate_json(rec.value), rec.partition, rec.offset))
+                except (ValidationError, ValueError, TypeError) as exc:
+                    self.stats.reviews_rejected += 1
+                    log.warning("rejecting review %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, exc)
+                    dlq.append(_rejected_event(rec, exc, "review"))
                 continue
             try:
                 results.append(InspectionResult.from_bytes(rec.value))
@@ -160,14 +196,21 @@ class Sink:
                 log.warning("rejecting record %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, exc)
                 dlq.append(_rejected_event(rec, exc))
         self.stats.results += len(results)
+        evidence = self._write_evidence(results)  # files first: a committed row never names a missing file
         new_alerts: list[Alert] = []
         t0 = time.perf_counter()
         with store.writing(self.db_path) as con:
-            wr = store.write_batch(con, results, dlq=dlq, published_alert_ids=self._published)
+            wr = store.write_batch(con, results, dlq=dlq, published_alert_ids=self._published, evidence=evidence,
+                                   reviews=reviews)
+            if wr.reviews_rejected:  # kept as DLQ events with the reason: nothing disappears silently
+                store.write_batch(con, [], dlq=[_review_rejected(r, p, o, why, topics.reviews)
+                                                for r, p, o, why in wr.reviews_rejected])
             by_id = {r.frame_id: r for r in results}
             fresh = sorted((by_id[f] for f in wr.inserted_ids), key=lambda r: (r.capture_ts_ms, r.seq, r.frame_id))
             for r in fresh:
                 new_alerts.extend(self.alerts.observe(r.product, r.verdict, r.capture_ts_ms))
+                new_alerts.extend(self.drift.observe(r.product, r.profile_version, r.verdict, r.image_score,
+                                                     r.capture_ts_ms, r.image_threshold))
             if new_alerts:
                 store.write_batch(con, [], alerts=new_alerts)
         self.stats.write_seconds += time.perf_counter() - t0
@@ -176,6 +219,14 @@ class Sink:
         self.stats.inserted += len(wr.inserted_ids)
         self.stats.duplicates += wr.duplicates
         self.stats.dlq += wr.dlq_inserted
+        self.stats.reviews += wr.reviews_inserted
+        self.stats.reviews_rejected += len(wr.reviews_rejected)
+        for _, _, _, why in wr.reviews_rejected:
+            log.warning("review not stored: %s", why)
+        self.stats.evidence_kept += wr.evidence_inserted
+        self.stats.evidence_bytes += wr.evidence_bytes
+        self._evidence_total += wr.evidence_bytes
+        self.retain()
         for a in new_alerts:
             if a.state == "raised":
                 self.stats.alerts_raised += 1
@@ -192,6 +243,50 @@ class Sink:
             except Exception as exc:
                 log.warning("could not read the profile registry: %s", exc)
         return wr
+
+    def _drift_reference(self, product: str, version: int) -> dict | None:
+        """The normal validation scores a profile version was calibrated on (its registry folder)."""
+        from linewatch.profiles import Registry
+
+        prof = Registry(self.settings.storage.registry_dir).read_profile(product, version)
+        return (prof.calibration_metrics or {}).get("normal_scores")
+
+    def _write_evidence(self, results: list[InspectionResult]) -> list[store.EvidenceRow]:
+        """Write the attached original frames as files; a frame that cannot be written (disk
+        full, bad base64) is logged and stored without evidence, never dropped."""
+        rows = []
+        stored = now_ms()
+        for r in results:
+            if not r.frame_b64 or r.evidence is None:
+                continue
+            try:
+                data = base64.b64decode(r.frame_b64, validate=True)
+                rel, sha = store.write_file(self.evidence_root, r.frame_id, data, r.frame_encoding or "jpeg")
+            except (OSError, ValueError) as exc:
+                log.warning("evidence of %s not kept: %s", r.frame_id, exc)
+                continue
+            rows.append(store.EvidenceRow(frame_id=r.frame_id, product=r.product, camera=r.camera,
+                                          capture_ts_ms=r.capture_ts_ms, stored_ts_ms=stored, reason=r.evidence,
+                                          encoding=r.frame_encoding or "jpeg", bytes=len(data), sha256=sha,
+                                          file=rel))
+        return rows
+
+    def retain(self, force: bool = False) -> store.RetentionResult | None:
+        """Run the retention policy when the kept bytes exceed the cap, and at least every
+        ``evidence.sweep_interval_s`` for the age limit."""
+        ev = self.settings.evidence
+        due = time.monotonic() - self._last_sweep >= ev.sweep_interval_s
+        if not (force or due or self._evidence_total > ev.max_bytes):
+            return None
+        res = store.enforce_retention(self.db_path, self.evidence_root, max_age_ms=int(ev.max_age_days * 86_400_000),
+                                      max_bytes=ev.max_bytes, now_ms=now_ms())
+        self._last_sweep = time.monotonic()
+        self._evidence_total = res.total_bytes
+        self.stats.evidence_deleted += res.deleted
+        if res.over_cap:
+            log.warning("evidence: %d bytes kept, over the cap of %d: %d bytes are frames whose review is pending",
+                        res.total_bytes, ev.max_bytes, res.pending_bytes)
+        return res
 
     def publish_alerts(self) -> None:
         """Send stored alerts to the `alerts` topic; the published flag is written with the
@@ -278,7 +373,7 @@ def run_sink(
         consumer = make_consumer(
             settings,
             settings.sink.group_id,
-            [settings.topics.results, settings.topics.dlq],
+            [settings.topics.results, settings.topics.dlq, settings.topics.reviews],
             client_id=f"{settings.kafka.client_id}-sink",
             max_poll_records=settings.sink.max_batch,
             # a SIGKILLed sink holds its partitions until its session expires: keep that short

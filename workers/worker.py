@@ -165,7 +165,10 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
     processor = BatchProcessor(cache, worker_id=worker_id, results_topic=settings.topics.results,
                                dlq_topic=settings.topics.dlq, max_frame_pixels=ws.max_frame_pixels,
                                thumbnail_size=ws.thumbnail_size,
-                               decode_threads=min(4, ws.threads or os.cpu_count() or 1))
+                               decode_threads=min(4, ws.threads or os.cpu_count() or 1),
+                               evidence_rate=settings.evidence.normal_sample_rate,
+                               # base64 grows 4/3; what is left of the limit carries the rest of the result
+                               evidence_max_bytes=max(1024, settings.kafka.max_message_bytes * 2 // 3 - 256 * 1024))
     consumer = producer = None
     uncommitted: dict[Any, int] = {}  # acknowledged but not yet committed (a commit failed)
     cleanup: list[Callable[[], Any]] = []

@@ -213,7 +213,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="start the broker in the background and wait until it answers; creates the topics",
         description="Start the broker (idempotent: a running one is left alone), wait until it logs "
         "'Kafka Server started' and answers an admin call, then create the linewatch topics "
-        "(frames, results, frames.dlq, alerts, profiles) with the 10 MB message limit.",
+        "(frames, results, frames.dlq, alerts, reviews, profiles) with the 10 MB message limit.",
     )
     common(q)
     q.add_argument("--timeout", type=float, default=None, help="seconds to wait for readiness (default: settings, 90)")

@@ -9,8 +9,7 @@ them. tests/test_secured_broker.py proves the whole role x topic x read/write ma
 
 A grant names topics by their ``TopicSettings`` field and consumer groups by their settings
 path, so renamed topics and groups follow the settings. A topic field that settings do not
-have (``reviews``, until the dashboard's review topic exists) is skipped: adding a topic or a
-role's right is one line here.
+have is skipped: adding a topic or a role's right is one line here.
 """
 
 from __future__ import annotations
@@ -34,13 +33,14 @@ class RoleGrant:
     create: tuple[str, ...] = ()
 
 
-# which topic (TopicSettings field) each role may read / write; the sink consumes results and the
-# DLQ and publishes alerts (workers/sink.py); the MQTT / OPC UA bridges consume results in their
+# which topic (TopicSettings field) each role may read / write; the sink consumes results, the
+# DLQ and the operators' reviews and publishes alerts (workers/sink.py); the dashboard publishes
+# reviews (dashboard/reviews.py); the MQTT / OPC UA bridges consume results in their
 # own groups (bridges/loop.py); "*" = every topic linewatch creates (io.topic_specs)
 ROLE_GRANTS: dict[str, RoleGrant] = {
     "producer": RoleGrant(write=("frames",)),
     "worker": RoleGrant(read=("frames",), write=("results", "dlq"), groups=("worker.group_id",)),
-    "sink": RoleGrant(read=("results", "dlq"), write=("alerts",), groups=("sink.group_id",)),
+    "sink": RoleGrant(read=("results", "dlq", "reviews"), write=("alerts",), groups=("sink.group_id",)),
     "dashboard": RoleGrant(write=("reviews",)),
     "bridge": RoleGrant(read=("results",), groups=("bridge.mqtt.group_id", "bridge.opcua.group_id")),
     "admin": RoleGrant(create=("*",)),

@@ -321,6 +321,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(t.results, t.results_partitions, dict(base)),
         TopicSpec(t.dlq, t.results_partitions, dict(base)),
         TopicSpec(t.alerts, 1, dict(base)),
+        # operator reviews (dashboard -> sink); keyed by frame id. Kept like the others: the sink
+        # stores each one in DuckDB, where the review history lives
+        TopicSpec(t.reviews, 1, dict(base)),
         # compacted: the latest announcement per product survives
         TopicSpec(t.profiles, 1, {"max.message.bytes": base["max.message.bytes"], "cleanup.policy": "compact"}),
     ]

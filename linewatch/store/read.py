@@ -24,6 +24,8 @@ _COUNT_SQL = {
     "calibration_runs": "SELECT count(*) FROM calibration_runs",
     "alerts": "SELECT count(*) FROM alerts",
     "dlq_events": "SELECT count(*) FROM dlq_events",
+    "evidence": "SELECT count(*) FROM evidence",
+    "reviews": "SELECT count(*) FROM reviews",
 }
 
 
@@ -52,6 +54,24 @@ def recent_verdicts(con: duckdb.DuckDBPyConnection, window: int) -> dict[str, li
     out: dict[str, list[str]] = {}
     for product, verdict in rows:
         out.setdefault(product, []).append(verdict)
+    return out
+
+
+def recent_normal_scores(con: duckdb.DuckDBPyConnection, window: int) -> dict[str, tuple[int, list[float]]]:
+    """Per product, the profile version of its latest frame and the image scores of up to
+    ``window`` latest normal-judged frames of that version, oldest first (seeds the drift alert)."""
+    rows = con.execute(
+        "WITH v AS (SELECT product, arg_max(profile_version, capture_ts_ms) AS version FROM inspections GROUP BY 1) "
+        "SELECT product, version, image_score FROM ("
+        "  SELECT i.product, i.profile_version AS version, i.image_score, i.capture_ts_ms, i.frame_id, "
+        "         row_number() OVER (PARTITION BY i.product ORDER BY i.capture_ts_ms DESC, i.frame_id DESC) AS rn "
+        "  FROM inspections i JOIN v ON v.product = i.product AND v.version = i.profile_version "
+        "  WHERE i.verdict = 'ok') WHERE rn <= ? ORDER BY product, capture_ts_ms, frame_id",
+        [window],
+    ).fetchall()
+    out: dict[str, tuple[int, list[float]]] = {}
+    for product, version, score in rows:
+        out.setdefault(product, (int(version), []))[1].append(float(score))
     return out
 
 

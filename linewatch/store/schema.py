@@ -16,7 +16,7 @@ from linewatch.store.connect import DEFAULT_WRITE_TIMEOUT_S, NotADatabase, writi
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each migration: (version, description, statements). Never edit a released migration;
 # append a new one. init_db applies whatever is missing, all in one transaction.
@@ -129,6 +129,47 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 stored_ts_ms BIGINT,
                 PRIMARY KEY (source_topic, source_partition, source_offset)
             )""",
+        ],
+    ),
+    (
+        2,
+        "evidence frames and operator reviews",
+        [
+            # one row per kept original frame; the bytes are a file under the evidence folder
+            # (docs/review-loop.md says why files and not blobs)
+            """CREATE TABLE evidence (
+                frame_id VARCHAR PRIMARY KEY,
+                product VARCHAR NOT NULL,
+                camera VARCHAR,
+                capture_ts_ms BIGINT NOT NULL,
+                stored_ts_ms BIGINT NOT NULL,
+                reason VARCHAR NOT NULL,
+                encoding VARCHAR NOT NULL,
+                bytes BIGINT NOT NULL,
+                sha256 VARCHAR NOT NULL,
+                file VARCHAR NOT NULL
+            )""",
+            # append-only: a review never updates or deletes a row, and never touches inspections;
+            # review_id (made by the dashboard per submission) keys replays out
+            """CREATE TABLE reviews (
+                review_id VARCHAR PRIMARY KEY,
+                frame_id VARCHAR NOT NULL,
+                product VARCHAR NOT NULL,
+                verdict VARCHAR NOT NULL,
+                category VARCHAR,
+                reviewer VARCHAR NOT NULL,
+                note VARCHAR,
+                reviewed_ts_ms BIGINT NOT NULL,
+                stored_ts_ms BIGINT NOT NULL,
+                kafka_partition INTEGER,
+                kafka_offset BIGINT
+            )""",
+            # the review that counts: the latest per frame
+            """CREATE VIEW latest_reviews AS
+               SELECT * EXCLUDE (rn) FROM (
+                 SELECT *, row_number() OVER (PARTITION BY frame_id ORDER BY reviewed_ts_ms DESC,
+                                              stored_ts_ms DESC, review_id DESC) AS rn
+                 FROM reviews) WHERE rn = 1""",
         ],
     ),
 ]

@@ -21,8 +21,9 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from linewatch.messages import Alert, DlqRecord, InspectionResult, now_ms, unb64
+from linewatch.messages import Alert, DlqRecord, InspectionResult, Review, now_ms, unb64
 from linewatch.store.connect import DEFAULT_WRITE_TIMEOUT_S, writing
+from linewatch.store.evidence import EvidenceRow
 from linewatch.store.schema import init_db
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ _INSERT_SQL = {
     "defect_regions": "INSERT INTO defect_regions SELECT * FROM lw_batch ON CONFLICT DO NOTHING",
     "defect_images": "INSERT INTO defect_images SELECT * FROM lw_batch ON CONFLICT DO NOTHING",
     "dlq_events": "INSERT INTO dlq_events SELECT * FROM lw_batch ON CONFLICT DO NOTHING RETURNING source_offset",
+    "evidence": "INSERT INTO evidence SELECT * FROM lw_batch ON CONFLICT DO NOTHING RETURNING bytes",
 }
 _BBOX_COLUMNS = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
 _ARROW_SCHEMAS: dict[str, pa.Schema] = {}  # see _arrow_schema
@@ -70,6 +72,10 @@ class WriteResult:
     duplicates: int = 0
     dlq_inserted: int = 0
     alerts_inserted: int = 0
+    reviews_inserted: int = 0
+    reviews_rejected: list[tuple[Review, int, int, str]] = field(default_factory=list)  # review, partition, offset, why
+    evidence_inserted: int = 0
+    evidence_bytes: int = 0
     seconds: float = 0.0
 
 
@@ -111,6 +117,8 @@ def write_batch(
     dlq: Sequence[DlqEvent] = (),
     alerts: Sequence[Alert] = (),
     published_alert_ids: Sequence[str] = (),
+    evidence: Sequence[EvidenceRow] = (),
+    reviews: Sequence[tuple[Review, int, int]] = (),
 ) -> WriteResult:
     """Write one batch inside the caller's transaction (see :func:`writing`).
 
@@ -154,6 +162,11 @@ def write_batch(
         ]
         if images:
             _insert_returning(con, "defect_images", images)
+        kept = [e.as_row() for e in evidence if e.frame_id in new_ids]
+        if kept:
+            sizes = _insert_returning(con, "evidence", kept)
+            out.evidence_inserted = len(sizes)
+            out.evidence_bytes = sum(int(s[0]) for s in sizes)
         seen_profiles: dict[tuple[str, int], tuple[float, float, str, int]] = {}
         for r in sorted(new, key=lambda r: r.capture_ts_ms, reverse=True):  # earliest wins
             seen_profiles[(r.product, r.profile_version)] = (r.threshold, r.image_threshold, r.model_kind, r.capture_ts_ms)
@@ -172,6 +185,8 @@ def write_batch(
             for e in events.values()
         ]
         out.dlq_inserted = len(_insert_returning(con, "dlq_events", rows))
+    if reviews:
+        _write_reviews(con, reviews, stored, out)
     for a in alerts:
         n = con.execute(
             "INSERT INTO alerts (alert_id, product, kind, state, value, limit_value, window_frames, ts_ms, "
@@ -186,6 +201,30 @@ def write_batch(
         )
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _write_reviews(con: duckdb.DuckDBPyConnection, reviews: Sequence[tuple[Review, int, int]], stored: int,
+                   out: WriteResult) -> None:
+    """Append reviews (with their `reviews` partition and offset), each once by review_id. A
+    review of a frame the database does not hold, or naming another product than the frame's,
+    is not stored: it is returned in ``out.reviews_rejected`` for the sink to dead-letter."""
+    ids = sorted({r.frame_id for r, _, _ in reviews})
+    known = dict(con.execute("SELECT frame_id, product FROM inspections WHERE list_contains(?::VARCHAR[], frame_id)",
+                             [ids]).fetchall())
+    rows = []
+    for r, partition, offset in reviews:
+        if r.frame_id not in known:
+            out.reviews_rejected.append((r, partition, offset, f"review {r.review_id}: unknown frame id {r.frame_id!r}"))
+        elif known[r.frame_id] != r.product:
+            out.reviews_rejected.append((r, partition, offset, f"review {r.review_id}: frame {r.frame_id} is "
+                                         f"{known[r.frame_id]!r}, not {r.product!r}"))
+        else:
+            rows.append([r.review_id, r.frame_id, r.product, r.verdict, r.category, r.reviewer, r.note,
+                         r.reviewed_ts_ms, stored, partition, offset])
+    for row in rows:  # a handful per batch: plain parameterized inserts
+        out.reviews_inserted += len(con.execute(
+            "INSERT INTO reviews VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING review_id",
+            row).fetchall())
 
 
 # --------------------------------------------------------------------------------------
@@ -220,7 +259,7 @@ def record_profile(
     init_db(path, timeout_s)
     with writing(path, timeout_s) as con:
         _upsert_profile(con, data, "calibration",
-                        ("thresholds", "threshold_reason", "calibration_metrics", "background"))
+                        ("thresholds", "threshold_reason", "calibration_metrics", "background", "notes"))
 
 
 def record_calibration_run(
@@ -281,5 +320,6 @@ def sync_profiles_from_registry(path: Path | str, registry_dir: Path | str, *, t
     init_db(path, timeout_s)
     with writing(path, timeout_s) as con:
         for p in found:
-            _upsert_profile(con, p.model_dump(mode="json"), "registry", ("thresholds", "threshold_reason", "background"))
+            _upsert_profile(con, p.model_dump(mode="json"), "registry",
+                            ("thresholds", "threshold_reason", "background", "calibration_metrics", "notes"))
     return len(found)

@@ -353,7 +353,7 @@ class Pipeline:
             kafka=KafkaSettings(bootstrap_servers=broker.bootstrap_servers, client_id=f"faults-{name}",
                                 connect_timeout_s=20),
             topics=TopicSettings(frames=f"{name}.frames", results=f"{name}.results", dlq=f"{name}.frames.dlq",
-                                 alerts=f"{name}.alerts", profiles=f"{name}.profiles",
+                                 alerts=f"{name}.alerts", profiles=f"{name}.profiles", reviews=f"{name}.reviews",
                                  frames_partitions=PARTITIONS, results_partitions=2),
             storage=StorageSettings(db_path=self.db, registry_dir=self.registry_dir),
             worker=WorkerSettings(**w),
@@ -379,7 +379,7 @@ class Pipeline:
         if os.environ.get("LINEWATCH_CACHE"):
             env["LINEWATCH_CACHE"] = os.environ["LINEWATCH_CACHE"]
         s = self.as_role(role) if role else self.settings
-        for section in ("kafka", "topics", "storage", "worker", "sink"):
+        for section in ("kafka", "topics", "storage", "worker", "sink", "evidence", "dashboard"):
             for key, value in getattr(s, section).model_dump(exclude_defaults=True).items():
                 env[f"LINEWATCH_{section.upper()}__{key.upper()}"] = str(value)
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
