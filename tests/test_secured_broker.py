@@ -313,7 +313,9 @@ def test_passwords_never_in_reprs_client_logs_or_broker_log(secured, caplog):
     passwords = {role: broker.secrets.password(role) for role in (*ROLES, BROKER_ROLE)}
     ks = broker.kafka_settings("sink")
     inline = ks.model_copy(update={"sasl_password_file": None, "sasl_plain_password": SecretStr(passwords["sink"])})
-    with caplog.at_level(logging.DEBUG):
+    # the kafka logger's own level too: an in-process `linewatch` main() earlier in the session
+    # (tests/test_cli_help.py) sets it to ERROR
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="kafka"):
         for k in (ks, inline):
             consumer = make_consumer(k, "linewatch-sink", [settings.topics.results])
             consumer.poll(timeout_ms=2000)
