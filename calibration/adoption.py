@@ -19,21 +19,29 @@ import numpy as np
 MIN_GAIN = 0.005  # mean per-image IoU a stage must add, at least
 
 
-def clears(gain: np.ndarray) -> tuple[bool, str]:
-    """Whether the paired gains (stage on minus off, one per image) clear the bar, and the figures."""
+def _paired(gain: np.ndarray) -> tuple[float, float, str] | str:
+    """(mean, standard error, figures) of paired gains, or why there are too few to judge."""
     g = np.asarray(gain, np.float64).ravel()
     if len(g) < 2:
-        return False, f"gain {g.mean() if len(g) else 0.0:+.4f} on {len(g)} image(s): too few to judge"
+        return f"gain {g.mean() if len(g) else 0.0:+.4f} on {len(g)} image(s): too few to judge"
     se = float(g.std(ddof=1) / np.sqrt(len(g)))
-    ok = float(g.mean()) > max(MIN_GAIN, 2 * se)
-    return ok, f"gain {g.mean():+.4f} +- {se:.4f}"
+    return float(g.mean()), se, f"gain {g.mean():+.4f} +- {se:.4f}"
+
+
+def clears(gain: np.ndarray) -> tuple[bool, str]:
+    """Whether the paired gains (stage on minus off, one per image) clear the bar, and the figures."""
+    p = _paired(gain)
+    if isinstance(p, str):
+        return False, p
+    mean, se, figures = p
+    return mean > max(MIN_GAIN, 2 * se), figures
 
 
 def improves(gain: np.ndarray) -> tuple[bool, str]:
     """Whether the mean paired gain (stage on minus off, one per image) exceeds ``MIN_GAIN``, and
     the figures (the standard error is reported, not required)."""
-    g = np.asarray(gain, np.float64).ravel()
-    if len(g) < 2:
-        return False, f"gain {g.mean() if len(g) else 0.0:+.4f} on {len(g)} image(s): too few to judge"
-    se = float(g.std(ddof=1) / np.sqrt(len(g)))
-    return float(g.mean()) > MIN_GAIN, f"gain {g.mean():+.4f} +- {se:.4f}"
+    p = _paired(gain)
+    if isinstance(p, str):
+        return False, p
+    mean, _se, figures = p
+    return mean > MIN_GAIN, figures

@@ -28,6 +28,13 @@ class HeaderError(ValueError):
     """A frame's Kafka headers are missing or malformed (the reason goes to the DLQ)."""
 
 
+def _not_newer(version: int, known: int, what: str) -> int:
+    """A record of a newer schema than this reader is refused, never misread."""
+    if version > known:
+        raise ValueError(f"{what} schema {version} is newer than this reader ({known})")
+    return version
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -145,9 +152,7 @@ class InspectionResult(BaseModel):
     @field_validator("schema_version")
     @classmethod
     def _known_version(cls, v: int) -> int:
-        if v > RESULT_SCHEMA_VERSION:
-            raise ValueError(f"result schema {v} is newer than this reader ({RESULT_SCHEMA_VERSION})")
-        return v
+        return _not_newer(v, RESULT_SCHEMA_VERSION, "result")
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode("utf-8")
@@ -229,9 +234,7 @@ class Review(BaseModel):
     @field_validator("schema_version")
     @classmethod
     def _known_version(cls, v: int) -> int:
-        if v > REVIEW_SCHEMA_VERSION:
-            raise ValueError(f"review schema {v} is newer than this reader ({REVIEW_SCHEMA_VERSION})")
-        return v
+        return _not_newer(v, REVIEW_SCHEMA_VERSION, "review")
 
     @model_validator(mode="after")
     def _category_with_confirm(self) -> "Review":
