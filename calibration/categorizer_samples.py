@@ -92,20 +92,24 @@ def pooled_category_samples(dataset_root: Path, products: list[str], input_size:
     """
     out = []
     reg = Registry(registry_dir) if registry_dir is not None else None
+    from linewatch.inspection.geometry import TiledModel
+
     for q in products:
-        val, _ = load_product_splits(Path(dataset_root), q, input_size, val_fraction, seed, progress=False)
-        if not len(val) or not any(c != "good" for c in val.categories):
-            log.info("categorizer pool: %s has no labelled anomalous validation images", q)
-            continue
-        normal = normal_appearance(load_train(Path(dataset_root), q, input_size, False))
         prof = model = None
         if reg is not None:
             try:
                 prof, model = reg.load(q)
             except (UserError, ProfileError, FileNotFoundError) as exc:
                 log.info("categorizer pool: no profile for %s (%s)", q, exc)
-        if prof is not None and model is not None and model.input_size == input_size:
-            raw, _ = model.predict(val.images)
+        served = prof is not None and model is not None and model.input_size == input_size
+        size = prof.framing if served else input_size  # its own profile's view (ROI, tiles) when served
+        val, _ = load_product_splits(Path(dataset_root), q, size, val_fraction, seed, progress=False)
+        if not len(val) or not any(c != "good" for c in val.categories):
+            log.info("categorizer pool: %s has no labelled anomalous validation images", q)
+            continue
+        normal = normal_appearance(load_train(Path(dataset_root), q, size, False))
+        if served:
+            raw, _ = TiledModel(model, prof.framing).predict(val.images)
             maps = prof.mask_step.apply_all(raw, val.images)
             out += _category_samples(val, maps, prof.threshold, q, raw, normal, prof.extent)
             out += raw_view_samples(val, raw, maps, q, normal)  # as fit_categorizer trains on its own product

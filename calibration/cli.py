@@ -67,6 +67,65 @@ def _plain_folders(p: argparse.ArgumentParser, role: str) -> None:
                         "(default: none)")
 
 
+def _geometry_options(p: argparse.ArgumentParser, recorded: bool = False) -> None:
+    """--roi, --tiles, --overlap, --stretch (docs/geometry.md). On threshold/evaluate they
+    override what the work folder recorded at fit."""
+    default = "the geometry recorded at fit" if recorded else None
+    p.add_argument("--roi", metavar="X,Y,W,H",
+                   help="region of interest in frame pixels of the calibration images (absolute; every image must "
+                        "have that size) (default: " + (default or "the whole frame") + ")")
+    p.add_argument("--tiles", metavar="RxC",
+                   help="rows x columns of model-size tiles over the ROI, for defects a few pixels wide; the tiles' "
+                        "maps are stitched into one map (default: " + (default or "1x1, one tile") + ")")
+    p.add_argument("--overlap", type=float,
+                   help="least overlap between neighbouring tiles, a fraction of a tile 0..0.75 (default: "
+                        + (default or "0.25") + ")")
+    p.add_argument("--stretch", action="store_true",
+                   help="stretch the ROI to the tile grid instead of keeping its aspect ratio (default: aspect "
+                        "kept" + (", or as recorded at fit" if recorded else "") + ")")
+
+
+def _geometry(args: argparse.Namespace, base: Any = None) -> Any:
+    """The Geometry the options ask for (None when none is given and there is no base)."""
+    from linewatch.errors import UserError
+    from linewatch.inspection.geometry import Geometry, GeometryError, Roi, parse_tiles
+
+    if base is None and not (args.roi or args.tiles or args.overlap is not None or args.stretch):
+        return None
+    update: dict[str, Any] = {}
+    try:
+        if args.roi:
+            update["roi"] = Roi.parse(args.roi)
+        if args.tiles:
+            update["tiles"] = parse_tiles(args.tiles)
+    except GeometryError as exc:
+        raise UserError(str(exc)) from None
+    if args.overlap is not None:
+        if not 0 <= args.overlap <= 0.75:
+            raise UserError(f"--overlap {args.overlap}: expected a fraction of a tile between 0 and 0.75")
+        update["overlap"] = float(args.overlap)
+    if args.stretch:
+        update["keep_aspect"] = False
+    return (base or Geometry()).model_copy(update=update)
+
+
+def _reframed(model: Any, args: argparse.Namespace) -> Any:
+    """A work folder's model seen through --roi/--tiles/... when given (else as fitted)."""
+    from linewatch.errors import UserError
+    from linewatch.inspection.geometry import GeometryError
+
+    geometry = _geometry(args, model.framing.geometry) if (args.roi or args.tiles or args.overlap is not None
+                                                          or args.stretch) else None
+    if geometry is None:
+        return model
+    try:
+        fs = geometry.frame_size
+        model.framing = (geometry.resolved(*fs) if fs else geometry).framing(model.input_size)
+    except GeometryError as exc:
+        raise UserError(str(exc)) from None
+    return model
+
+
 def _target_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-escape-rate", type=float, metavar="R",
                    help="place the image threshold at the lowest validation false-reject point whose validation "
@@ -97,7 +156,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     out = args.out or Path("calibration-work") / f"{args.product}-{args.model_kind}"
     model, info = fit_product(args.dataset, args.product, out, args.model_kind, args.input_size,
-                              _options(args.option), progress=not args.quiet, normal_dir=args.normal_dir)
+                              _options(args.option), progress=not args.quiet, normal_dir=args.normal_dir,
+                              geometry=_geometry(args))
     print(f"fitted {info.model_kind} for {info.product} on {info.n_train} normal images in "
           f"{info.fit_seconds} s -> {out}")
     return 0
@@ -106,24 +166,28 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_threshold(args: argparse.Namespace) -> int:
     from calibration.workflow import load_model_dir, publish_work_dir, read_fit_info, save_threshold, threshold_model
 
-    model = load_model_dir(args.model)
+    model = _reframed(load_model_dir(args.model), args)
     info = read_fit_info(args.model)
     if args.product is None and info is not None:
         args.product = info.product
-    val = _load_set(args, "val", model.input_size, not args.quiet)
+    val = _load_set(args, "val", model.framing, not args.quiet)
     pooled = _categorizer_pool(args, model.input_size)  # first: a bad pool leaves the work folder untouched
     fitted_config = json.dumps(model.config(), sort_keys=True)  # a copy: the options dict is live
     report, val_maps = threshold_model(model, val, args.method, args.k_std, args.quantile, progress=not args.quiet,
                                        target_escape_rate=args.target_escape_rate)
     if json.dumps(model.config(), sort_keys=True) != fitted_config:  # the calibration chose a model setting (PaDiM's texture term)
         model.save(args.model)
+    if info is not None and model.framing.geometry != info.geometry:  # --roi/--tiles: what publish serves
+        (Path(args.model) / "fit.json").write_text(
+            info.model_copy(update={"geometry": model.framing.geometry}).model_dump_json(indent=2))
+        print(f"geometry: {model.framing.geometry.describe()} (recorded in {Path(args.model) / 'fit.json'})")
     path = save_threshold(args.model, report)
     from calibration.categorizer_samples import CATEGORIZER_FILE, fit_categorizer, save_categorizer
 
     why: list[str] = []
     cat = fit_categorizer(val, report.mask_step.apply_all(val_maps, val.images),
                           report.threshold, args.product or "product", raw_maps=val_maps,
-                          normal=_normal_appearance(info, args.product, model.input_size),
+                          normal=_normal_appearance(info, args.product, model.framing),
                           pooled=pooled, extent=report.extent, why=why)
     if why:
         report = report.model_copy(update={"notes": [*report.notes, *why]})
@@ -146,7 +210,7 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     return 0
 
 
-def _normal_appearance(info: Any, product: str | None, size: int) -> dict[str, Any] | None:
+def _normal_appearance(info: Any, product: str | None, size: Any) -> dict[str, Any] | None:
     """The product's normal appearance for its categorizer, from the normal images the work
     folder was fitted on (None, said in the log, when they are not where fit.json says)."""
     import logging
@@ -199,14 +263,17 @@ def _eval_models(args: argparse.Namespace):
     from linewatch.profiles import Registry
 
     out = []
+    from calibration.workflow import served_model
+
     for d in args.model or []:
-        model = load_model_dir(d)
+        model = _reframed(load_model_dir(d), args)
         info = read_fit_info(d)
         cat = read_categorizer(Path(d))
         out.append([model.kind, model, read_threshold(d), info.product if info else None, Path(d).name, cat])
     for spec in args.profile or []:
         product, _, ver = spec.partition("@")
-        prof, model = Registry(_registry_dir(args)).load(product, int(ver) if ver else None)
+        prof, bare = Registry(_registry_dir(args)).load(product, int(ver) if ver else None)
+        model = _reframed(served_model(prof, bare), args)
         methods = [MethodResult(method=m, title=METHOD_TITLES[m], available=prof.thresholds.get(m) is not None,
                                 threshold=prof.thresholds.get(m)) for m in METHOD_CHOICES]
         chosen = prof.threshold_method if prof.threshold_method in METHOD_CHOICES else "iou"
@@ -233,10 +300,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     models = _eval_models(args)
     if args.product is None:
         args.product = next((m[3] for m in models if m[3]), None)
-    sizes = {m[1].input_size for m in models}
-    if len(sizes) > 1:
-        raise UserError(f"evaluate: models have different input sizes {sorted(sizes)}; evaluate them separately")
-    size = sizes.pop()
+    views = {m[1].framing.view_hw for m in models}
+    if len(views) > 1:
+        raise UserError(f"evaluate: models see different views {sorted(views)} (input size, ROI or tiles); "
+                        "evaluate them separately")
+    size = models[0][1].framing
     test = _load_set(args, "test", size, not args.quiet)
     if not test.anomalous.any():
         raise UserError(f"{test.paths[0].parent.parent}: test set has no anomalous images; nothing to evaluate")
@@ -273,7 +341,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                              publish=not args.no_publish, export_onnx=not args.no_onnx, progress=not args.quiet,
                              categorizer_products=(args.categorizer_products or "").split(","),
                              normal_dir=args.normal_dir, defect_dir=args.defect_dir,
-                             normal_test_dir=args.normal_test_dir, target_escape_rate=args.target_escape_rate)
+                             normal_test_dir=args.normal_test_dir, target_escape_rate=args.target_escape_rate,
+                             geometry=_geometry(args))
     test = prof.calibration_metrics.get("test", {})
     labels = prof.calibration_metrics.get("labels", {})
     if test.get("pixel_metrics") == "needs masks":
@@ -464,7 +533,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="a plain folder of defect-free images of the product (instead of --dataset)")
     p.add_argument("--product", required=True, help="product name (a folder under --dataset; the profile's name)")
     p.add_argument("--model-kind", default="padim", help="model family: padim (default), cflow, patchcore, reconstruction, attribution, meandiff (trivial baseline)")
-    p.add_argument("--input-size", type=int, default=256, help="model input side in pixels (default 256)")
+    p.add_argument("--input-size", type=int, default=256,
+                   help="model input side in pixels: one square tile (default 256)")
+    _geometry_options(p)
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="model option (JSON value), repeatable")
     p.add_argument("--out", type=Path, help="work folder (default calibration-work/<product>-<kind>)")
     common(p)
@@ -476,6 +547,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     thresholds(p)
     _target_option(p)
     _categorizer_products_option(p)
+    _geometry_options(p, recorded=True)
     p.add_argument("--publish", action="store_true", help="publish the result as the product's next profile")
     p.add_argument("--no-onnx", action="store_true", help="do not export model.onnx when publishing")
     common(p, registry=True)
@@ -487,6 +559,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_source(p, "test")
     p.add_argument("--report", type=Path, help="report folder (default calibration-report/<product>)")
     p.add_argument("--format", choices=("markdown", "csv"), default="markdown", help="table printed on stdout (default markdown)")
+    _geometry_options(p, recorded=True)
     common(p, registry=True)
     p.set_defaults(func=cmd_evaluate)
 
@@ -505,7 +578,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _plain_folders(p, "split into validation and test like a dataset's test images")
     _target_option(p)
     p.add_argument("--model-kind", default="padim", help="model family: padim (default), cflow, patchcore, reconstruction, attribution, meandiff (trivial baseline)")
-    p.add_argument("--input-size", type=int, default=256, help="model input side in pixels (default 256)")
+    p.add_argument("--input-size", type=int, default=256,
+                   help="model input side in pixels: one square tile (default 256)")
+    _geometry_options(p)
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="model option (JSON value), repeatable (default: the family's own defaults)")
     p.add_argument("--val-fraction", type=float, default=1 / 3,

@@ -45,7 +45,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from linewatch.inspection.frames import load_image_file
+from linewatch.inspection.frames import framing_of, load_image_file
+from linewatch.inspection.geometry import Framing, GeometryError
 
 from linewatch.errors import UserError
 from linewatch.messages import CATEGORIES
@@ -88,13 +89,13 @@ class Dataset:
     labels_csv: Path | None = None
     extra: dict = field(default_factory=dict)
 
-    def train_images(self, size: int = 256, progress: bool = False) -> np.ndarray:
+    def train_images(self, size: int | Framing = 256, progress: bool = False) -> np.ndarray:
         return load_images([i.path for i in self.train], size, progress=progress)
 
-    def load_images(self, items: Sequence[ImageItem], size: int = 256, progress: bool = False) -> np.ndarray:
+    def load_images(self, items: Sequence[ImageItem], size: int | Framing = 256, progress: bool = False) -> np.ndarray:
         return load_images([i.path for i in items], size, progress=progress)
 
-    def load_masks(self, items: Sequence[ImageItem], size: int = 256) -> np.ndarray:
+    def load_masks(self, items: Sequence[ImageItem], size: int | Framing = 256) -> np.ndarray:
         return load_masks([i.mask_path for i in items], size, [i.path for i in items])
 
     def split(self, val_fraction: float = 1 / 3, seed: int = 0) -> tuple[list[ImageItem], list[ImageItem]]:
@@ -171,34 +172,40 @@ def read_mask(path: str | Path, image_shape: tuple[int, int] | None = None,
     return m > 0
 
 
-def load_images(paths: Sequence[str | Path], size: int, progress: bool = False, desc: str = "images") -> np.ndarray:
-    """(N, size, size, 3) uint8 RGB, each image as the worker's decode gives it for the same bytes
-    (``linewatch.inspection.frames.load_image_file``: one decode-and-resize for both sides)."""
+def load_images(paths: Sequence[str | Path], size: int | Framing, progress: bool = False,
+                desc: str = "images") -> np.ndarray:
+    """(N, H, W, 3) uint8 RGB views (size x size for a bare model size), each image as the
+    worker's decode gives it for the same bytes (``linewatch.inspection.frames.load_image_file``:
+    one decode-and-resize for both sides)."""
     from tqdm.auto import tqdm
 
-    out = np.empty((len(paths), size, size, 3), np.uint8)
+    out = np.empty((len(paths), *framing_of(size).view_hw, 3), np.uint8)
     for i, p in enumerate(tqdm(paths, desc=desc, unit="img", disable=not progress, leave=False)):
         out[i] = load_image_file(p, size)
     return out
 
 
-def load_masks(mask_paths: Sequence[str | Path | None], size: int,
+def load_masks(mask_paths: Sequence[str | Path | None], size: int | Framing,
                image_paths: Sequence[str | Path] | None = None) -> np.ndarray:
-    """(N, size, size) bool; ``None`` entries (normal images) are all-False.
+    """(N, H, W) bool at the view size (the same ROI and resize as the images, nearest
+    neighbour); ``None`` entries (normal images) are all-False.
 
     With ``image_paths`` each mask is checked to be its image's size before resizing.
     """
     if image_paths is not None and len(image_paths) != len(mask_paths):
         raise ValueError("load_masks: mask_paths and image_paths differ in length")
-    out = np.zeros((len(mask_paths), size, size), bool)
+    framing = framing_of(size)
+    out = np.zeros((len(mask_paths), *framing.view_hw), bool)
     for i, mp in enumerate(mask_paths):
         if mp is None:
             continue
         shape = image_size(image_paths[i]) if image_paths is not None else None
         m = read_mask(mp, shape, image_paths[i] if image_paths is not None else None)
-        if m.shape != (size, size):
-            m = cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
-        out[i] = m
+        try:
+            box = framing.box(m.shape[1], m.shape[0])
+        except GeometryError as exc:
+            raise UserError(f"{mp}: {exc}") from None
+        out[i] = framing.view(m.view(np.uint8), box, interpolation=cv2.INTER_NEAREST) > 0
     return out
 
 

@@ -22,11 +22,12 @@ import numpy as np
 from calibration.data import LabelledSet
 from calibration.frame_kpis import frame_kpis
 from calibration.thresholds import METHODS, MIN_ANOMALOUS, ThresholdReport
-from calibration.workflow import publish_recalibrated, recalibrated_profile, threshold_model
+from calibration.workflow import publish_recalibrated, recalibrated_profile, served_model, threshold_model
 from linewatch import store
 from linewatch.errors import UserError
 from linewatch.inspection.extent import ExtentModel
-from linewatch.inspection.frames import FrameError, decode_frame
+from linewatch.inspection.frames import FrameError, decode_frame, framing_of
+from linewatch.inspection.geometry import Framing
 from linewatch.inspection.verdict import inspect_images
 from linewatch.profiles import Profile, Registry
 
@@ -65,7 +66,7 @@ class ReviewedSet:
                 "expired": self.expired, "review_ids": list(self.review_ids)}
 
 
-def load_reviewed_set(db: Path, product: str, size: int, *, since_ms: int = 0, evidence_dir: Path | None = None,
+def load_reviewed_set(db: Path, product: str, size: int | Framing, *, since_ms: int = 0, evidence_dir: Path | None = None,
                       max_pixels: int = 64_000_000) -> ReviewedSet:
     """Build the set; raises UserError (one line, exit 2) when either kind is too thin."""
     with store.reading(db) as con:
@@ -102,7 +103,7 @@ def load_reviewed_set(db: Path, product: str, size: int, *, since_ms: int = 0, e
             f"{MIN_CONFIRMED}) and {normals} normal frame(s) (false calls + sampled normal frames, need {MIN_NORMAL})"
             + (f"; {out.expired} reviewed frame(s) no longer kept" if out.expired else ""))
     n = len(images)
-    out.val = LabelledSet(paths=paths, images=np.stack(images), masks=np.zeros((n, size, size), bool),
+    out.val = LabelledSet(paths=paths, images=np.stack(images), masks=np.zeros((n, *framing_of(size).view_hw), bool),
                           categories=cats, labels=np.asarray(labels, bool), mask_known=~np.asarray(labels, bool))
     out.review_ids = ids
     return out
@@ -150,8 +151,9 @@ def recalibrate_from_reviews(db: Path, registry_dir: Path, product: str, *, sinc
     reg = Registry(registry_dir)
     current = reg.read_profile(product)
     # the counts first: too few reviews is said before any model is loaded
-    reviewed = load_reviewed_set(Path(db), product, current.input_size, since_ms=since_ms, evidence_dir=evidence_dir)
-    current, model = reg.load(product)
+    reviewed = load_reviewed_set(Path(db), product, current.framing, since_ms=since_ms, evidence_dir=evidence_dir)
+    current, bare = reg.load(product)
+    model = served_model(current, bare)
     val = reviewed.val
     prefer = method or (current.threshold_method if current.threshold_method in METHODS else "iou")
     report, _ = threshold_model(model, val, prefer, choose_setting=False, target_escape_rate=target_escape_rate)

@@ -35,6 +35,7 @@ from linewatch.inspection.categorize import normal_appearance
 from linewatch.inspection.forest import externalise, internalise
 from linewatch.drift import reference as drift_reference
 from linewatch.errors import UserError
+from linewatch.inspection.geometry import Framing, Geometry, GeometryError, TiledModel
 from linewatch.inspection.mask import MaskStep
 from linewatch.models.base import AnomalyModel, ModelError
 from linewatch.models.registry import CONFIG_FILE, WEIGHTS_FILE, load_model
@@ -52,6 +53,7 @@ class FitInfo(BaseModel):
     n_train: int
     fit_seconds: float
     input_size: int
+    geometry: Geometry = Geometry()
     background: bool | None = None
     options: dict[str, Any] = {}
 
@@ -64,21 +66,48 @@ def build(model_kind: str, input_size: int = 256, options: dict[str, Any] | None
 
 
 def fit_model(images: np.ndarray, model_kind: str = "padim", input_size: int = 256,
-              options: dict[str, Any] | None = None, progress: bool = True) -> tuple[AnomalyModel, float]:
-    """Fit on normal images only; returns the model and the fit time in seconds."""
-    model = build(model_kind, input_size, options)
+              options: dict[str, Any] | None = None, progress: bool = True,
+              framing: Framing | None = None) -> tuple[TiledModel, float]:
+    """Fit on normal images only (views of ``framing``; every tile is a training sample of the
+    one model); returns the model, seen through the framing, and the fit time in seconds."""
+    framing = framing or Geometry().framing(input_size)
+    model = TiledModel(build(model_kind, framing.input_size, options), framing)
     t0 = time.perf_counter()
     model.fit(images, progress=progress)
     return model, time.perf_counter() - t0
 
 
-def load_model_dir(directory: Path) -> AnomalyModel:
-    """Load a work folder or profile version folder; errors name the file."""
+def resolve_framing(geometry: Geometry | None, input_size: int, first_image: Path) -> Framing:
+    """The geometry with the calibration frames' size recorded (from the first training image's
+    header) at ``input_size``; a bad ROI or tile grid is a one-line error naming that image."""
+    from calibration.datasets import image_size
+
+    h, w = image_size(first_image)
+    try:
+        return (geometry or Geometry()).resolved(w, h).framing(input_size)
+    except GeometryError as exc:
+        raise UserError(f"{first_image}: {exc}") from None
+
+
+def served_model(profile: Profile, model: AnomalyModel) -> TiledModel:
+    """A published model seen through its profile's framing (what the worker serves)."""
+    return TiledModel(model, profile.framing)
+
+
+def load_model_dir(directory: Path) -> TiledModel:
+    """Load a work folder (seen through the geometry its fit.json records) or a profile
+    version folder; errors name the file."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory}: model folder does not exist")
     try:
-        return load_model(directory)
+        model = load_model(directory)
+        info = read_fit_info(directory)
+        if info is None and (directory / "profile.json").is_file():
+            geometry = Profile.model_validate_json((directory / "profile.json").read_text()).geometry
+        else:
+            geometry = info.geometry if info is not None else Geometry()
+        return TiledModel(model, geometry.framing(model.input_size))
     except ModelError as exc:
         msg = str(exc)
         if str(directory) not in msg:
@@ -86,6 +115,8 @@ def load_model_dir(directory: Path) -> AnomalyModel:
         raise UserError(msg) from None
     except (KeyError, TypeError) as exc:
         raise UserError(f"{directory / CONFIG_FILE}: incomplete model config ({exc})") from None
+    except GeometryError as exc:
+        raise UserError(f"{directory / FIT_FILE}: {exc}") from None
 
 
 def background_of(labelled: LabelledSet) -> bool | None:
@@ -95,7 +126,8 @@ def background_of(labelled: LabelledSet) -> bool | None:
 
 def fit_product(dataset_root: Path | None, product: str, work_dir: Path, model_kind: str = "padim",
                 input_size: int = 256, options: dict[str, Any] | None = None,
-                progress: bool = True, normal_dir: Path | None = None) -> tuple[AnomalyModel, FitInfo]:
+                progress: bool = True, normal_dir: Path | None = None,
+                geometry: Geometry | None = None) -> tuple[TiledModel, FitInfo]:
     """Fit ``product``'s normal training images and save the model to ``work_dir``. Only the
     normal images are read: a dataset's train/good (MVTec) or train/ok (BTAD), or a plain
     ``normal_dir`` of defect-free images; test images and masks are not needed to fit."""
@@ -105,13 +137,15 @@ def fit_product(dataset_root: Path | None, product: str, work_dir: Path, model_k
         raise UserError("fit: give either a dataset (--dataset) or a folder of normal images (--normal-dir)")
     ds = (load_normal_folder(normal_dir, product) if normal_dir is not None
           else open_dataset(Path(dataset_root), product, train_only=True))
-    train = ds.train_images(input_size, progress=progress)
+    framing = resolve_framing(geometry, input_size, ds.train[0].path)
+    train = ds.train_images(framing, progress=progress)
     if len(train) < 2:
         raise UserError(f"{ds.train[0].path.parent}: need at least 2 normal images, found {len(train)}")
-    model, secs = fit_model(train, model_kind, input_size, options, progress)
+    model, secs = fit_model(train, model_kind, input_size, options, progress, framing)
     bg = ds.background
     info = FitInfo(product=product, model_kind=model_kind, dataset=str(dataset_root or normal_dir), n_train=len(train),
-                   fit_seconds=round(secs, 2), input_size=input_size, background=bg, options=options or {})
+                   fit_seconds=round(secs, 2), input_size=input_size, geometry=framing.geometry, background=bg,
+                   options=options or {})
     work_dir = Path(work_dir)
     model.save(work_dir)
     (work_dir / FIT_FILE).write_text(info.model_dump_json(indent=2))
@@ -249,8 +283,10 @@ def make_profile(product: str, model: AnomalyModel, report: ThresholdReport,
                  metrics: dict[str, Any] | None = None, background: bool | None = None,
                  categorizer: dict[str, Any] | None = None, notes: str = "",
                  parent_version: int | None = None) -> Profile:
+    framing = getattr(model, "framing", None)
     return Profile(product=product, model_kind=model.kind, backbone=model.backbone_name,
-                   input_size=model.input_size, threshold=report.threshold, threshold_method=report.chosen,
+                   input_size=model.input_size, geometry=framing.geometry if framing is not None else Geometry(),
+                   threshold=report.threshold, threshold_method=report.chosen,
                    image_threshold=report.image_threshold,
                    thresholds=report.thresholds(),
                    threshold_reason=report.reason + (f"; frame verdict: {report.image_threshold_reason}"
@@ -293,7 +329,8 @@ def recalibrate(registry_dir: Path, product: str, val: LabelledSet, prefer: str 
     Publishes a new version whose model files are copied from the current one.
     """
     reg = Registry(registry_dir)
-    profile, model = reg.load(product)
+    profile, bare = reg.load(product)
+    model = served_model(profile, bare)
     method = prefer or (profile.threshold_method if profile.threshold_method in METHODS else "iou")
     report, _ = threshold_model(model, val, method, k_std, quantile, choose_setting=False,
                                 target_escape_rate=target_escape_rate)
@@ -308,7 +345,7 @@ def recalibrated_profile(current: Profile, model: AnomalyModel, report: Threshol
     new = make_profile(current.product, model, report, {"recalibrated_from": current.version, **metrics},
                        current.background, current.categorizer, notes=notes, parent_version=current.version)
     return new.model_copy(update={"background_source": current.background_source,
-                                  "min_region_px": current.min_region_px})
+                                  "min_region_px": current.min_region_px, "geometry": current.geometry})
 
 
 def publish_recalibrated(reg: Registry, current: Profile, new: Profile) -> Profile:
@@ -375,7 +412,7 @@ def calibrate_product(dataset_root: str | Path | None, product: str, registry_di
                       k_std: float = 3.0, quantile: float = 0.999, progress: bool = True,
                       categorizer_products: Sequence[str] = (), normal_dir: str | Path | None = None,
                       defect_dir: str | Path | None = None, normal_test_dir: str | Path | None = None,
-                      target_escape_rate: float | None = None) -> Profile:
+                      target_escape_rate: float | None = None, geometry: Geometry | None = None) -> Profile:
     """Fit on ``<root>/<product>/train/good``, threshold on the validation split, evaluate on the
     test split (report folder when ``report_dir``), publish to ``registry_dir``; returns the
     published Profile (version 0 = not published when ``publish=False``).
@@ -388,7 +425,9 @@ def calibrate_product(dataset_root: str | Path | None, product: str, registry_di
     whose labelled validation images also train the categorizer (``pooled_category_samples``;
     regions from their profiles in ``registry_dir``), this product's own weighed up.
     ``target_escape_rate``: the image threshold's placement (``threshold_model``); checked
-    against the validation set before anything is fitted.
+    against the validation set before anything is fitted. ``geometry``: ROI and tiles
+    (``linewatch.inspection.geometry``); the calibration frames' size is recorded from the first
+    training image, and every image must fit it.
     """
     from calibration.data import plain_splits
     from calibration.datasets import load_normal_folder
@@ -398,22 +437,24 @@ def calibrate_product(dataset_root: str | Path | None, product: str, registry_di
         raise UserError("run: give --dataset, or --normal-dir with --defect-dir and --normal-test-dir")
     if root is not None and defect_dir is not None:
         raise UserError("run: give --dataset or --defect-dir/--normal-test-dir, not both")
-    if normal_dir is not None:
-        train = load_normal_folder(Path(normal_dir), product).train_images(input_size, progress=progress)
-    else:
-        train = load_train(root, product, input_size, progress)
+    from calibration.data import open_product
+
+    train_ds = load_normal_folder(Path(normal_dir), product) if normal_dir is not None else open_product(root, product)
+    size = resolve_framing(geometry, input_size, train_ds.train[0].path) if train_ds.train else input_size
+    train = train_ds.train_images(size, progress=progress)
     if len(train) < 2:
         raise UserError(f"{normal_dir or root}: need at least 2 normal images, found {len(train)}")
     if defect_dir is not None:
         val, test = plain_splits(product, Path(defect_dir), Path(normal_test_dir) if normal_test_dir else None,
-                                 input_size, val_fraction, seed, progress=progress)
+                                 size, val_fraction, seed, progress=progress)
     else:
-        val, test = load_product_splits(root, product, input_size, val_fraction, seed, progress=progress)
+        val, test = load_product_splits(root, product, size, val_fraction, seed, progress=progress)
     where = Path(defect_dir) if defect_dir is not None else root / product
     if target_escape_rate is not None:
         check_target_supported(target_escape_rate, int(val.anomalous.sum()), where)
     pool = resolve_categorizer_products(root, product, categorizer_products) if root is not None else []
-    model, secs = fit_model(train, model_kind, input_size, options, progress)
+    model, secs = fit_model(train, model_kind, input_size, options, progress,
+                            size if isinstance(size, Framing) else None)
     report, val_maps = threshold_model(model, val, method, k_std, quantile, progress=progress,
                                        target_escape_rate=target_escape_rate)
     pooled = pooled_category_samples(root, pool, input_size, Path(registry_dir), val_fraction, seed) if pool else []

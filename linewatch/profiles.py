@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from linewatch.errors import ModelError
+from linewatch.inspection.geometry import Framing, Geometry
 from linewatch.inspection.mask import MaskStep
 
 if TYPE_CHECKING:
@@ -58,11 +59,14 @@ class Profile(BaseModel):
     version: int = Field(0, ge=0, description="assigned by the registry at publish")
     model_kind: str
     backbone: str
-    input_size: int = Field(ge=32, le=2048)
+    input_size: int = Field(ge=32, le=2048, description="the model's square input (one tile) in pixels")
+    geometry: Geometry = Field(default_factory=Geometry, description=(
+        "ROI, tiles and calibrated frame size (linewatch.inspection.geometry); the default is the whole frame "
+        "squashed to input_size, as profiles before geometry were"))
     threshold: float = Field(description="pixel threshold on the anomaly map")
     threshold_method: ThresholdMethod
     image_threshold: float | None = Field(None, description="image-score threshold; default = pixel threshold")
-    min_region_px: int = Field(16, ge=0, description="regions smaller than this (at model size) are ignored")
+    min_region_px: int = Field(16, ge=0, description="regions smaller than this (in view pixels) are ignored")
     mask_step: MaskStep = Field(default_factory=MaskStep, description=(
         "how the anomaly map becomes the thresholded map (linewatch.inspection.mask)"))
     extent: dict[str, Any] | None = Field(None, description=(
@@ -84,6 +88,11 @@ class Profile(BaseModel):
     @property
     def effective_image_threshold(self) -> float:
         return self.threshold if self.image_threshold is None else self.image_threshold
+
+    @property
+    def framing(self) -> Framing:
+        """The view and tile grid every frame of this product goes through."""
+        return self.geometry.framing(self.input_size)
 
 
     def extent_model(self) -> ExtentModel | None:

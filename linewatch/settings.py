@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -144,6 +144,21 @@ class WorkerSettings(BaseModel):
         "frames pay no load; False: load each product on its first frame"))
     thumbnail_size: int = Field(256, ge=32)
     max_frame_pixels: int = Field(64_000_000, ge=1, description="refuse decompression bombs")
+    camera_roi: dict[str, str] = Field(default_factory=dict, description=(
+        "per-camera ROI override, 'camera' or 'camera/product' -> 'X,Y,W,H' in frame pixels, for a product "
+        "mounted elsewhere in one camera's frame; the profile's view size and tiles stay (docs/geometry.md)"))
+
+    @field_validator("camera_roi")
+    @classmethod
+    def _rois(cls, v: dict[str, str]) -> dict[str, str]:
+        from linewatch.inspection.geometry import GeometryError, Roi
+
+        for key, text in v.items():
+            try:
+                Roi.parse(text)
+            except GeometryError as exc:
+                raise ValueError(f"worker.camera_roi[{key!r}]: {exc}") from None
+        return v
 
 
 class SinkSettings(BaseModel):

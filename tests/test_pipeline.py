@@ -313,7 +313,7 @@ def test_categorizer_is_called_for_defect_frames(monkeypatch):
     assert [x.category for x in r.regions] == ["surface", "surface"]
 
 
-def test_non_finite_scores_and_post_processing_bugs_go_to_the_dlq():
+def test_non_finite_scores_and_post_processing_bugs_go_to_the_dlq(monkeypatch):
     class NaNEngine:
         name = "nan"
 
@@ -325,8 +325,13 @@ def test_non_finite_scores_and_post_processing_bugs_go_to_the_dlq():
             scores[1] = 0.9
             return maps, scores
 
+    def broken(*args, **kwargs):
+        raise cv2.error("rendering bug")
+
+    import workers.pipeline
+
+    monkeypatch.setattr(workers.pipeline, "render_artifacts", broken)
     proc = _processor(Profiles(widget=_loaded(profile=_profile(), engine=NaNEngine())))
-    proc.thumbnail_size = 0  # cv2.resize to 0x0 raises inside render_artifacts
     img = encode(np.zeros((64, 64, 3), np.uint8))
     recs = [FakeRecord(img, frame_headers("widget", i).to_kafka(), offset=i) for i in range(3)]
     out = proc.process(recs).out

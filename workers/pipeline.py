@@ -26,6 +26,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from linewatch.inspection.frames import FrameError, Stage, decode_frame
+from linewatch.inspection.geometry import Roi
 from linewatch.evidence import keep_reason
 from linewatch.inspection.verdict import _warn_once, judge
 from linewatch.messages import DlqRecord, FrameHeaders, HeaderError, InspectionResult, b64, now_ms
@@ -94,9 +95,10 @@ class _Group:
 
     loaded: Any
     members: list[tuple[int, FrameHeaders]]
-    images: np.ndarray | None = None  # uint8 NHWC, decoded frames only (a view of a reused buffer)
+    images: np.ndarray | None = None  # uint8 NHWC views, decoded frames only (a slice of a reused buffer)
     good: list[int] = field(default_factory=list)  # indices into members that decoded
     dims: dict[int, tuple[int, int]] = field(default_factory=dict)  # member index -> (w, h)
+    boxes: dict[int, Roi] = field(default_factory=dict)  # member index -> the frame rectangle its view shows
     maps: np.ndarray | None = None
     scores: np.ndarray | None = None
     error: BaseException | None = None
@@ -126,7 +128,7 @@ class BatchProcessor:
     def __init__(self, profiles: ProfileSource, *, worker_id: str, results_topic: str, dlq_topic: str,
                  max_frame_pixels: int, thumbnail_size: int = 256, decode_threads: int = 2,
                  clock_ms: Callable[[], int] = now_ms, evidence_rate: float = 0.0,
-                 evidence_max_bytes: int = 0):
+                 evidence_max_bytes: int = 0, camera_roi: dict[str, str] | None = None):
         self.profiles = profiles
         self.worker_id = worker_id
         self.results_topic = results_topic
@@ -139,20 +141,26 @@ class BatchProcessor:
         # growth from pushing a result over the Kafka message limit: such a frame goes without
         self.evidence_rate = evidence_rate
         self.evidence_max_bytes = evidence_max_bytes
+        # 'camera' or 'camera/product' -> the ROI this camera sees the product in (WorkerSettings.camera_roi)
+        self.camera_roi = {k: Roi.parse(v) for k, v in (camera_roi or {}).items()}
         self._pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="decode") \
             if decode_threads > 1 else None
-        self._buffers: dict[tuple[int, int], np.ndarray] = {}
+        self._buffers: dict[tuple[int, int, int], np.ndarray] = {}
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
-    def _buffer(self, slot: int, size: int, n: int) -> np.ndarray:
-        buf = self._buffers.get((slot, size))
+    def _buffer(self, slot: int, hw: tuple[int, int], n: int) -> np.ndarray:
+        buf = self._buffers.get((slot, *hw))
         if buf is None or buf.shape[0] < n:
-            buf = np.empty((max(n, 16), size, size, 3), np.uint8)
-            self._buffers[(slot, size)] = buf
+            buf = np.empty((max(n, 16), *hw, 3), np.uint8)
+            self._buffers[(slot, *hw)] = buf
         return buf
+
+    def roi_for(self, camera: str, product: str) -> Roi | None:
+        """This camera's ROI override for the product, if settings give one."""
+        return self.camera_roi.get(f"{camera}/{product}") or self.camera_roi.get(camera)
 
     def dlq(self, rec: RecordLike, stage: Stage, reason: str, frame_id: str | None = None) -> Outgoing:
         record = DlqRecord(frame_id=frame_id, reason=reason[:500], stage=stage, worker_id=self.worker_id,
@@ -199,30 +207,33 @@ class BatchProcessor:
         times.profile = time.perf_counter() - t0
         groups = list(by_profile.values())
         t1 = time.perf_counter()
-        # one buffer per input size for the whole batch; each group gets its own slice
-        need: dict[int, int] = {}
+        # one buffer per view size for the whole batch; each group gets its own slice
+        need: dict[tuple[int, int], int] = {}
         for g in groups:
-            need[g.loaded.profile.input_size] = need.get(g.loaded.profile.input_size, 0) + len(g.members)
-        used: dict[int, int] = dict.fromkeys(need, 0)
+            hw = g.loaded.profile.framing.view_hw
+            need[hw] = need.get(hw, 0) + len(g.members)
+        used: dict[tuple[int, int], int] = dict.fromkeys(need, 0)
         for g in groups:
-            size = g.loaded.profile.input_size
-            buf = self._buffer(slot, size, need[size])
-            lo = used[size]
-            used[size] += len(g.members)
+            hw = g.loaded.profile.framing.view_hw
+            buf = self._buffer(slot, hw, need[hw])
+            lo = used[hw]
+            used[hw] += len(g.members)
             self._decode_group(records, g, buf[lo : lo + len(g.members)], out)
         times.decode = time.perf_counter() - t1
         return PreparedBatch(records, out, groups, times, slot)
 
     def _decode_group(self, records: Sequence[RecordLike], g: _Group, buf: np.ndarray,
                       out: list[Outgoing | None]) -> None:
-        size = g.loaded.profile.input_size
+        framing = g.loaded.profile.framing
         members = g.members
 
-        def work(j: int) -> tuple[int, int] | FrameError:
+        def work(j: int) -> tuple[int, int, Roi] | FrameError:
             i, hdr = members[j]
             try:
-                _, w, h = decode_frame(records[i].value or b"", size, self.max_frame_pixels, hdr.encoding, out=buf[j])
-                return w, h
+                roi = self.roi_for(hdr.camera, hdr.product)
+                _, w, h = decode_frame(records[i].value or b"", framing, self.max_frame_pixels, hdr.encoding,
+                                       out=buf[j], roi=roi)
+                return w, h, framing.box(w, h, roi)
             except FrameError as exc:
                 return exc
             except Exception as exc:  # decoder bug or OOM on one frame: that frame only
@@ -238,7 +249,8 @@ class BatchProcessor:
                 out[i] = self.dlq(records[i], d.stage, d.reason, hdr.frame_id)
             else:
                 g.good.append(j)
-                g.dims[j] = d
+                g.dims[j] = d[:2]
+                g.boxes[j] = d[2]
         if g.good:
             g.images = buf if len(g.good) == len(members) else buf[g.good]
 
@@ -249,8 +261,11 @@ class BatchProcessor:
             if g.images is None:
                 continue
             t = time.perf_counter()
+            framing = g.loaded.profile.framing
             try:
-                g.maps, g.scores = g.loaded.engine.run(g.images)
+                # the tiles of every frame of the group go through the engine as one batch
+                maps, scores = g.loaded.engine.run(framing.tile(g.images))
+                g.maps, g.scores = (maps, scores) if framing.identity else framing.stitch(maps)
             except Exception as exc:  # the group goes to the DLQ with the reason; we go on
                 log.exception("engine %s failed on %d frames of %s", g.loaded.engine.name, len(g.good),
                               g.loaded.profile.product)
@@ -284,7 +299,7 @@ class BatchProcessor:
                     continue
                 try:
                     out[i] = self._result(records[i], hdr, g.loaded, engine, g.images[k], g.maps[k],
-                                          score, w, h, infer_ms)
+                                          score, w, h, infer_ms, g.boxes[j])
                 except Exception as exc:  # never a poison pill: this frame to the DLQ, the rest go on
                     log.exception("post-processing failed for %s", hdr.frame_id)
                     out[i] = self.dlq(records[i], "other", f"post-processing: {type(exc).__name__}: {exc}",
@@ -295,9 +310,9 @@ class BatchProcessor:
         return BatchOutput(out, prepared.times, summary)  # type: ignore[arg-type]
 
     def _result(self, rec: RecordLike, hdr: FrameHeaders, loaded: Any, engine: str, image: np.ndarray,
-                amap: np.ndarray, score: float, w: int, h: int, infer_ms: float) -> Outgoing:
+                amap: np.ndarray, score: float, w: int, h: int, infer_ms: float, box: Roi) -> Outgoing:
         profile: Profile = loaded.profile
-        fv = judge(amap, score, profile, w, h, image, loaded.extent)
+        fv = judge(amap, score, profile, box.w, box.h, image, loaded.extent, (box.x, box.y))
         category, confidence = "unknown", 0.0
         mask_b = thumb_b = heat_b = None
         if fv.verdict == "defect":

@@ -71,7 +71,8 @@ def _warm(engine: Any, profile: Profile, vdir: Path) -> None:
 
     size = profile.input_size
     try:
-        engine.run(np.zeros((1, size, size, 3), np.uint8))
+        # one frame's tiles: the batch shape a frame of this product brings
+        engine.run(np.zeros((profile.framing.n_tiles, size, size, 3), np.uint8))
     except Exception as exc:
         raise ProfileError(f"{vdir}: the engine failed its first run: {type(exc).__name__}: {exc}") from None
 

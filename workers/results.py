@@ -32,7 +32,12 @@ def render_artifacts(image_rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray, 
     a side, the heat map at most ``size // 2`` (it is a blurred map; a smaller PNG costs a third
     of the deflate time, which dominated post-processing of defect frames)."""
     def fit(img: np.ndarray, side: int, interp: int) -> np.ndarray:
-        return img if img.shape[0] <= side else cv2.resize(img, (side, side), interpolation=interp)
+        # a view keeps its aspect ratio; its longer side is bounded (a tiled view is larger than a tile)
+        h, w = img.shape[:2]
+        if max(h, w) <= side:
+            return img
+        scale = side / max(h, w)
+        return cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=interp)
 
     ok1, mask_png = cv2.imencode(".png", fit(mask, size, cv2.INTER_NEAREST), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     thumb = cv2.cvtColor(fit(image_rgb, size, cv2.INTER_AREA), cv2.COLOR_RGB2BGR)

@@ -168,7 +168,8 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None, wo
                                decode_threads=min(4, ws.threads or os.cpu_count() or 1),
                                evidence_rate=settings.evidence.normal_sample_rate,
                                # base64 grows 4/3; what is left of the limit carries the rest of the result
-                               evidence_max_bytes=max(1024, settings.kafka.max_message_bytes * 2 // 3 - 256 * 1024))
+                               evidence_max_bytes=max(1024, settings.kafka.max_message_bytes * 2 // 3 - 256 * 1024),
+                               camera_roi=ws.camera_roi)
     consumer = producer = None
     uncommitted: dict[Any, int] = {}  # acknowledged but not yet committed (a commit failed)
     cleanup: list[Callable[[], Any]] = []

@@ -1,5 +1,8 @@
 """Frames in, model input out: the one decode-and-resize for calibration and the worker.
 
+The geometry (ROI, view, tiles: ``linewatch.inspection.geometry``) decides what part of the
+frame at which scale; a bare model size means the whole frame squashed to size x size.
+
 Speed: JPEGs are decoded straight to about the model's size with libjpeg's DCT scaling
 (``IMREAD_REDUCED_COLOR_2/4/8``), into a caller's reused buffer; the header is read first
 (Pillow, header only) so a decompression bomb or a truncated file never reaches the decoder.
@@ -16,6 +19,7 @@ import numpy as np
 from PIL import JpegImagePlugin, PngImagePlugin
 
 from linewatch.errors import UserError
+from linewatch.inspection.geometry import Framing, Geometry, GeometryError, Roi, scaled_box
 
 Stage = Literal["headers", "decode", "profile", "inference", "publish", "other"]
 
@@ -73,12 +77,15 @@ def frame_dims(data: bytes, max_pixels: int) -> tuple[Literal["jpeg", "png"], in
     return fmt, w, h
 
 
+_REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2,
+            1: cv2.IMREAD_COLOR}
+
+
 def _reduced_flag(w: int, h: int, size: int) -> tuple[int, int]:
     """The largest libjpeg DCT scale (1/8, 1/4, 1/2) that stays at or above the model size."""
-    for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
-                         (2, cv2.IMREAD_REDUCED_COLOR_2)):
+    for factor in (8, 4, 2):
         if w // factor >= size and h // factor >= size:
-            return factor, flag
+            return factor, _REDUCED[factor]
     return 1, cv2.IMREAD_COLOR
 
 
@@ -86,49 +93,56 @@ def _rgb(flag: int) -> int:
     return (flag & ~cv2.IMREAD_COLOR) | cv2.IMREAD_COLOR_RGB if _HAS_RGB_FLAG else flag
 
 
-def decode_frame(data: bytes, size: int, max_pixels: int, encoding: str | None = None,
-                 out: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
-    """Decode ``data`` to an RGB uint8 ``size`` x ``size`` image (written into ``out`` when
-    given); returns (image, original width, original height). Raises FrameError.
+def framing_of(size: int | Framing) -> Framing:
+    """A profile's framing, or for a bare model size the geometry of profiles from before
+    geometry existed (the whole frame squashed to size x size)."""
+    return size if isinstance(size, Framing) else Geometry().framing(int(size))
 
-    The frame is squashed to the square model input by ``to_model_input``, the function
-    calibration's image loading (``load_image_file``) goes through too.
+
+def decode_frame(data: bytes, size: int | Framing, max_pixels: int, encoding: str | None = None,
+                 out: np.ndarray | None = None, roi: Roi | None = None) -> tuple[np.ndarray, int, int]:
+    """Decode ``data`` to the model's view of it (RGB uint8, the framing's ``view_hw``; for a
+    bare ``size`` that is size x size), written into ``out`` when given; returns (view, original
+    width, original height). ``roi`` overrides the profile's (a camera mounted differently).
+    Raises FrameError (stage "decode"; a frame that does not fit the geometry says why).
+
+    JPEGs are decoded at the largest libjpeg DCT reduction that keeps the ROI at or above the
+    view's resolution, then cropped: never larger than the tiles need. Calibration's image
+    loading (``load_image_file``) goes through here too.
     """
+    framing = framing_of(size)
     fmt, w, h = frame_dims(data, max_pixels)
     if encoding is not None and encoding != fmt:
         raise FrameError("decode", f"header says encoding={encoding} but the data is {fmt.upper()}")
-    flag = cv2.IMREAD_COLOR
-    if fmt == "jpeg":
-        _, flag = _reduced_flag(w, h, size)
+    try:
+        box = framing.box(w, h, roi)
+    except GeometryError as exc:
+        raise FrameError("decode", f"geometry: {exc}") from None
+    factor = framing.decode_factor(box) if fmt == "jpeg" else 1
     buf = np.frombuffer(data, np.uint8)
     try:
-        img = cv2.imdecode(buf, _rgb(flag))
+        img = cv2.imdecode(buf, _rgb(_REDUCED[factor]))
     except cv2.error as exc:
         raise FrameError("decode", f"{fmt.upper()} decoder failed: {' '.join(str(exc).split())[:200]}") from None
     if img is None or img.ndim != 3 or img.shape[2] != 3:
         raise FrameError("decode", f"undecodable {fmt.upper()} ({len(data)} bytes)")
     if not _HAS_RGB_FLAG:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return to_model_input(img, size, out), w, h
+    x, y, bw, bh = scaled_box(box, factor)
+    return framing.view_of_crop(img[y : y + bh, x : x + bw], out), w, h
 
 
-def to_model_input(img: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Squash an RGB image to size x size (area when shrinking, linear when enlarging): the one
-    resize between a frame and the model, for calibration and the worker alike."""
-    if img.shape[0] == size and img.shape[1] == size:
-        if out is None:
-            return img
-        out[...] = img
-        return out
-    interp = cv2.INTER_AREA if img.shape[0] >= size and img.shape[1] >= size else cv2.INTER_LINEAR
-    if out is None:
-        return cv2.resize(img, (size, size), interpolation=interp)
-    cv2.resize(img, (size, size), dst=out, interpolation=interp)
-    return out
+def to_model_input(img: np.ndarray, size: int | Framing, out: np.ndarray | None = None,
+                   roi: Roi | None = None) -> np.ndarray:
+    """An already-decoded whole RGB frame as the model sees it (area when shrinking, linear when
+    enlarging): the one resize between a frame and the model, for calibration and the worker
+    alike. Raises GeometryError when the frame does not fit the geometry."""
+    framing = framing_of(size)
+    return framing.view(img, framing.box(img.shape[1], img.shape[0], roi), out)
 
 
-def load_image_file(path: str | Path, size: int, max_pixels: int = 1 << 30) -> np.ndarray:
-    """An image file as the model sees it (size x size RGB uint8).
+def load_image_file(path: str | Path, size: int | Framing, max_pixels: int = 1 << 30) -> np.ndarray:
+    """An image file as the model sees it (the framing's view, RGB uint8).
 
     JPEG and PNG go through ``decode_frame``, byte for byte what the worker does with the same
     frame (libjpeg's DCT-reduced decode included), so offline maps equal the stream's; other
@@ -143,8 +157,11 @@ def load_image_file(path: str | Path, size: int, max_pixels: int = 1 << 30) -> n
         try:
             return decode_frame(data, size, max_pixels)[0]
         except FrameError as exc:
-            raise UserError(f"{path}: {exc.reason}") from None
+            raise UserError(f"{path}: {exc.reason.removeprefix('geometry: ')}") from None
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if img is None or img.ndim != 3:
         raise UserError(f"{path}: not a readable image")
-    return to_model_input(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), size)
+    try:
+        return to_model_input(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), size)
+    except GeometryError as exc:
+        raise UserError(f"{path}: {exc}") from None

@@ -23,26 +23,29 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class FrameVerdict:
-    """What post-processing found in one frame (map coordinates are model-size)."""
+    """What post-processing found in one frame (mask and labels are view-size, region boxes frame
+    pixels)."""
 
     image_score: float
     verdict: Literal["ok", "defect"]
     regions: list[Region]
     defect_area_frac: float
-    mask: np.ndarray | None = None  # uint8 0/255 at model size, kept regions only
-    labels: np.ndarray | None = None  # int32 component labels at model size (kept ones > 0)
+    mask: np.ndarray | None = None  # uint8 0/255 at view size, kept regions only
+    labels: np.ndarray | None = None  # int32 component labels at view size (kept ones > 0)
 
 
 def find_regions(amap: np.ndarray, threshold: float, min_region_px: int, width: int, height: int,
-                 ) -> tuple[list[Region], np.ndarray, np.ndarray]:
+                 origin: tuple[int, int] = (0, 0)) -> tuple[list[Region], np.ndarray, np.ndarray]:
     """Connected regions of ``amap >= threshold`` (8-connectivity) with at least
-    ``min_region_px`` map pixels. Returns (regions with boxes/areas in original-frame pixels,
-    mask uint8 0/255 of the kept regions, labels int32 renumbered 1..k for the kept regions)."""
-    return regions_of_mask(amap >= threshold, amap, min_region_px, width, height)
+    ``min_region_px`` map pixels. The map covers the ``width`` x ``height`` frame rectangle at
+    ``origin`` (the ROI; the whole frame by default). Returns (regions with boxes/areas in
+    original-frame pixels, mask uint8 0/255 of the kept regions, labels int32 renumbered 1..k
+    for the kept regions)."""
+    return regions_of_mask(amap >= threshold, amap, min_region_px, width, height, origin)
 
 
 def regions_of_mask(binary: np.ndarray, amap: np.ndarray, min_region_px: int, width: int, height: int,
-                    ) -> tuple[list[Region], np.ndarray, np.ndarray]:
+                    origin: tuple[int, int] = (0, 0)) -> tuple[list[Region], np.ndarray, np.ndarray]:
     """``find_regions`` for a given bool mask (the learned extent's); scores read from ``amap``."""
     mh, mw = amap.shape
     raw = np.ascontiguousarray(binary, dtype=bool).view(np.uint8)
@@ -69,7 +72,7 @@ def regions_of_mask(binary: np.ndarray, amap: np.ndarray, min_region_px: int, wi
         regions.append(Region(
             area_px=int(round(area * sx * sy)),
             area_frac=min(1.0, area / total),
-            bbox=(x0, y0, max(1, x1 - x0), max(1, y1 - y0)),
+            bbox=(origin[0] + x0, origin[1] + y0, max(1, x1 - x0), max(1, y1 - y0)),
             peak_score=float(vals.max()),
             mean_score=float(vals.mean(dtype=np.float64)),
         ))
@@ -77,7 +80,8 @@ def regions_of_mask(binary: np.ndarray, amap: np.ndarray, min_region_px: int, wi
 
 
 def judge(amap: np.ndarray, score: float, profile: Profile, width: int, height: int,
-          image: np.ndarray | None = None, extent: ExtentModel | None = None) -> FrameVerdict:
+          image: np.ndarray | None = None, extent: ExtentModel | None = None,
+          origin: tuple[int, int] = (0, 0)) -> FrameVerdict:
     """Threshold one map and decide the verdict.
 
     Rule (the same offline and in the stream): a frame is a defect when its image score
@@ -85,8 +89,9 @@ def judge(amap: np.ndarray, score: float, profile: Profile, width: int, height: 
     one region of ``min_region_px`` map pixels survives. With an explicit image threshold the
     image score alone decides (regions are still reported when there are any).
     Regions come from the profile's ``MaskStep`` (its colour cue needs ``image``, the
-    model-size RGB frame) and then, when given, the learned region ``extent`` (reshapes the
-    regions, never adds one). The image score stays the raw map's max.
+    view-size RGB frame) and then, when given, the learned region ``extent`` (reshapes the
+    regions, never adds one). The image score stays the raw map's max. ``width`` x ``height``
+    at ``origin`` is the frame rectangle the map covers (the ROI), so boxes are frame pixels.
     """
     thr = float(profile.threshold)
     img_thr = float(profile.effective_image_threshold)
@@ -105,10 +110,10 @@ def judge(amap: np.ndarray, score: float, profile: Profile, width: int, height: 
     if top >= thr:
         if seg is None:
             seg = step.apply(amap, None)
-        regions, mask, labels = find_regions(seg, thr, profile.min_region_px, width, height)
+        regions, mask, labels = find_regions(seg, thr, profile.min_region_px, width, height, origin)
         if extent is not None and regions and image is not None:
             served = extent.apply(amap, image, seg >= thr, thr)
-            regions, mask, labels = regions_of_mask(served, seg, profile.min_region_px, width, height)
+            regions, mask, labels = regions_of_mask(served, seg, profile.min_region_px, width, height, origin)
     else:
         regions, mask, labels = [], None, None
     if profile.image_threshold is None:
@@ -136,8 +141,14 @@ def _warn_once(key: str, msg: str, *args: Any) -> None:
 def inspect_images(images_rgb: np.ndarray, maps: np.ndarray, scores: np.ndarray, profile: Profile,
                    extent: ExtentModel | None = None, width: int | None = None,
                    height: int | None = None) -> list[FrameVerdict]:
-    """The worker's verdicts for already-decoded model-size frames and their maps (the offline
-    reference the stream is compared with)."""
-    w = width or profile.input_size
-    h = height or profile.input_size
-    return [judge(maps[k], float(scores[k]), profile, w, h, images_rgb[k], extent) for k in range(len(images_rgb))]
+    """The worker's verdicts for already-decoded views and their (stitched) maps: the offline
+    reference the stream is compared with. Boxes are frame pixels of the profile's ROI (or of
+    ``width`` x ``height`` when the profile records no frame size)."""
+    g = profile.geometry
+    if g.roi is not None:
+        x, y, w, h = g.roi.x, g.roi.y, g.roi.w, g.roi.h
+    else:
+        x = y = 0
+        w, h = (width, height) if width and height else (g.frame_size or (profile.input_size, profile.input_size))
+    return [judge(maps[k], float(scores[k]), profile, w, h, images_rgb[k], extent, (x, y))
+            for k in range(len(images_rgb))]
