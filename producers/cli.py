@@ -21,7 +21,8 @@ SOURCE is one of:
   FILE                   a video file (mp4, avi, mkv, ...; --loop to repeat)
   camera:N | N           a live camera by device index (e.g. camera:0 = /dev/video0)
   rtsp://... http://...  a live stream URL
-  synthetic:PRODUCT      the synthetic line (cap, pcb, brick, turf; --size, --defect-rate, --seed)"""
+  synthetic:PRODUCT      the synthetic line (cap, pcb, brick, turf; --size, --defect-rate, --seed,
+                         --frame-size, --product-size, --defect-scale)"""
 
 EXAMPLES = """\
 examples:
@@ -60,6 +61,11 @@ def cmd_produce(args: argparse.Namespace) -> int:
         len(specs), product=args.product, line=args.line, cameras=args.camera, count=args.cameras,
         fps=args.fps, max_frames=args.max_frames, default_products=default_products,
     )
+    frame_size = None
+    if args.frame_size is not None:
+        from linewatch.synth.frame import parse_frame_size
+
+        frame_size = parse_frame_size(args.frame_size)
     opened = []
     try:
         for i, (src_index, cfg) in enumerate(configs):
@@ -68,6 +74,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
                 reencode=args.reencode, seed=args.seed + i, size=args.size, defect_rate=args.defect_rate,
                 open_timeout_s=args.open_timeout,
                 exposure=ExposureDrift.parse(args.exposure_drift) if args.exposure_drift else None,
+                frame_size=frame_size, product_size=args.product_size, defect_scale=args.defect_scale,
             )
             opened.append((cfg, source))
     except BaseException:
@@ -116,7 +123,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="re-encode folder images too (default: JPEG/PNG files are sent byte for byte)")
 
     g = p.add_argument_group("synthetic camera")
-    g.add_argument("--size", type=int, default=256, help="synthetic frame size in pixels (default 256)")
+    g.add_argument("--size", type=int, default=256,
+                   help="synthetic frame size in pixels, square close-ups (default 256; unused with --frame-size)")
+    g.add_argument("--frame-size", metavar="WxH",
+                   help="synthetic camera frames of W x H pixels (e.g. 1024x768) with the product's square centred "
+                        "on a dark, noisy backdrop (default: none, square --size frames)")
+    g.add_argument("--product-size", type=int, metavar="N",
+                   help="side in frame pixels of the product's square with --frame-size (default: the smaller "
+                        "frame side * 5/6 rounded down to a multiple of 8, e.g. 640 for 1024x768)")
+    g.add_argument("--defect-scale", choices=["model", "small"], default="model",
+                   help="model: synthetic defects grow with the rendered product; small: fixed sizes in frame "
+                        "pixels as a line camera sees them (holes of radius ~4-10 px) (default model)")
     g.add_argument("--defect-rate", type=float, default=0.2, help="share of defective synthetic frames (default 0.2)")
     g.add_argument("--seed", type=int, default=0, help="synthetic seed; camera i uses seed+i (default 0)")
     g.add_argument("--exposure-drift", metavar="START:RAMP:GAIN[:HOLD]",

@@ -299,12 +299,22 @@ class _PlaceholderCamera:
 class SyntheticSource(FrameSource):
     kind = "synthetic"
 
+    """The synthetic line as a camera: square ``size`` close-ups, or with ``frame_size=(W, H)``
+    camera frames with the product's square (``product_size``) centred on a dark backdrop and
+    defects sized by ``defect_scale`` ("model" | "small"); see linewatch.synth.SyntheticProduct."""
+
     def __init__(self, product: str, seed: int = 0, size: int = 256, defect_rate: float = 0.2,
-                 encoding: Encoding = "jpeg", quality: int = 90, exposure: ExposureDrift | None = None) -> None:
+                 encoding: Encoding = "jpeg", quality: int = 90, exposure: ExposureDrift | None = None, *,
+                 frame_size: tuple[int, int] | None = None, product_size: int | None = None,
+                 defect_scale: str = "model") -> None:
         self.exposure = exposure
         cls = _synthetic_camera_class()
+        frame = {} if frame_size is None and defect_scale == "model" else {
+            "frame_size": frame_size, "product_size": product_size, "defect_scale": defect_scale}
+        if product_size is not None and frame_size is None:
+            raise UserError(f"synthetic:{product}: --product-size needs --frame-size (square frames are --size)")
         try:
-            self.camera = cls(product, seed=seed, size=size, defect_rate=defect_rate)
+            self.camera = cls(product, seed=seed, size=size, defect_rate=defect_rate, **frame)
         except (KeyError, ValueError) as exc:
             raise UserError(f"synthetic:{product}: {' '.join(str(exc).split())}") from None
         self.product = product
@@ -339,7 +349,9 @@ def source_kind(spec: str) -> str:
 
 def open_source(spec: str, *, loop: bool = False, encoding: Encoding = "jpeg", quality: int = 90,
                 reencode: bool = False, seed: int = 0, size: int = 256, defect_rate: float = 0.2,
-                open_timeout_s: float = 10.0, exposure: ExposureDrift | None = None) -> FrameSource:
+                open_timeout_s: float = 10.0, exposure: ExposureDrift | None = None,
+                frame_size: tuple[int, int] | None = None, product_size: int | None = None,
+                defect_scale: str = "model") -> FrameSource:
     """Open a SOURCE spec (forms: producers.cli.SPEC_HELP)."""
     if not 1 <= quality <= 100:
         raise UserError(f"quality {quality}: must be within 1..100")
@@ -349,7 +361,8 @@ def open_source(spec: str, *, loop: bool = False, encoding: Encoding = "jpeg", q
         if not product:
             raise UserError(f"source {spec}: name a product, e.g. synthetic:cap")
         return SyntheticSource(product, seed=seed, size=size, defect_rate=defect_rate, encoding=encoding, quality=quality,
-                               exposure=exposure)
+                               exposure=exposure, frame_size=frame_size, product_size=product_size,
+                               defect_scale=defect_scale)
     if kind == "camera":
         index = spec.split(":", 1)[1] if spec.startswith("camera:") else spec
         if not index.isdigit():

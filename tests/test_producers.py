@@ -160,6 +160,27 @@ def test_video_source_and_synthetic(tmp_path):
         open_source("synthetic:nope")
 
 
+def test_synthetic_source_camera_frames(capsys):
+    """The synthetic camera as a line camera: a 1024x768 JPEG with the product centred."""
+    src = SyntheticSource("pcb", seed=1, frame_size=(1024, 768), defect_scale="small", defect_rate=0.5)
+    frames = list(f for _, f in zip(range(2), src))
+    for f in frames:
+        assert f.encoding == "jpeg" and f.data[:2] == b"\xff\xd8"
+        assert cv2.imdecode(np.frombuffer(f.data, np.uint8), cv2.IMREAD_COLOR).shape == (768, 1024, 3)
+    assert src.camera.product.product_box == (192, 64, 640, 640)
+    src = open_source("synthetic:cap", frame_size=(400, 300), product_size=240, encoding="png")
+    assert cv2.imdecode(np.frombuffer(next(iter(src)).data, np.uint8), cv2.IMREAD_COLOR).shape == (300, 400, 3)
+    with pytest.raises(UserError, match="does not fit"):
+        open_source("synthetic:cap", frame_size=(400, 300), product_size=320)
+    with pytest.raises(UserError, match="needs --frame-size"):
+        open_source("synthetic:cap", product_size=320)
+    from linewatch.cli import main
+
+    assert main(["produce", "--source", "synthetic:cap", "--frame-size", "1024-768", "--max-frames", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "frame size '1024-768'" in err and len(err.strip().splitlines()) == 1
+
+
 def test_camera_configs_pairing_and_validation():
     cfg = camera_configs(1, product="p", line="l", cameras=["a", "b"], count=None, fps=0, max_frames=3,
                          default_products=[None])

@@ -132,6 +132,154 @@ def test_synth_cli(tmp_path, capsys):
                "--n-test-good", "1", "--n-per-category", "1", "--no-progress"])
     assert rc == 0
     assert (tmp_path / "d" / "turf" / "ground_truth" / "combined" / "000_mask.png").is_file()
+    assert not (tmp_path / "d" / "turf" / "frame.json").exists()  # the square default writes none
     rc = main(["synth", "--out", str(tmp_path / "e"), "--products", "nope"])
     assert rc == 2
     assert "unknown synthetic product 'nope'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# frame mode: the product's square in a camera frame, defects as a camera sees them
+# ------------------------------------------------------------------------------------------------
+# main's square-mode output (seed 1): md5 of image, mask and parts, as computed before frame mode
+_MAIN_HASHES = {
+    ("cap", 128, "good", 0): "fb7c22ae74bfeb3ff26ae432ce8e0ed3",
+    ("brick", 128, "combined", 1): "591a3bfa24fbec7bc0f326c9b9df4b9e",
+    ("pcb", 128, "structural", 0): "db1cd667a812397b91b3bbe16e35424d",
+    ("turf", 128, "contamination", 1): "4818f8b8eeac8bff62b80bda26e995b7",
+    ("gravel", 256, "surface", 0): "8bc128f3e492126a103c80e7f2072c63",
+}
+
+
+def _outside(box, shape):
+    x, y, w, h = box
+    out = np.ones(shape[:2], bool)
+    out[y:y + h, x:x + w] = False
+    return out
+
+
+def test_square_mode_unchanged():
+    import hashlib
+
+    for (product, size, cat, i), want in _MAIN_HASHES.items():
+        s = SyntheticProduct(product, size, seed=1).sample(i, cat)
+        h = hashlib.md5(s.image.tobytes())
+        if s.mask is not None:
+            h.update(s.mask.tobytes())
+        for kind, m in s.parts:
+            h.update(kind.encode())
+            h.update(m.tobytes())
+        assert h.hexdigest() == want, (product, size, cat, i)
+        assert s.product_box == (0, 0, size, size)
+
+
+@pytest.mark.parametrize("product", list(PRODUCTS))
+def test_frame_mode_model_scale_is_the_square_render_on_a_backdrop(product):
+    """With defect_scale "model" the box holds exactly the square mode's image at product_size."""
+    fr = SyntheticProduct(product, seed=2, frame_size=(320, 240), product_size=200)
+    sq = SyntheticProduct(product, 200, seed=2)
+    assert fr.frame_size == (320, 240) and fr.product_box == (60, 20, 200, 200)
+    for cat in ("good", "combined"):
+        f, s = fr.sample(1, cat), sq.sample(1, cat)
+        assert f.image.shape == (240, 320, 3) and f.image.dtype == np.uint8 and f.product_box == fr.product_box
+        assert np.array_equal(f.image[20:220, 60:260], s.image)
+        if cat != "good":
+            assert f.mask.shape == (240, 320) and np.array_equal(f.mask[20:220, 60:260], s.mask)
+            assert not f.mask[_outside(fr.product_box, f.mask.shape)].any()
+            assert [k for k, _ in f.parts] == [k for k, _ in s.parts]
+
+
+@pytest.mark.parametrize("product", list(PRODUCTS))
+def test_frame_mode_small_defects_exact_masks_and_backdrop(product):
+    prod = SyntheticProduct(product, seed=0, frame_size=(1024, 768), defect_scale="small")
+    assert prod.product_box == (192, 64, 640, 640)
+    good = prod.normal(0)
+    out = _outside(prod.product_box, good.image.shape)
+    back = good.image[out].astype(float)
+    assert back.mean() < 50 and back.std() > 1.0  # dark, but not a flat constant
+    assert np.abs(np.diff(good.image[10, :, 1].astype(float))).max() > 0  # noisy along a row
+    areas = []
+    for cat in CATEGORIES:
+        s = prod.defective(0, cat)
+        assert s.image.shape == (768, 1024, 3) and s.mask.shape == (768, 1024)
+        assert set(np.unique(s.mask).tolist()) == {0, 255}
+        assert not s.mask[out].any()
+        # the backdrop is the index's own: outside the box a defective frame is its normal frame
+        assert np.array_equal(s.image[out], good.image[out])
+        union = np.zeros((768, 1024), bool)
+        for kind, m in s.parts:
+            assert m.shape == (768, 1024) and m.any() and not m[out].any()
+            union |= m
+        assert np.array_equal(union, s.mask > 0)
+        stats = cv2.connectedComponentsWithStats((s.mask > 0).astype(np.uint8))[2]
+        areas += stats[1:, cv2.CC_STAT_AREA].tolist()
+    assert np.mean(np.asarray(areas) < 400) >= 0.75 and np.median(areas) < 400
+
+
+def test_frame_mode_small_hole_radius():
+    """Structural defects of an object (holes, chips, bends) span a few frame pixels."""
+    prod = SyntheticProduct("cap", seed=0, frame_size=(1024, 768), defect_scale="small")
+    radii = []
+    for i in range(4):
+        for _, m in prod.defective(i, "structural").parts:
+            stats = cv2.connectedComponentsWithStats(m.astype(np.uint8))[2]
+            radii += [float(np.sqrt(a / np.pi)) for a in stats[1:, cv2.CC_STAT_AREA]]
+    assert radii and 3 <= float(np.median(radii)) <= 12 and max(radii) < 16
+
+
+def test_frame_mode_deterministic_offset_and_errors():
+    a = SyntheticProduct("pcb", seed=5, frame_size=(400, 300), product_size=160, defect_scale="small",
+                         offset=(10, 20))
+    b = SyntheticProduct("pcb", seed=5, frame_size=(400, 300), product_size=160, defect_scale="small",
+                         offset=(10, 20))
+    assert a.product_box == (10, 20, 160, 160)
+    da, db = a.defective(3, "surface"), b.defective(3, "surface")
+    assert np.array_equal(da.image, db.image) and np.array_equal(da.mask, db.mask)
+    assert not np.array_equal(a.normal(3).image, a.normal(4).image)
+    c = SyntheticProduct("pcb", seed=6, frame_size=(400, 300), product_size=160, offset=(10, 20))
+    assert not np.array_equal(a.normal(3).image, c.normal(3).image)
+    from linewatch.synth import default_product_size, parse_frame_size
+
+    assert parse_frame_size("1024x768") == (1024, 768) and default_product_size((1024, 768)) == 640
+    assert default_product_size((2448, 2048)) % 8 == 0
+    for bad in ("1024", "1024x", "axb", "10x10", "1024x768x3"):
+        with pytest.raises(UserError, match="frame size"):
+            parse_frame_size(bad)
+    with pytest.raises(UserError, match="does not fit"):
+        SyntheticProduct("cap", frame_size=(320, 240), product_size=300)
+    with pytest.raises(UserError, match="leaves the"):
+        SyntheticProduct("cap", frame_size=(320, 240), product_size=200, offset=(200, 0))
+    with pytest.raises(UserError, match="defect scale"):
+        SyntheticProduct("cap", defect_scale="tiny")
+
+
+def test_camera_frame_mode():
+    cam = SyntheticCamera("brick", seed=1, defect_rate=0.5, frame_size=(320, 240), defect_scale="small")
+    for f in (next(cam) for _ in range(3)):
+        assert f.image.shape == (240, 320, 3) and f.product_box == (60, 20, 200, 200)
+
+
+def test_synth_cli_frame_mode(tmp_path, capsys):
+    import json
+
+    from linewatch.cli import main
+
+    rc = main(["synth", "--out", str(tmp_path / "d"), "--products", "cap,turf", "--frame-size", "320x240",
+               "--defect-scale", "small", "--n-train", "2", "--n-test-good", "1", "--n-per-category", "1",
+               "--no-progress"])
+    assert rc == 0
+    for p in ("cap", "turf"):
+        info = json.loads((tmp_path / "d" / p / "frame.json").read_text())
+        assert info["frame_size"] == [320, 240] and info["product_box"] == [60, 20, 200, 200]
+        assert info["defect_scale"] == "small"
+        assert cv2.imread(str(tmp_path / "d" / p / "train" / "good" / "001.png")).shape == (240, 320, 3)
+        m = cv2.imread(str(tmp_path / "d" / p / "ground_truth" / "combined" / "000_mask.png"), cv2.IMREAD_UNCHANGED)
+        assert m.shape == (240, 320) and m.max() == 255
+    with open(tmp_path / "d" / "categories.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2 * (2 + 1 + len(CATEGORIES))
+    for argv, msg in ((["--frame-size", "320by240"], "frame size '320by240'"),
+                      (["--frame-size", "320x240", "--product-size", "300"], "does not fit"),
+                      (["--product-size", "100"], "needs --frame-size")):
+        rc = main(["synth", "--out", str(tmp_path / "bad"), "--products", "cap", "--no-progress", *argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1

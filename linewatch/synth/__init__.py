@@ -17,9 +17,12 @@ Three modules, bottom-up:
 - ``defects``: the defect painters of each base category (``STRUCTURAL``, ``SURFACE``,
   ``CONTAMINATION``) and the compositing of a scene;
 - ``line``: ``SyntheticProduct`` (one product's normal and defective frames), the endless
-  ``SyntheticCamera`` and ``generate_dataset`` (the MVTec AD layout on disk).
+  ``SyntheticCamera`` and ``generate_dataset`` (the MVTec AD layout on disk);
+- ``frame``: the frame mode -- the product's square in a larger camera frame (e.g. 1024x768)
+  on a dark backdrop, with defects sized as the model sees them or as a camera does.
 """
 
+from linewatch.synth.frame import DEFECT_SCALES, FrameLayout, default_product_size, parse_frame_size
 from linewatch.synth.line import SynthSample, SyntheticCamera, SyntheticProduct, generate_dataset
 from linewatch.synth.scenes import BASE_CATEGORIES, DEFAULT_PRODUCTS, DEFECT_SCALE, PRODUCTS, ProductSpec
 
@@ -27,10 +30,14 @@ __all__ = [
     "BASE_CATEGORIES",
     "DEFAULT_PRODUCTS",
     "DEFECT_SCALE",
+    "DEFECT_SCALES",
+    "FrameLayout",
     "PRODUCTS",
     "ProductSpec",
     "SynthSample",
     "SyntheticCamera",
     "SyntheticProduct",
+    "default_product_size",
     "generate_dataset",
+    "parse_frame_size",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from linewatch.synth.scenes import DEFECT_SCALE, _grid, _Scene, _smooth_noise, _texture_patch
+from linewatch.synth.scenes import _defect_s, _grid, _Scene, _smooth_noise, _texture_patch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def _composite(sc: _Scene) -> np.ndarray:
 # or returns an overlay (post-compose). Severity in [0, 1]: 0 = subtle, 1 = obvious.
 
 def _structural_hole(rng, sc: _Scene, taken, sev) -> np.ndarray:
-    s = sc.size / 256 * DEFECT_SCALE
+    s = _defect_s(sc)
     rad = (9 + 11 * sev) * s * rng.uniform(0.9, 1.15)
     c = _place(rng, sc, rad, taken)
     hole = _blob(rng, sc.size, c, rad, rad * rng.uniform(0.55, 1.0), rough=0.3)
@@ -91,7 +91,7 @@ def _structural_hole(rng, sc: _Scene, taken, sev) -> np.ndarray:
 
 def _structural_chip(rng, sc: _Scene, taken, sev) -> np.ndarray:
     """A piece missing at the object's outline (objects) / a cut through the material (textures)."""
-    s = sc.size / 256 * DEFECT_SCALE
+    s = _defect_s(sc)
     if sc.rim is None or not sc.background:
         return _structural_cut(rng, sc, taken, sev)
     rad = (10 + 12 * sev) * s
@@ -105,7 +105,7 @@ def _structural_chip(rng, sc: _Scene, taken, sev) -> np.ndarray:
 
 
 def _structural_cut(rng, sc: _Scene, taken, sev) -> np.ndarray:
-    s = sc.size / 256 * DEFECT_SCALE
+    s = _defect_s(sc)
     length = (30 + 40 * sev) * s
     c = _place(rng, sc, length / 2, taken)
     pts = _curve(rng, c, length, bend=0.15)
@@ -120,7 +120,7 @@ def _structural_cut(rng, sc: _Scene, taken, sev) -> np.ndarray:
 
 def _warp_field(rng, sc: _Scene, taken, sev) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A localised bend: displacement field (map_x, map_y) and its support."""
-    s = sc.size / 256 * DEFECT_SCALE
+    s = _defect_s(sc)
     where = "rim" if sc.background and sc.rim is not None else "region"
     rad = (14 + 10 * sev) * s
     c = _place(rng, sc, rad, taken, where=where)
@@ -144,7 +144,7 @@ def _warp_field(rng, sc: _Scene, taken, sev) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _surface_scratch(rng, sc: _Scene, taken, sev) -> np.ndarray:
-    s = sc.size / 256 * DEFECT_SCALE
+    s = _defect_s(sc)
     length = (30 + 45 * sev) * s
     c = _place(rng, sc, length / 2, taken)
     pts = _curve(rng, c, length, bend=0.25)
@@ -179,7 +179,7 @@ def _rot_coord(size: int, pts: np.ndarray) -> np.ndarray:
 
 
 def _surface_dent(rng, sc: _Scene, taken, sev) -> np.ndarray:
-    s = sc.size / 256 * DEFECT_SCALE
+    s = _defect_s(sc)
     rad = (10 + 8 * sev) * s
     c = _place(rng, sc, rad, taken)
     xx, yy = _grid(sc.size)
@@ -200,7 +200,7 @@ def _surface_dent(rng, sc: _Scene, taken, sev) -> np.ndarray:
 
 def _surface_stain(rng, sc: _Scene, taken, sev) -> np.ndarray:
     """A small discoloured patch (rust, oxidation, heat tint): the material stays, its colour changes."""
-    s = sc.size / 256 * DEFECT_SCALE
+    s = _defect_s(sc)
     rad = (9 + 8 * sev) * s
     c = _place(rng, sc, rad, taken)
     a = _blob(rng, sc.size, c, rad, rad * rng.uniform(0.5, 1.0), rough=0.35)
@@ -226,7 +226,7 @@ def _foreign_material(rng, sc: _Scene, a: np.ndarray) -> np.ndarray:
     rgb, gloss = options[rng.integers(len(options))]
     tex = _texture_patch(rng, "grass", sc.size, 0.5, 180.0)
     base = np.asarray(rgb, np.float32)[None, None, :] * (0.85 + 0.3 * (tex[..., None] - 0.5))
-    blur = cv2.GaussianBlur(a, (0, 0), 2.5 * sc.size / 256)
+    blur = cv2.GaussianBlur(a, (0, 0), 2.5 * sc.size / 256 if sc.defect_unit is None else 2.5 * sc.defect_unit)
     gx = cv2.Sobel(blur, cv2.CV_32F, 1, 0, ksize=3)
     gy = cv2.Sobel(blur, cv2.CV_32F, 0, 1, ksize=3)
     spec = np.clip(-(gx * sc.light[0] + gy * sc.light[1]) * 1.5, 0, 1) * gloss
@@ -234,7 +234,7 @@ def _foreign_material(rng, sc: _Scene, a: np.ndarray) -> np.ndarray:
 
 
 def _contam_blob(rng, sc: _Scene, taken, sev):
-    s = sc.size / 256 * DEFECT_SCALE
+    s = _defect_s(sc)
     rad = (9 + 10 * sev) * s
     c = _place(rng, sc, rad, taken)
     a = _blob(rng, sc.size, c, rad, rad * rng.uniform(0.5, 1.0), rough=0.4)
@@ -242,7 +242,7 @@ def _contam_blob(rng, sc: _Scene, taken, sev):
 
 
 def _contam_dust(rng, sc: _Scene, taken, sev):
-    s = sc.size / 256 * DEFECT_SCALE
+    s = _defect_s(sc)
     rad = (12 + 8 * sev) * s
     c = _place(rng, sc, rad, taken)
     n = int(18 + 25 * sev)
@@ -261,7 +261,7 @@ def _contam_dust(rng, sc: _Scene, taken, sev):
 
 
 def _contam_smear(rng, sc: _Scene, taken, sev):
-    s = sc.size / 256 * DEFECT_SCALE
+    s = _defect_s(sc)
     length = (28 + 35 * sev) * s
     c = _place(rng, sc, length / 2, taken)
     pts = _curve(rng, c, length, bend=0.5)

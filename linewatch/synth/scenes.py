@@ -123,6 +123,14 @@ class _Scene:
     center: tuple[float, float]
     radius: float  # object radius (objects) or 0
     rim: np.ndarray | None = None  # HxW bool: where chips can be taken (object outline band)
+    # pixels per defect-size unit (the sizes in defects.py are pixels at 256): None = size / 256,
+    # defects grow with the image; a number = fixed pixels, as a camera sees a defect of a given size
+    defect_unit: float | None = None
+
+
+def _defect_s(sc: _Scene) -> float:
+    """The factor the defect painters multiply their sizes by (see ``_Scene.defect_unit``)."""
+    return sc.size / 256 * DEFECT_SCALE if sc.defect_unit is None else sc.defect_unit * DEFECT_SCALE
 
 
 def _backdrop(rng: np.random.Generator, size: int) -> np.ndarray:
