@@ -307,10 +307,18 @@ def test_sigterm_finishes_the_batch_commits_and_exits(kafka_settings, registry):
            "w-term", "0.2"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
+        # SIGTERM only once the worker is consuming (8 results out): signalled earlier, it stops
+        # before its first batch and the test proves nothing. The wait covers a loaded machine's
+        # startup plus a stalled first join replaced by the watchdog (worker.join_timeout_s) twice.
         got = []
-        deadline = time.monotonic() + 90
-        while len(got) < 8 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60 + 2 * settings.worker.join_timeout_s
+        while len(got) < 8 and time.monotonic() < deadline and proc.poll() is None:
             got = _read_all(settings, settings.topics.results, 8, timeout_s=2)
+        if len(got) < 8:
+            proc.kill()
+            out, _ = proc.communicate(timeout=30)
+            pytest.fail(f"the worker published {len(got)} results before the deadline, not signalled:\n"
+                        + out.decode()[-3000:])
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     finally:

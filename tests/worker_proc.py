@@ -39,7 +39,7 @@ def main() -> int:
 
     stats = run_worker(settings, worker_id=worker_id, engine_factory=factory, create_topics=False)
     print(json.dumps({"frames": stats.frames, "results": stats.results, "dlq": stats.dlq,
-                      "commits": stats.commits}), flush=True)
+                      "commits": stats.commits, "rejoins": stats.rejoins}), flush=True)
     return 0
 
 

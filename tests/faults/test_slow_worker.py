@@ -1,7 +1,7 @@
 """Scenario 4: a slow worker. One worker of two is throttled to a fraction of a CPU (SIGSTOP /
 SIGCONT duty cycle, as cpulimit does), so its partitions' lag grows while frames arrive
 faster than it can serve them, then drains once they stop. No rebalance storm: the group's
-generation does not move, and its batches stay far below max.poll.interval.ms (set to the
+generation does not move, and its batches stay below max.poll.interval.ms (set to the
 10 s minimum so a batch that ran long would show as a rebalance)."""
 
 from __future__ import annotations
@@ -119,4 +119,8 @@ def test_slow_worker_lag_grows_then_drains_without_rebalance_storm(pipeline_fact
     assert peak >= 20, f"the slow worker never fell behind (peak lag {peak}): the scenario did not bite"
     assert drained_at is not None, f"lag never drained: {samples[-5:]}"
     assert len(gens_after) == len(gens_before), f"rebalance(s) during the run: {gens_before} -> {gens_after}"
-    assert max_gap is not None and max_gap < MAX_POLL_MS / 1000 / 4, f"a batch took {max_gap} s"
+    # The property: the slow worker polled again within max.poll.interval.ms after every batch, so
+    # it was never dropped from the group (the generation check above is the broker's side of it).
+    # How far below the limit is speed on this machine (0.7 s alone, 3.9 s in a loaded 2-core CI
+    # run): the report above records it, benchmarks measure it; it is not asserted here.
+    assert max_gap is not None and max_gap < MAX_POLL_MS / 1000, f"a batch took {max_gap} s"
