@@ -99,6 +99,31 @@ def test_every_engine_matches_torch_maps_and_masks(exported):
     assert (ref_maps >= thr).any()
 
 
+def test_tiled_batches_match_between_engines_and_the_offline_model(exported):
+    """A 2x2-tiled profile: the tiles of several frames go through each engine as one batch
+    (chunked by max_batch) and are stitched; the stitched maps and scores equal the offline
+    TiledModel's (torch, as calibration computes them)."""
+    from linewatch.inspection.geometry import Geometry, Roi, TiledModel
+
+    model, path = exported
+    big = np.stack([np.tile(f, (2, 2, 1)) for f in _frames(3)])  # 3 frames of 2*SIZE px
+    side = big.shape[1]
+    framing = Geometry(roi=Roi(x=0, y=0, w=side, h=side), tiles=(2, 2)).resolved(side, side).framing(SIZE)
+    views = np.stack([framing.view(f, framing.geometry.roi) for f in big])
+    ref_maps, ref_scores = TiledModel(model, framing).predict(views)
+    assert ref_maps.shape == (3, *framing.view_hw)
+    engines, missing = available_engines(model, path, threads=1, max_batch=5)
+    assert {"onnxruntime-cpu", "torch-cpu"} <= {e.name for e in engines}, missing
+    for engine in engines:
+        tile_maps, _ = engine.run(framing.tile(views))  # 12 tiles, max_batch 5: chunked
+        maps, scores = framing.stitch(tile_maps)
+        if engine.precision == "fp32":
+            np.testing.assert_allclose(maps, ref_maps, rtol=RTOL, atol=ATOL, err_msg=engine.name)
+            np.testing.assert_allclose(scores, ref_scores, rtol=RTOL, atol=ATOL, err_msg=engine.name)
+        else:
+            _assert_half_precision_close(maps, scores, ref_maps, ref_scores, engine.name)
+
+
 def _assert_half_precision_close(maps, scores, ref_maps, ref_scores, name: str) -> None:
     scale = float(np.abs(ref_maps).max())
     np.testing.assert_allclose(maps, ref_maps, rtol=2e-2, atol=2e-2 * scale, err_msg=name)
