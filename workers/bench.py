@@ -382,10 +382,14 @@ def bench_worker(bootstrap_servers: str | None = None, *, frames: int = 600, siz
                  refit: bool = False, split: bool = True, options: dict[str, Any] | None = None,
                  worker_env: dict[str, str] | None = None, profile_with: str | None = None,
                  profile_out: Path | None = None, progress: bool = True,
-                 cache: Path | None = None, products: int = 1) -> dict[str, Any]:
+                 cache: Path | None = None, products: int = 1, tiles: tuple[int, int] = (1, 1)) -> dict[str, Any]:
     """Run the benchmark (see the module docstring); returns a JSON-able dict. ``products``:
     the profile is published under that many product ids and the frames cycle over them, so
-    the worker holds that many loaded profiles (its peak RSS is then the multi-product one)."""
+    the worker holds that many loaded profiles (its peak RSS is then the multi-product one).
+    ``tiles``: the profile tiles the whole frame R x C (docs/geometry.md): the cost of tiling;
+    the model and its threshold stay the untiled bench profile's, so more frames may read as
+    defects (the defect count is in the figures)."""
+    from linewatch.inspection.geometry import Geometry
     from linewatch.kafka.broker import bench_topics, temporary_broker
     from linewatch.kafka.io import ensure_topics
     from linewatch.settings import Settings
@@ -393,7 +397,7 @@ def bench_worker(bootstrap_servers: str | None = None, *, frames: int = 600, siz
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     out: dict[str, Any] = {"benchmark": "worker", "frames": frames, "frame_size": f"{size}x{size}",
                            "input_size": input_size, "model": kind, "max_batch": max_batch, "threads": threads,
-                           "products": products,
+                           "products": products, "tiles": f"{tiles[0]}x{tiles[1]}",
                            "cpus": os.cpu_count(), "machine": f"{platform.machine()} {platform.processor()}".strip(),
                            "load_average_start": load_average()}
     t0 = time.perf_counter()
@@ -426,8 +430,9 @@ def bench_worker(bootstrap_servers: str | None = None, *, frames: int = 600, siz
         )
         ensure_topics(settings)
         names = bench_products(products)
+        geometry = Geometry(tiles=tiles).resolved(size, size) if tuple(tiles) != (1, 1) else None
         for name in names:
-            publish_bench_profile(folder, tmp / "registry", name)
+            publish_bench_profile(folder, tmp / "registry", name, geometry)
         t0 = time.perf_counter()
         ids = produce_frames(settings, jpegs, frames, names)
         out["produce_s"] = round(time.perf_counter() - t0, 2)
@@ -441,7 +446,7 @@ def bench_worker(bootstrap_servers: str | None = None, *, frames: int = 600, siz
         out["load_average_worker_end"] = load_average()
         results = read_results(settings, frames)
         out["worker"] = _worker_figures(run, results, ids)
-        if split:
+        if split and geometry is None:  # the offline split runs untiled frames only
             out["offline_split"] = offline_split(tmp / "registry", jpegs, max_batch, threads, engine)
             out["load_average_end"] = load_average()
     finally:
@@ -498,7 +503,8 @@ def format_table(res: dict[str, Any]) -> str:
         f"{res['bootstrap_servers']}",
         f"profile: {p['kind']} {p['backbone']} @ {p['input_size']} px, {p['disk_mb']} MB, "
         f"{'reused from' if p['reused'] else 'fitted into'} {p['cache']}"
-        + (f", published as {res['products']} products" if res.get("products", 1) > 1 else ""),
+        + (f", published as {res['products']} products" if res.get("products", 1) > 1 else "")
+        + (f", tiles {res['tiles']}" if res.get("tiles", "1x1") != "1x1" else ""),
         f"worker: {w['mode']}, engine {', '.join(w['engine'])}, max batch {res['max_batch']} "
         f"(mean {w['mean_batch']}), {res['threads']} threads, {res['cpus']} CPUs",
         "",
@@ -536,6 +542,16 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _tiles(text: str) -> tuple[int, int]:
+    from linewatch.errors import UserError
+    from linewatch.inspection.geometry import GeometryError, parse_tiles
+
+    try:
+        return parse_tiles(text)
+    except GeometryError as exc:
+        raise UserError(f"--tiles: {exc}") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     from linewatch.errors import UserError
     from linewatch.kafka.io import quiet_kafka_logs
@@ -556,7 +572,7 @@ def _run(args: argparse.Namespace) -> int:
                        split=not args.no_split, options=options,
                        profile_with="pyinstrument" if args.pyinstrument else None,
                        profile_out=Path(args.pyinstrument) if args.pyinstrument else None,
-                       progress=not args.quiet, products=args.products)
+                       progress=not args.quiet, products=args.products, tiles=_tiles(args.tiles))
     if args.compare_anomalib:
         from workers.bench_engines import compare_anomalib
 
@@ -588,6 +604,9 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--product", default="cap", help="synthetic product (default cap)")
     p.add_argument("--products", type=int, default=1,
                    help="publish the profile under N product ids and cycle the frames over them (default 1)")
+    p.add_argument("--tiles", default="1x1",
+                   help="serve the frames through an RxC-tiled whole-frame profile: the cost of tiling, no offline "
+                        "split (default 1x1, untiled)")
     p.add_argument("--max-batch", type=int, default=16, help="worker.max_batch (default 16)")
     p.add_argument("--threads", type=int, default=0, help="worker.threads, 0 = all cores (default 0)")
     p.add_argument("--engine", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"],

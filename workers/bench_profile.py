@@ -76,12 +76,14 @@ def fitted_profile_dir(kind: str = "padim", input_size: int = 256, product: str 
     return folder, False
 
 
-def publish_bench_profile(folder: Path, registry_dir: Path, product: str = BENCH_PRODUCT):
-    """Publish the cached model folder as ``product``'s profile (files copied, ONNX included)."""
+def publish_bench_profile(folder: Path, registry_dir: Path, product: str = BENCH_PRODUCT, geometry: Any = None):
+    """Publish the cached model folder as ``product``'s profile (files copied, ONNX included);
+    ``geometry`` (a ``linewatch.inspection.geometry.Geometry``) makes it a tiled profile."""
     from linewatch.profiles import Profile, Registry
 
     meta = json.loads((folder / "bench.json").read_text())
+    extra = {"geometry": geometry} if geometry is not None else {}
     profile = Profile(product=product, model_kind=meta["kind"], backbone=meta["backbone"],
                       input_size=meta["input_size"], threshold=meta["threshold"], threshold_method="manual",
-                      notes="linewatch bench worker")
+                      notes="linewatch bench worker", **extra)
     return Registry(registry_dir).publish(profile, source_dir=folder)
