@@ -307,7 +307,10 @@ class TiledModel:
         self.chunk_frames = max(1, int(chunk_frames))
 
     def __getattr__(self, name: str) -> object:
-        return getattr(self.__dict__["model"], name)
+        model = self.__dict__.get("model")
+        if model is None:  # copy/pickle probing an instance without __init__
+            raise AttributeError(name)
+        return getattr(model, name)
 
     def fit(self, views: np.ndarray, progress: bool = True) -> "TiledModel":
         self.model.fit(self.framing.tile(views), progress=progress)  # type: ignore[attr-defined]
