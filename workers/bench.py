@@ -307,6 +307,7 @@ def offline_split(registry_dir: Path, jpegs: list[bytes], batch: int, threads: i
     from linewatch.profiles import Registry
     from workers.engines import select_engine
     from linewatch.inspection.frames import decode_frame
+    from linewatch.inspection.geometry import Roi
     from linewatch.inspection.verdict import judge
     from workers.pipeline import BatchProcessor
     from workers.profile_cache import LoadedProfile
@@ -359,10 +360,12 @@ def offline_split(registry_dir: Path, jpegs: list[bytes], batch: int, threads: i
         split["preprocess"] = cpu_split["preprocess"] = 0.0
         split["model"] = per_frame_ms(lambda: engine.run(imgs), "model")
 
+    whole = Roi(x=0, y=0, w=1024, h=1024)  # the frame rectangle the untiled view shows
+
     def post_results() -> None:  # what the worker really does per frame (result JSON for all)
         for k in range(batch):
             proc._result(recs[k], FrameHeaders.from_kafka(hdrs[k]), loaded, engine.name, imgs[k], maps[k],
-                         float(scores[k]), 1024, 1024, 1.0)
+                         float(scores[k]), 1024, 1024, 1.0, whole)
 
     split["post"] = per_frame_ms(post_results, "post")
     split["pipeline"] = per_frame_ms(lambda: proc.process(recs), "pipeline")
