@@ -86,7 +86,10 @@ def _geometry_options(p: argparse.ArgumentParser, recorded: bool = False) -> Non
 
 
 def _geometry(args: argparse.Namespace, base: Any = None) -> Any:
-    """The Geometry the options ask for (None when none is given and there is no base)."""
+    """The Geometry the options ask for over ``base`` (None when no option is given and there
+    is no base); the bounds are Geometry's own."""
+    from pydantic import ValidationError
+
     from linewatch.errors import UserError
     from linewatch.inspection.geometry import Geometry, GeometryError, Roi, parse_tiles
 
@@ -101,12 +104,14 @@ def _geometry(args: argparse.Namespace, base: Any = None) -> Any:
     except GeometryError as exc:
         raise UserError(str(exc)) from None
     if args.overlap is not None:
-        if not 0 <= args.overlap <= 0.75:
-            raise UserError(f"--overlap {args.overlap}: expected a fraction of a tile between 0 and 0.75")
         update["overlap"] = float(args.overlap)
     if args.stretch:
         update["keep_aspect"] = False
-    return (base or Geometry()).model_copy(update=update)
+    try:
+        return Geometry.model_validate({**(base or Geometry()).model_dump(), **update})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UserError(f"--{'-'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
 
 
 def _reframed(model: Any, args: argparse.Namespace) -> Any:
@@ -114,9 +119,8 @@ def _reframed(model: Any, args: argparse.Namespace) -> Any:
     from linewatch.errors import UserError
     from linewatch.inspection.geometry import GeometryError
 
-    geometry = _geometry(args, model.framing.geometry) if (args.roi or args.tiles or args.overlap is not None
-                                                          or args.stretch) else None
-    if geometry is None:
+    geometry = _geometry(args, model.framing.geometry)
+    if geometry == model.framing.geometry:
         return model
     try:
         fs = geometry.frame_size

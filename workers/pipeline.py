@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from linewatch.inspection.frames import FrameError, Stage, decode_frame
+from linewatch.inspection.frames import FrameError, Stage, decode_view
 from linewatch.inspection.geometry import Roi
 from linewatch.evidence import keep_reason
 from linewatch.inspection.verdict import _warn_once, judge
@@ -230,10 +230,9 @@ class BatchProcessor:
         def work(j: int) -> tuple[int, int, Roi] | FrameError:
             i, hdr = members[j]
             try:
-                roi = self.roi_for(hdr.camera, hdr.product)
-                _, w, h = decode_frame(records[i].value or b"", framing, self.max_frame_pixels, hdr.encoding,
-                                       out=buf[j], roi=roi)
-                return w, h, framing.box(w, h, roi)
+                _, w, h, box = decode_view(records[i].value or b"", framing, self.max_frame_pixels, hdr.encoding,
+                                           out=buf[j], roi=self.roi_for(hdr.camera, hdr.product))
+                return w, h, box
             except FrameError as exc:
                 return exc
             except Exception as exc:  # decoder bug or OOM on one frame: that frame only

@@ -101,9 +101,16 @@ def framing_of(size: int | Framing) -> Framing:
 
 def decode_frame(data: bytes, size: int | Framing, max_pixels: int, encoding: str | None = None,
                  out: np.ndarray | None = None, roi: Roi | None = None) -> tuple[np.ndarray, int, int]:
+    """``decode_view`` without the frame rectangle: (view, original width, original height)."""
+    view, w, h, _ = decode_view(data, size, max_pixels, encoding, out, roi)
+    return view, w, h
+
+
+def decode_view(data: bytes, size: int | Framing, max_pixels: int, encoding: str | None = None,
+                out: np.ndarray | None = None, roi: Roi | None = None) -> tuple[np.ndarray, int, int, Roi]:
     """Decode ``data`` to the model's view of it (RGB uint8, the framing's ``view_hw``; for a
     bare ``size`` that is size x size), written into ``out`` when given; returns (view, original
-    width, original height). ``roi`` overrides the profile's (a camera mounted differently).
+    width, original height, the frame rectangle the view shows). ``roi`` overrides the profile's (a camera mounted differently).
     Raises FrameError (stage "decode"; a frame that does not fit the geometry says why).
 
     JPEGs are decoded at the largest libjpeg DCT reduction that keeps the ROI at or above the
@@ -129,7 +136,7 @@ def decode_frame(data: bytes, size: int | Framing, max_pixels: int, encoding: st
     if not _HAS_RGB_FLAG:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     x, y, bw, bh = scaled_box(box, factor)
-    return framing.view_of_crop(img[y : y + bh, x : x + bw], out), w, h
+    return framing.view_of_crop(img[y : y + bh, x : x + bw], out), w, h, box
 
 
 def to_model_input(img: np.ndarray, size: int | Framing, out: np.ndarray | None = None,
