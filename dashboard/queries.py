@@ -276,15 +276,18 @@ def alerts(con: duckdb.DuckDBPyConnection, f: Filters) -> list[dict[str, Any]]:
 
 # -- one frame, reviews, exports, profile history ---------------------------------------------------
 _INSPECTION_COLUMNS = (
-    "frame_id, product, camera, line, seq, capture_ts_ms, processed_ts_ms, stored_ts_ms, image_score, threshold, "
-    "image_threshold, verdict, defect_area_frac, region_count, category, category_confidence, profile_version, "
-    "model_kind, engine, worker_id, latency_ms, inference_ms, width, height")
+    "frame_id", "product", "camera", "line", "seq", "capture_ts_ms", "processed_ts_ms", "stored_ts_ms", "image_score",
+    "threshold", "image_threshold", "verdict", "defect_area_frac", "region_count", "category", "category_confidence",
+    "profile_version", "model_kind", "engine", "worker_id", "latency_ms", "inference_ms", "width", "height")
+# fixed text built once from the constant column list above; values are always bound parameters
+_FRAME_SQL = "SELECT " + ", ".join(_INSPECTION_COLUMNS) + " FROM inspections WHERE frame_id = ?"
+_EXPORT_COLUMNS = ", ".join("i." + c for c in _INSPECTION_COLUMNS)
 
 
 def frame_detail(con: duckdb.DuckDBPyConnection, frame_id: str) -> dict[str, Any] | None:
     """Everything the detail view shows of one frame, or None when the database has no such
     frame: the inspection, its images, regions, evidence row and reviews (newest first)."""
-    cur = con.execute(f"SELECT {_INSPECTION_COLUMNS} FROM inspections WHERE frame_id = ?", [frame_id])
+    cur = con.execute(_FRAME_SQL, [frame_id])
     row = cur.fetchone()
     if row is None:
         return None
@@ -343,7 +346,7 @@ def inspections_csv(db: Path | str, f: Filters, timeout_s: float = store.DEFAULT
     """The filtered inspections (with each frame's latest review) as CSV, for the export button."""
     with store.reading(db, timeout_s=timeout_s) as con:
         df = con.execute(
-            f"SELECT {', '.join('i.' + c.strip() for c in _INSPECTION_COLUMNS.split(','))}, "
+            "SELECT " + _EXPORT_COLUMNS + ", "
             "r.verdict AS review, r.category AS review_category, r.reviewer "
             "FROM inspections i LEFT JOIN latest_reviews r USING (frame_id) "
             f"WHERE {_where('i')} ORDER BY i.capture_ts_ms, i.frame_id", _params(f)).df()

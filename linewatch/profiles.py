@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from linewatch.errors import ModelError
-from linewatch.inspection.geometry import Framing, Geometry
+from linewatch.inspection.geometry import Framing, Geometry, Roi
 from linewatch.inspection.mask import MaskStep
 
 if TYPE_CHECKING:
@@ -93,6 +93,17 @@ class Profile(BaseModel):
     def framing(self) -> Framing:
         """The view and tile grid every frame of this product goes through."""
         return self.geometry.framing(self.input_size)
+
+    @property
+    def frame_box(self) -> Roi:
+        """The frame rectangle the view shows on a frame of the calibrated size (the ROI, else
+        the whole recorded frame; input_size square for profiles that record none): where the
+        offline verdicts' boxes sit."""
+        g = self.geometry
+        if g.roi is not None:
+            return g.roi
+        w, h = g.frame_size or (self.input_size, self.input_size)
+        return Roi(x=0, y=0, w=w, h=h)
 
 
     def extent_model(self) -> ExtentModel | None:

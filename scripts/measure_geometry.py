@@ -30,10 +30,9 @@ def measure(dataset: Path, product: str, registry: Path) -> dict:
     maps, scores = model.predict(test.images)
     extent = prof.extent_model()
     verdicts = inspect_images(test.images, maps, scores, prof, extent)
-    box = prof.geometry.roi
-    fw, fh = (box.w, box.h) if box else prof.geometry.frame_size
+    box = prof.frame_box
     vh, vw = prof.framing.view_hw
-    px = (fw / vw) * (fh / vh)
+    px = (box.w / vw) * (box.h / vh)
     found = {b[2]: [0, 0] for b in BINS}
     for k, v in enumerate(verdicts):
         gt = test.masks[k]

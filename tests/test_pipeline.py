@@ -15,7 +15,8 @@ import pytest
 from linewatch.messages import DlqRecord, InspectionResult
 from linewatch.profiles import Profile, ProfileError
 from worker_helpers import FakeRecord, encode, frame_headers, plain_image, with_square
-from linewatch.inspection.frames import FrameError, _reduced_flag, decode_frame, frame_dims
+from linewatch.inspection.frames import FrameError, _reduced_flag, decode_frame, frame_dims, framing_of
+from linewatch.inspection.geometry import Roi
 from linewatch.inspection.verdict import find_regions, judge
 from workers.pipeline import BatchProcessor
 
@@ -60,10 +61,10 @@ class Profiles:
 
 # -- decoding ---------------------------------------------------------------------------------
 def test_reduced_jpeg_decode_goes_straight_to_model_size():
-    assert _reduced_flag(1024, 1024, 256) == (4, cv2.IMREAD_REDUCED_COLOR_4)
-    assert _reduced_flag(1024, 768, 256) == (2, cv2.IMREAD_REDUCED_COLOR_2)
-    assert _reduced_flag(4096, 4096, 256)[0] == 8
-    assert _reduced_flag(300, 300, 256)[0] == 1
+    assert _reduced_flag(framing_of(256), Roi(x=0, y=0, w=1024, h=1024)) == (4, cv2.IMREAD_REDUCED_COLOR_4)
+    assert _reduced_flag(framing_of(256), Roi(x=0, y=0, w=1024, h=768)) == (2, cv2.IMREAD_REDUCED_COLOR_2)
+    assert _reduced_flag(framing_of(256), Roi(x=0, y=0, w=4096, h=4096))[0] == 8
+    assert _reduced_flag(framing_of(256), Roi(x=0, y=0, w=300, h=300))[0] == 1
     src = cv2.resize(plain_image(128, 90, noise=20), (1024, 1024), interpolation=cv2.INTER_CUBIC)
     src = with_square(src, 400, 200, 160, 240)
     data = encode(src, quality=95)

@@ -306,8 +306,7 @@ def offline_split(registry_dir: Path, jpegs: list[bytes], batch: int, threads: i
     from linewatch.messages import FrameHeaders
     from linewatch.profiles import Registry
     from workers.engines import select_engine
-    from linewatch.inspection.frames import decode_frame
-    from linewatch.inspection.geometry import Roi
+    from linewatch.inspection.frames import decode_frame, decode_view
     from linewatch.inspection.verdict import judge
     from workers.pipeline import BatchProcessor
     from workers.profile_cache import LoadedProfile
@@ -326,8 +325,9 @@ def offline_split(registry_dir: Path, jpegs: list[bytes], batch: int, threads: i
                           results_topic="results", dlq_topic="dlq", max_frame_pixels=64_000_000,
                           decode_threads=min(4, threads))
     imgs = np.empty((batch, size, size, 3), np.uint8)
+    dims = []  # (width, height, frame rectangle of the view) per frame, as the worker's decode gives them
     for i, f in enumerate(frames):
-        decode_frame(f, size, 64_000_000, "jpeg", out=imgs[i])
+        dims.append(decode_view(f, size, 64_000_000, "jpeg", out=imgs[i])[1:])
     maps, scores = engine.run(imgs)  # warm-up
     proc.process(recs)
 
@@ -360,12 +360,11 @@ def offline_split(registry_dir: Path, jpegs: list[bytes], batch: int, threads: i
         split["preprocess"] = cpu_split["preprocess"] = 0.0
         split["model"] = per_frame_ms(lambda: engine.run(imgs), "model")
 
-    whole = Roi(x=0, y=0, w=1024, h=1024)  # the frame rectangle the untiled view shows
-
     def post_results() -> None:  # what the worker really does per frame (result JSON for all)
         for k in range(batch):
+            w, h, box = dims[k]
             proc._result(recs[k], FrameHeaders.from_kafka(hdrs[k]), loaded, engine.name, imgs[k], maps[k],
-                         float(scores[k]), 1024, 1024, 1.0, whole)
+                         float(scores[k]), w, h, 1.0, box)
 
     split["post"] = per_frame_ms(post_results, "post")
     split["pipeline"] = per_frame_ms(lambda: proc.process(recs), "pipeline")

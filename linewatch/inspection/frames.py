@@ -81,12 +81,11 @@ _REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2
             1: cv2.IMREAD_COLOR}
 
 
-def _reduced_flag(w: int, h: int, size: int) -> tuple[int, int]:
-    """The largest libjpeg DCT scale (1/8, 1/4, 1/2) that stays at or above the model size."""
-    for factor in (8, 4, 2):
-        if w // factor >= size and h // factor >= size:
-            return factor, _REDUCED[factor]
-    return 1, cv2.IMREAD_COLOR
+def _reduced_flag(framing: Framing, box: Roi) -> tuple[int, int]:
+    """libjpeg's DCT reduction for ``box`` (``Framing.decode_factor``: the largest that keeps
+    the ROI at or above the view's resolution) and its imdecode flag."""
+    factor = framing.decode_factor(box)
+    return factor, _REDUCED[factor]
 
 
 def _rgb(flag: int) -> int:
@@ -125,10 +124,10 @@ def decode_view(data: bytes, size: int | Framing, max_pixels: int, encoding: str
         box = framing.box(w, h, roi)
     except GeometryError as exc:
         raise FrameError("decode", f"geometry: {exc}") from None
-    factor = framing.decode_factor(box) if fmt == "jpeg" else 1
+    factor, flag = _reduced_flag(framing, box) if fmt == "jpeg" else (1, cv2.IMREAD_COLOR)
     buf = np.frombuffer(data, np.uint8)
     try:
-        img = cv2.imdecode(buf, _rgb(_REDUCED[factor]))
+        img = cv2.imdecode(buf, _rgb(flag))
     except cv2.error as exc:
         raise FrameError("decode", f"{fmt.upper()} decoder failed: {' '.join(str(exc).split())[:200]}") from None
     if img is None or img.ndim != 3 or img.shape[2] != 3:

@@ -139,16 +139,9 @@ def _warn_once(key: str, msg: str, *args: Any) -> None:
 
 
 def inspect_images(images_rgb: np.ndarray, maps: np.ndarray, scores: np.ndarray, profile: Profile,
-                   extent: ExtentModel | None = None, width: int | None = None,
-                   height: int | None = None) -> list[FrameVerdict]:
+                   extent: ExtentModel | None = None) -> list[FrameVerdict]:
     """The worker's verdicts for already-decoded views and their (stitched) maps: the offline
-    reference the stream is compared with. Boxes are frame pixels of the profile's ROI (or of
-    ``width`` x ``height`` when the profile records no frame size)."""
-    g = profile.geometry
-    if g.roi is not None:
-        x, y, w, h = g.roi.x, g.roi.y, g.roi.w, g.roi.h
-    else:
-        x = y = 0
-        w, h = (width, height) if width and height else (g.frame_size or (profile.input_size, profile.input_size))
-    return [judge(maps[k], float(scores[k]), profile, w, h, images_rgb[k], extent, (x, y))
+    reference the stream is compared with. Boxes are frame pixels of ``Profile.frame_box``."""
+    box = profile.frame_box
+    return [judge(maps[k], float(scores[k]), profile, box.w, box.h, images_rgb[k], extent, (box.x, box.y))
             for k in range(len(images_rgb))]
